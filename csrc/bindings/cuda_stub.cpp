@@ -1,0 +1,8 @@
+// Built when CUDA is off: the module still imports and says it has no CUDA (HAS_CUDA False).
+#include "bindings/bindings.h"
+
+namespace refit {
+
+void bind_cuda(pybind11::module_&) {}
+
+}  // namespace refit

@@ -1,0 +1,144 @@
+// Bindings of the plan compiler. Layout tables cross as int64 NumPy arrays (one row per
+// tensor, buffer or piece; column order documented in refit_engine/layouts.py), plans come
+// back as int64 arrays with the fields of Segment and Message as columns.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <string>
+
+#include "bindings/bindings.h"
+#include "plan/error.h"
+#include "plan/planner.h"
+
+namespace py = pybind11;
+
+namespace refit {
+
+namespace {
+
+using Table = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+constexpr int kTensorCols = 3 + kMaxDims;     // ndim, itemsize, dtype_code, shape...
+constexpr int kBufferCols = 3;                // rank, numel, itemsize
+constexpr int kPieceCols = 3 + 3 * kMaxDims;  // tensor, buffer, local_offset, start, extent, stride
+
+const int64_t* rows_of(const Table& table, int cols, const char* what, int64_t& n) {
+    if (table.ndim() != 2 || table.shape(1) != cols) {
+        throw PlanError("*", {}, std::string(what) + " table must have shape (n, " +
+                                     std::to_string(cols) + ")");
+    }
+    n = table.shape(0);
+    return table.data();
+}
+
+Side make_side(std::vector<std::string> names, const Table& tensors, const Table& buffers,
+               const Table& pieces) {
+    Side side;
+    side.names = std::move(names);
+    int64_t n = 0;
+    const int64_t* row = rows_of(tensors, kTensorCols, "tensor", n);
+    side.tensors.resize(n);
+    for (int64_t i = 0; i < n; ++i, row += kTensorCols) {
+        TensorSpec& t = side.tensors[i];
+        t.ndim = int32_t(row[0]);
+        t.itemsize = int32_t(row[1]);
+        t.dtype_code = row[2];
+        if (t.ndim < 0 || t.ndim > kMaxDims) {
+            throw PlanError(i < int64_t(side.names.size()) ? side.names[i] : "*", {},
+                            "tensors of more than " + std::to_string(kMaxDims) +
+                                " dimensions are not supported");
+        }
+        for (int d = 0; d < kMaxDims; ++d) t.shape[d] = row[3 + d];
+    }
+    row = rows_of(buffers, kBufferCols, "buffer", n);
+    side.buffers.resize(n);
+    for (int64_t i = 0; i < n; ++i, row += kBufferCols) side.buffers[i] = {row[0], row[1], row[2]};
+    row = rows_of(pieces, kPieceCols, "piece", n);
+    side.pieces.resize(n);
+    for (int64_t i = 0; i < n; ++i, row += kPieceCols) {
+        Piece& p = side.pieces[i];
+        p.tensor = row[0];
+        p.buffer = row[1];
+        p.local_offset = row[2];
+        for (int d = 0; d < kMaxDims; ++d) {
+            p.start[d] = row[3 + d];
+            p.extent[d] = row[3 + kMaxDims + d];
+            p.local_stride[d] = row[3 + 2 * kMaxDims + d];
+        }
+    }
+    return side;
+}
+
+// Copies a vector of int64-only structs into a (n, fields) array.
+template <typename T>
+py::array_t<int64_t> as_array(const std::vector<T>& items, int fields) {
+    py::array_t<int64_t> out({py::ssize_t(items.size()), py::ssize_t(fields)});
+    if (!items.empty()) std::memcpy(out.mutable_data(), items.data(), items.size() * sizeof(T));
+    return out;
+}
+
+py::dict plan_to_dict(const RankPlan& plan) {
+    py::dict d;
+    d["rank"] = plan.rank;
+    d["local"] = as_array(plan.local, kSegmentFields);
+    d["send"] = as_array(plan.send, kSegmentFields);
+    d["recv"] = as_array(plan.recv, kSegmentFields);
+    d["send_messages"] = as_array(plan.send_messages, kMessageFields);
+    d["recv_messages"] = as_array(plan.recv_messages, kMessageFields);
+    d["send_staging_bytes"] = plan.send_staging_bytes;
+    d["recv_staging_bytes"] = plan.recv_staging_bytes;
+    d["num_buckets"] = plan.num_buckets;
+    return d;
+}
+
+}  // namespace
+
+void bind_plan(py::module_& m) {
+    m.attr("MAX_DIMS") = kMaxDims;
+    m.attr("SEGMENT_FIELDS") = std::vector<std::string>{
+        "tensor", "peer",      "bucket",     "src_buffer", "src_offset", "src_pitch",
+        "dst_buffer", "dst_offset", "dst_pitch", "rows",  "row_bytes"};
+    m.attr("MESSAGE_FIELDS") = std::vector<std::string>{"peer", "bucket", "offset", "bytes"};
+
+    py::class_<Planner>(m, "Planner", "Validated, indexed layouts of both sides; compiles plans.")
+        .def(py::init([](std::vector<std::string> src_names, const Table& src_tensors,
+                         const Table& src_buffers, const Table& src_pieces,
+                         std::vector<std::string> dst_names, const Table& dst_tensors,
+                         const Table& dst_buffers, const Table& dst_pieces, int64_t bucket_bytes) {
+                 Side src = make_side(std::move(src_names), src_tensors, src_buffers, src_pieces);
+                 Side dst = make_side(std::move(dst_names), dst_tensors, dst_buffers, dst_pieces);
+                 PlanOptions options;
+                 options.bucket_bytes = bucket_bytes;
+                 py::gil_scoped_release release;
+                 return new Planner(std::move(src), std::move(dst), options);
+             }),
+             py::arg("src_names"), py::arg("src_tensors"), py::arg("src_buffers"),
+             py::arg("src_pieces"), py::arg("dst_names"), py::arg("dst_tensors"),
+             py::arg("dst_buffers"), py::arg("dst_pieces"), py::arg("bucket_bytes"))
+        .def_property_readonly("ranks", &Planner::ranks)
+        .def(
+            "plan_rank",
+            [](const Planner& self, int64_t rank) {
+                RankPlan plan;
+                {
+                    py::gil_scoped_release release;
+                    plan = self.plan_rank(rank);
+                }
+                return plan_to_dict(plan);
+            },
+            py::arg("rank"), "The plan of one rank as a dict of int64 arrays.")
+        .def("plan_all", [](const Planner& self) {
+            std::vector<RankPlan> plans;
+            {
+                py::gil_scoped_release release;
+                plans = self.plan_all();
+            }
+            py::list out;
+            for (const RankPlan& plan : plans) out.append(plan_to_dict(plan));
+            return out;
+        }, "Every rank's plan, in rank order.");
+}
+
+}  // namespace refit

@@ -1,0 +1,105 @@
+// Plain data shared by the planner, the executors and the bindings.
+//
+// A *side* (source model or destination model) is three tables:
+//   tensors: the logical tensors (canonical name, global shape, element size, dtype code);
+//   buffers: the local tensors that ranks hold (rank, element count, element size);
+//   pieces:  "rank R holds this box of global tensor T at this strided place in buffer B".
+// Every parallel layout (TP, partition stride, packed blocks, EP, ETP, PP, DP, rank offsets)
+// reduces to pieces, so the planner knows nothing about parallelism.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace refit {
+
+constexpr int kMaxDims = 4;
+
+using Index = std::array<int64_t, kMaxDims>;
+
+struct TensorSpec {
+    int32_t ndim = 0;
+    int32_t itemsize = 0;
+    int64_t dtype_code = 0;  // opaque: equal codes mean equal dtypes
+    Index shape{};
+};
+
+struct Buffer {
+    int64_t rank = 0;
+    int64_t numel = 0;
+    int64_t itemsize = 0;
+};
+
+// A box of a global tensor and where it sits in a rank's buffer. Local strides are in elements;
+// the box's element at global index start + i lives at buffer element
+// local_offset + sum_d i[d] * local_stride[d].
+struct Piece {
+    int64_t tensor = 0;
+    int64_t buffer = 0;
+    int64_t local_offset = 0;
+    Index start{};
+    Index extent{};
+    Index local_stride{};
+};
+
+struct Side {
+    std::vector<std::string> names;
+    std::vector<TensorSpec> tensors;
+    std::vector<Buffer> buffers;
+    std::vector<Piece> pieces;
+};
+
+// One pitched 2-D copy: `rows` rows of `row_bytes`, rows `*_pitch` bytes apart.
+// Buffer -1 means the staging buffer of the segment's bucket; its offset is then
+// relative to the start of that bucket's staging area.
+struct Segment {
+    int64_t tensor;      // destination-side tensor index (for names in errors and stats)
+    int64_t peer;        // the other rank (this rank for local copies)
+    int64_t bucket;
+    int64_t src_buffer;  // source-side buffer index, or -1 for staging
+    int64_t src_offset;  // bytes
+    int64_t src_pitch;   // bytes
+    int64_t dst_buffer;  // destination-side buffer index, or -1 for staging
+    int64_t dst_offset;  // bytes
+    int64_t dst_pitch;   // bytes
+    int64_t rows;
+    int64_t row_bytes;
+
+    int64_t bytes() const { return rows * row_bytes; }
+};
+constexpr int kSegmentFields = 11;
+static_assert(sizeof(Segment) == kSegmentFields * sizeof(int64_t), "Segment must be packed int64s");
+
+// One message: everything this rank sends to (or receives from) `peer` in `bucket`,
+// at `offset` in that bucket's staging area.
+struct Message {
+    int64_t peer;
+    int64_t bucket;
+    int64_t offset;
+    int64_t bytes;
+};
+constexpr int kMessageFields = 4;
+static_assert(sizeof(Message) == kMessageFields * sizeof(int64_t), "Message must be packed int64s");
+
+struct RankPlan {
+    int64_t rank = 0;
+    std::vector<Segment> local;  // source buffer -> destination buffer on this rank
+    std::vector<Segment> send;   // source buffer -> staging, ordered per peer
+    std::vector<Segment> recv;   // staging -> destination buffer, ordered per peer
+    std::vector<Message> send_messages;
+    std::vector<Message> recv_messages;
+    std::vector<int64_t> send_staging_bytes;  // per bucket
+    std::vector<int64_t> recv_staging_bytes;  // per bucket
+    int64_t num_buckets = 0;
+};
+
+struct PlanOptions {
+    // Largest message between one pair of ranks in one bucket. Segments are cut (by rows,
+    // then within a row) so no message exceeds it; staging per bucket is at most this
+    // times the number of peers.
+    int64_t bucket_bytes = int64_t(256) << 20;
+};
+
+}  // namespace refit

@@ -1,0 +1,36 @@
+"""refit_engine: weight resharding between parallel layouts of one model.
+
+Layouts (`Layout`, `Split`) describe where every piece of every tensor lives on each side; the
+C++ planner compiles them into per-rank plans of pitched copies and messages; executors run
+plans (`reference.run_reference` is the NumPy oracle).
+"""
+
+import sys as _sys
+
+from refit_engine._native import load_core as _load_core
+
+_core = _load_core(_sys.modules[__name__])
+
+from refit_engine.errors import RefitError
+from refit_engine.layouts import Layout, Split, TensorMeta
+from refit_engine.plan import DEFAULT_BUCKET_BYTES, Planner, RankPlan, compile_plans
+
+HAS_CUDA: bool = bool(_core.HAS_CUDA)
+
+__version__ = "0.1.0"
+
+
+def features() -> dict[str, bool]:
+    """What this build can do. CUDA is off when the package was built without nvcc."""
+    return {"planner": True, "cpu_copy": True, "cuda": HAS_CUDA}
+
+
+def _require_cuda(what: str) -> None:
+    if not HAS_CUDA:
+        raise RefitError(f"{what} needs the CUDA executor, but this build of refit_engine has no "
+                         "CUDA (it was built without nvcc or with REFIT_ENGINE_CUDA=OFF); "
+                         "reinstall with the CUDA toolkit present")
+
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "HAS_CUDA", "Layout", "Planner", "RankPlan", "RefitError",
+           "Split", "TensorMeta", "compile_plans", "features"]

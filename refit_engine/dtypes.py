@@ -1,0 +1,56 @@
+"""Dtype names shared by layouts, the planner and the executors.
+
+Layouts name dtypes by string so the planner needs neither torch nor NumPy dtypes; torch and
+NumPy dtypes are accepted and normalized here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# name -> (code, itemsize). Codes are stable: they cross into the C++ planner.
+_DTYPES = {
+    "bool": (0, 1),
+    "uint8": (1, 1),
+    "int8": (2, 1),
+    "int16": (3, 2),
+    "int32": (4, 4),
+    "int64": (5, 8),
+    "float16": (6, 2),
+    "bfloat16": (7, 2),
+    "float32": (8, 4),
+    "float64": (9, 8),
+    "float8_e4m3fn": (10, 1),
+    "float8_e5m2": (11, 1),
+    "uint16": (12, 2),
+    "uint32": (13, 4),
+    "uint64": (14, 8),
+}
+_ALIASES = {"half": "float16", "float": "float32", "double": "float64", "long": "int64",
+            "int": "int32", "short": "int16"}
+
+
+def dtype_name(dtype) -> str:
+    """Canonical name of a dtype given as a string, a torch dtype or a NumPy dtype."""
+    name = str(dtype)
+    if name.startswith("torch."):
+        name = name[len("torch."):]
+    elif not isinstance(dtype, str):
+        name = np.dtype(dtype).name
+    name = _ALIASES.get(name, name)
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}")
+    return name
+
+
+def dtype_code(dtype) -> int:
+    return _DTYPES[dtype_name(dtype)][0]
+
+
+def itemsize(dtype) -> int:
+    return _DTYPES[dtype_name(dtype)][1]
+
+
+def numpy_bits_dtype(dtype) -> np.dtype:
+    """An unsigned NumPy dtype of the same size: bit-exact storage for any dtype (bf16 too)."""
+    return np.dtype(f"u{itemsize(dtype)}") if itemsize(dtype) > 1 else np.dtype("u1")

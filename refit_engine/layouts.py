@@ -1,0 +1,251 @@
+"""Layouts: which rank holds which box of which global tensor, and where in its local tensor.
+
+One `Layout` describes one model (one side of a refit) on every rank. It holds three tables:
+
+- tensors: logical tensors, by canonical name (the same on both sides: global layer and global
+  expert indices), with global shape and dtype;
+- buffers: the local tensors ranks hold, by (rank, key), with local shape and dtype;
+- pieces: "rank R holds box [start, start + extent) of tensor T at element `local_offset` of
+  buffer B, with element strides `local_strides`".
+
+Every parallel layout reduces to pieces, built here by `Layout.place` from a `Split`:
+
+- replicated tensors and DP replicas: several holders of the same part;
+- TP on any dim: `Split(dim, parts)`;
+- partition stride (SwiGLU fc1 keeps [gate_i; up_i] on rank i): `Split(0, tp, stride=2)`;
+- block-interleaved packed tensors: `Split(dim, tp, blocks=[b0, b1, ...])`, per-rank block sizes:
+  the global dim is blocks of b_j * parts, and rank i holds chunk i of every block, in order;
+- EP: per-expert tensors named by global expert index, placed on the ranks holding the expert;
+  grouped expert tensors: one buffer per rank (`key=`), each expert at its `offset`;
+- ETP, PP, non-collocated models: just which ranks are holders (see `refit_engine.grid`).
+
+Tables cross into the C++ planner as int64 arrays (see `tables()` for the columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from refit_engine import dtypes
+from refit_engine.errors import RefitError
+
+MAX_DIMS = 4
+TENSOR_COLUMNS = ("ndim", "itemsize", "dtype_code") + tuple(f"shape{d}" for d in range(MAX_DIMS))
+BUFFER_COLUMNS = ("rank", "numel", "itemsize")
+PIECE_COLUMNS = (
+    ("tensor", "buffer", "local_offset")
+    + tuple(f"start{d}" for d in range(MAX_DIMS))
+    + tuple(f"extent{d}" for d in range(MAX_DIMS))
+    + tuple(f"stride{d}" for d in range(MAX_DIMS))
+)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class BufferMeta:
+    rank: int
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a tensor is cut along one dim into `parts` parts (TP, ETP, vocab parallel, ...).
+
+    stride: megatron's partition stride (2 for SwiGLU fc1): the dim is `stride` equal blocks.
+    blocks: per-rank sizes of unequal blocks packed along the dim (e.g. fused q/k/v); overrides
+        stride. Rank i's local dim is chunk i of every block, concatenated in block order.
+    """
+
+    dim: int
+    parts: int
+    stride: int = 1
+    blocks: tuple[int, ...] | None = None
+
+    def local_blocks(self, name: str, shape: Sequence[int], ranks: Iterable[int]) -> tuple[int, ...]:
+        """Per-rank block sizes along `dim`, checked against the global shape."""
+        if not 0 <= self.dim < len(shape):
+            raise RefitError(f"split dim {self.dim} is out of range for shape {tuple(shape)}",
+                             tensor=name, ranks=ranks)
+        size = shape[self.dim]
+        if self.blocks is not None:
+            blocks = tuple(int(b) for b in self.blocks)
+            if sum(blocks) * self.parts != size:
+                raise RefitError(
+                    f"packed blocks {list(blocks)} x {self.parts} parts do not add up to dim "
+                    f"{self.dim} of size {size}", tensor=name, ranks=ranks)
+            return blocks
+        if self.parts <= 0 or self.stride <= 0 or size % (self.parts * self.stride):
+            raise RefitError(
+                f"dim {self.dim} of size {size} does not divide into {self.parts} parts"
+                + (f" with stride {self.stride}" if self.stride > 1 else ""),
+                tensor=name, ranks=ranks)
+        return (size // (self.parts * self.stride),) * self.stride
+
+    def boxes(self, name: str, shape: Sequence[int], part: int, ranks: Iterable[int] = ()):
+        """(global start, local start along dim, size) of each block that part `part` holds."""
+        blocks = self.local_blocks(name, shape, ranks)
+        if not 0 <= part < self.parts:
+            raise RefitError(f"part {part} is out of range for {self.parts} parts",
+                             tensor=name, ranks=ranks)
+        out, global_base, local_base = [], 0, 0
+        for b in blocks:
+            out.append((global_base + part * b, local_base, b))
+            global_base += b * self.parts
+            local_base += b
+        return out
+
+    def local_shape(self, name: str, shape: Sequence[int], ranks: Iterable[int] = ()) -> tuple[int, ...]:
+        local = list(shape)
+        local[self.dim] = sum(self.local_blocks(name, shape, ranks))
+        return tuple(local)
+
+
+def row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= int(size)
+    return tuple(reversed(strides))
+
+
+class Layout:
+    """All ranks' pieces of one model's tensors (one side of a refit)."""
+
+    def __init__(self):
+        self.tensors: list[TensorMeta] = []
+        self.buffers: list[BufferMeta] = []
+        self._tensor_index: dict[str, int] = {}
+        self._buffer_index: dict[tuple[int, str], int] = {}
+        self._pieces: list[tuple[int, ...]] = []
+        self._tables = None
+
+    # -- building -------------------------------------------------------------------------
+
+    def add_tensor(self, name: str, shape: Sequence[int], dtype) -> int:
+        meta = TensorMeta(name, tuple(int(s) for s in shape), dtypes.dtype_name(dtype))
+        if len(meta.shape) > MAX_DIMS:
+            raise RefitError(f"{len(meta.shape)} dims; at most {MAX_DIMS} are supported", tensor=name)
+        index = self._tensor_index.get(name)
+        if index is not None:
+            if self.tensors[index] != meta:
+                raise RefitError(f"declared twice with different metadata: {self.tensors[index]} "
+                                 f"and {meta}", tensor=name)
+            return index
+        self._tensor_index[name] = len(self.tensors)
+        self.tensors.append(meta)
+        self._tables = None
+        return len(self.tensors) - 1
+
+    def add_buffer(self, rank: int, key: str, shape: Sequence[int], dtype) -> int:
+        meta = BufferMeta(int(rank), key, tuple(int(s) for s in shape), dtypes.dtype_name(dtype))
+        index = self._buffer_index.get((meta.rank, key))
+        if index is not None:
+            if self.buffers[index] != meta:
+                raise RefitError(f"local tensor '{key}' declared twice on rank {rank} with "
+                                 f"shapes {self.buffers[index].shape} and {meta.shape}",
+                                 tensor=key, ranks=[rank])
+            return index
+        self._buffer_index[(meta.rank, key)] = len(self.buffers)
+        self.buffers.append(meta)
+        self._tables = None
+        return len(self.buffers) - 1
+
+    def add_piece(self, name: str, rank: int, key: str, start: Sequence[int],
+                  extent: Sequence[int], local_offset: int = 0,
+                  local_strides: Sequence[int] | None = None) -> None:
+        """Rank `rank` holds box [start, start + extent) of `name` in its buffer `key`."""
+        tensor = self._tensor_index[name]
+        buffer = self._buffer_index[(int(rank), key)]
+        ndim = len(self.tensors[tensor].shape)
+        if len(start) != ndim or len(extent) != ndim:
+            raise RefitError(f"piece has {len(start)} dims but the tensor has {ndim}",
+                             tensor=name, ranks=[rank])
+        strides = tuple(local_strides) if local_strides is not None else row_major_strides(extent)
+        pad = (0,) * (MAX_DIMS - ndim)
+        self._pieces.append((tensor, buffer, int(local_offset)) + tuple(start) + pad
+                            + tuple(extent) + pad + tuple(strides) + pad)
+        self._tables = None
+
+    def place(self, name: str, shape: Sequence[int], dtype, holders: Iterable[tuple[int, int]],
+              split: Split | None = None, key: str | None = None, offset: int = 0,
+              buffer_shape: Sequence[int] | None = None) -> None:
+        """Declare tensor `name` and its pieces on every holder.
+
+        holders: (rank, part) pairs; DP replicas are several ranks with the same part. `part`
+            is ignored when `split` is None (replicated).
+        key: the local tensor's key (default: the tensor's name). Several tensors can share one
+            buffer (grouped experts): give `key`, `buffer_shape` and each tensor's `offset` in
+            elements; the tensor's part is stored contiguously there.
+        """
+        holders = [(int(r), int(p)) for r, p in holders]
+        ranks = [r for r, _ in holders]
+        self.add_tensor(name, shape, dtype)
+        shape = tuple(int(s) for s in shape)
+        local_shape = split.local_shape(name, shape, ranks) if split else shape
+        key = key or name
+        strides = row_major_strides(local_shape)
+        for rank, part in holders:
+            self.add_buffer(rank, key, buffer_shape or local_shape, dtype)
+            if split is None:
+                self.add_piece(name, rank, key, (0,) * len(shape), shape, offset, strides)
+                continue
+            for global_start, local_start, size in split.boxes(name, shape, part, ranks):
+                start = [0] * len(shape)
+                extent = list(shape)
+                start[split.dim], extent[split.dim] = global_start, size
+                self.add_piece(name, rank, key, start, extent,
+                               offset + local_start * strides[split.dim], strides)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def tensor(self, name: str) -> TensorMeta:
+        return self.tensors[self._tensor_index[name]]
+
+    def buffer_index(self, rank: int, key: str) -> int:
+        return self._buffer_index[(int(rank), key)]
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({b.rank for b in self.buffers})
+
+    def buffers_of(self, rank: int) -> list[int]:
+        return [i for i, b in enumerate(self.buffers) if b.rank == rank]
+
+    def tables(self):
+        """(names, tensors, buffers, pieces): the int64 tables the planner reads."""
+        if self._tables is None:
+            tensors = np.zeros((len(self.tensors), len(TENSOR_COLUMNS)), dtype=np.int64)
+            for i, t in enumerate(self.tensors):
+                tensors[i, :3] = (len(t.shape), dtypes.itemsize(t.dtype), dtypes.dtype_code(t.dtype))
+                tensors[i, 3:3 + len(t.shape)] = t.shape
+            buffers = np.array([(b.rank, b.numel, dtypes.itemsize(b.dtype)) for b in self.buffers],
+                               dtype=np.int64).reshape(-1, len(BUFFER_COLUMNS))
+            pieces = np.array(self._pieces, dtype=np.int64).reshape(-1, len(PIECE_COLUMNS))
+            self._tables = ([t.name for t in self.tensors], tensors, buffers, pieces)
+        return self._tables
+
+    def pieces(self) -> np.ndarray:
+        return self.tables()[3]
+
+    def __repr__(self) -> str:
+        return (f"Layout({len(self.tensors)} tensors, {len(self.buffers)} local tensors on "
+                f"{len(self.ranks)} ranks, {len(self._pieces)} pieces)")

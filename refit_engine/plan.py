@@ -1,0 +1,121 @@
+"""Compiling layouts into per-rank plans (the C++ planner) and reading the result.
+
+A `RankPlan` is what one rank executes: local copies, then per bucket one message per peer,
+packed from source buffers into staging, sent, received, and unpacked into destination buffers.
+Segments are pitched 2-D copies with the columns in `SEGMENT_FIELDS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refit_engine import _core
+from refit_engine.layouts import Layout
+
+SEGMENT_FIELDS = tuple(_core.SEGMENT_FIELDS)
+MESSAGE_FIELDS = tuple(_core.MESSAGE_FIELDS)
+SEG = {name: i for i, name in enumerate(SEGMENT_FIELDS)}
+MSG = {name: i for i, name in enumerate(MESSAGE_FIELDS)}
+
+# Largest message between two ranks in one bucket. 256 MiB keeps NCCL/gloo messages large
+# enough to reach link bandwidth while bounding staging to 256 MiB per peer per bucket.
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+def _bytes(segments: np.ndarray) -> int:
+    if len(segments) == 0:
+        return 0
+    return int(np.dot(segments[:, SEG["rows"]], segments[:, SEG["row_bytes"]]))
+
+
+@dataclass
+class RankPlan:
+    """One rank's compiled plan (int64 arrays; see SEGMENT_FIELDS and MESSAGE_FIELDS)."""
+
+    rank: int
+    local: np.ndarray
+    send: np.ndarray
+    recv: np.ndarray
+    send_messages: np.ndarray
+    recv_messages: np.ndarray
+    send_staging_bytes: list[int]
+    recv_staging_bytes: list[int]
+    num_buckets: int
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_core(cls, d: dict) -> "RankPlan":
+        return cls(d["rank"], d["local"], d["send"], d["recv"], d["send_messages"],
+                   d["recv_messages"], list(d["send_staging_bytes"]),
+                   list(d["recv_staging_bytes"]), d["num_buckets"])
+
+    @property
+    def bytes_local(self) -> int:
+        return _bytes(self.local)
+
+    @property
+    def bytes_sent(self) -> int:
+        return _bytes(self.send)
+
+    @property
+    def bytes_received(self) -> int:
+        return _bytes(self.recv)
+
+    def bytes_per_peer(self) -> dict[int, dict[str, int]]:
+        """{peer: {"sent": bytes, "received": bytes}}."""
+        out: dict[int, dict[str, int]] = {}
+        for kind, msgs in (("sent", self.send_messages), ("received", self.recv_messages)):
+            for peer, _, _, nbytes in msgs:
+                entry = out.setdefault(int(peer), {"sent": 0, "received": 0})
+                entry[kind] += int(nbytes)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the plan's tables take."""
+        arrays = (self.local, self.send, self.recv, self.send_messages, self.recv_messages)
+        return sum(a.nbytes for a in arrays) + 8 * (len(self.send_staging_bytes)
+                                                    + len(self.recv_staging_bytes))
+
+    def fingerprint(self) -> str:
+        """Hash of everything the plan does: equal on two runs iff the plans are equal."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=16)
+            for a in (self.local, self.send, self.recv, self.send_messages, self.recv_messages):
+                h.update(np.ascontiguousarray(a).tobytes())
+                h.update(b"|")
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+class Planner:
+    """Both sides' layouts, validated and indexed once; compiles rank plans on demand.
+
+    Raises RefitError (naming tensor, ranks, reason) when the layouts cannot be refit.
+    """
+
+    def __init__(self, src: Layout, dst: Layout, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        self.src, self.dst, self.bucket_bytes = src, dst, int(bucket_bytes)
+        self._core = _core.Planner(*src.tables(), *dst.tables(), self.bucket_bytes)
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(self._core.ranks)
+
+    def plan_rank(self, rank: int) -> RankPlan:
+        return RankPlan.from_core(self._core.plan_rank(int(rank)))
+
+    def plan_all(self) -> dict[int, RankPlan]:
+        return {p["rank"]: RankPlan.from_core(p) for p in self._core.plan_all()}
+
+
+def compile_plans(src: Layout, dst: Layout, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                  ranks=None) -> dict[int, RankPlan]:
+    """Plans of `ranks` (default: every rank of either side), keyed by rank."""
+    planner = Planner(src, dst, bucket_bytes)
+    if ranks is None:
+        return planner.plan_all()
+    return {int(r): planner.plan_rank(r) for r in ranks}
