@@ -1,6 +1,7 @@
 // The Python module refit_engine._core: the only place that knows about Python, besides the
 // one binding file per area it calls.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "bindings/bindings.h"
 #include "plan/error.h"

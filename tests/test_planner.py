@@ -1,0 +1,236 @@
+"""The plan compiler: validation errors, determinism, buckets, and random layouts (hypothesis)."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from refit_engine import Layout, Planner, RefitError, Split, compile_plans
+from refit_engine.grid import ParallelGrid
+from refit_engine.plan import MSG, SEG
+
+from refit_check import check_refit
+
+
+def tp_layout(world, tp, shape=(16, 8), dtype="bfloat16", name="w", offset=0):
+    layout = Layout()
+    layout.place(name, shape, dtype, ParallelGrid(world, tp=tp, offset=offset).dense_holders(),
+                 Split(0, tp) if tp > 1 else None)
+    return layout
+
+
+# -- bad layouts ------------------------------------------------------------------------------
+
+def test_missing_destination_tensor_source():
+    src = tp_layout(2, 2)
+    dst = tp_layout(2, 2)
+    dst.place("extra", (4,), "float32", [(0, 0)])
+    with pytest.raises(RefitError, match="missing from the source") as info:
+        Planner(src, dst)
+    assert info.value.tensor == "extra" and info.value.ranks == [0]
+
+
+def test_extra_source_tensor():
+    src = tp_layout(2, 2)
+    src.place("only_in_src", (4,), "float32", [(1, 0)])
+    with pytest.raises(RefitError, match="extra tensor") as info:
+        Planner(src, tp_layout(2, 2))
+    assert info.value.tensor == "only_in_src" and info.value.ranks == [1]
+
+
+def test_global_shape_mismatch():
+    with pytest.raises(RefitError, match=r"global shape differs: source \(16, 8\), destination \(16, 4\)") as info:
+        Planner(tp_layout(2, 2), tp_layout(2, 2, shape=(16, 4)))
+    assert info.value.tensor == "w" and info.value.ranks == [0, 1]
+
+
+def test_dtype_mismatch():
+    with pytest.raises(RefitError, match="dtype differs") as info:
+        Planner(tp_layout(2, 2), tp_layout(2, 2, dtype="float32"))
+    assert info.value.tensor == "w"
+
+
+def test_size_that_does_not_divide():
+    with pytest.raises(RefitError, match="does not divide into 3 parts") as info:
+        tp_layout(3, 3, shape=(16, 8))
+    assert info.value.tensor == "w" and info.value.ranks == [0, 1, 2]
+
+
+def test_stride_that_does_not_divide():
+    layout = Layout()
+    with pytest.raises(RefitError, match="with stride 2"):
+        layout.place("fc1", (10, 4), "bfloat16", [(0, 0), (1, 1)], Split(0, 2, stride=2))
+
+
+def test_missing_source_shard():
+    src = Layout()
+    src.place("w", (8, 4), "float32", [(0, 0)], Split(0, 2))  # part 1 held by nobody
+    with pytest.raises(RefitError, match="cover 16 of 32 elements") as info:
+        Planner(src, tp_layout(2, 1, shape=(8, 4), dtype="float32"))
+    assert info.value.tensor == "w" and info.value.ranks == [0]
+
+
+def test_overlapping_source_pieces():
+    src = Layout()
+    src.add_tensor("w", (8, 4), "float32")
+    src.add_buffer(0, "a", (5, 4), "float32")
+    src.add_buffer(1, "b", (4, 4), "float32")
+    src.add_piece("w", 0, "a", (0, 0), (5, 4))
+    src.add_piece("w", 1, "b", (4, 0), (4, 4))
+    with pytest.raises(RefitError, match="overlap") as info:
+        Planner(src, tp_layout(1, 1, shape=(8, 4), dtype="float32"))
+    assert info.value.ranks == [0, 1]
+
+
+def test_destination_element_never_written():
+    dst = Layout()
+    dst.add_tensor("w", (8, 4), "float32")
+    dst.add_buffer(0, "w", (9, 4), "float32")  # one row too many
+    dst.add_piece("w", 0, "w", (0, 0), (8, 4))
+    with pytest.raises(RefitError, match="never be written") as info:
+        Planner(tp_layout(1, 1, shape=(8, 4), dtype="float32"), dst)
+    assert info.value.tensor == "w" and info.value.ranks == [0]
+
+
+def test_destination_element_written_twice():
+    dst = Layout()
+    for name in ("a", "b"):
+        dst.add_tensor(name, (2, 4), "float32")
+    dst.add_buffer(0, "shared", (4, 4), "float32")
+    dst.add_piece("a", 0, "shared", (0, 0), (2, 4), local_offset=0, local_strides=(8, 1))
+    dst.add_piece("b", 0, "shared", (0, 0), (2, 4), local_offset=4, local_strides=(4, 1))
+    src = Layout()
+    for name in ("a", "b"):
+        src.place(name, (2, 4), "float32", [(0, 0)])
+    with pytest.raises(RefitError, match="written twice"):
+        Planner(src, dst)
+
+
+def test_interleaved_destination_pieces_are_fine():
+    """Strided pieces that interleave without overlapping (column blocks) are accepted."""
+    dst = Layout()
+    for name in ("a", "b"):
+        dst.add_tensor(name, (3, 4), "float32")
+    dst.add_buffer(0, "cols", (3, 8), "float32")
+    dst.add_piece("a", 0, "cols", (0, 0), (3, 4), local_offset=0, local_strides=(8, 1))
+    dst.add_piece("b", 0, "cols", (0, 0), (3, 4), local_offset=4, local_strides=(8, 1))
+    src = Layout()
+    for name in ("a", "b"):
+        src.place(name, (3, 4), "float32", [(1, 0)])
+    check_refit(src, dst)
+
+
+def test_piece_outside_local_tensor():
+    dst = Layout()
+    dst.add_tensor("w", (4, 4), "float32")
+    dst.add_buffer(0, "w", (4, 4), "float32")
+    dst.add_piece("w", 0, "w", (0, 0), (4, 4), local_offset=2)
+    with pytest.raises(RefitError, match="reaches elements"):
+        Planner(tp_layout(1, 1, shape=(4, 4), dtype="float32"), dst)
+
+
+def test_non_contiguous_last_dim_rejected():
+    dst = Layout()
+    dst.add_tensor("w", (4, 4), "float32")
+    dst.add_buffer(0, "w", (4, 8), "float32")
+    dst.add_piece("w", 0, "w", (0, 0), (4, 4), local_strides=(8, 2))
+    with pytest.raises(RefitError, match="not contiguous in its last dimension"):
+        Planner(tp_layout(1, 1, shape=(4, 4), dtype="float32"), dst)
+
+
+def test_bad_bucket_budget():
+    with pytest.raises(RefitError, match="bucket_bytes must be positive"):
+        Planner(tp_layout(2, 2), tp_layout(2, 1), bucket_bytes=0)
+
+
+# -- determinism and buckets ------------------------------------------------------------------
+
+def test_rank_plan_equals_cluster_plan_and_is_stable():
+    src, dst = tp_layout(8, 4, shape=(64, 32)), tp_layout(8, 2, shape=(64, 32))
+    a, b = Planner(src, dst, bucket_bytes=512), Planner(src, dst, bucket_bytes=512)
+    cluster = a.plan_all()
+    for rank in a.ranks:
+        assert a.plan_rank(rank).fingerprint() == cluster[rank].fingerprint()
+        assert b.plan_rank(rank).fingerprint() == cluster[rank].fingerprint()
+
+
+def test_buckets_split_rows_and_long_rows():
+    # One 4 KiB contiguous row per transfer and a 100-byte budget: rows are cut within the row.
+    src = tp_layout(2, 1, shape=(4, 512), dtype="uint8")
+    dst = tp_layout(2, 1, shape=(4, 512), dtype="uint8", offset=2)
+    plans = check_refit(src, dst, bucket_bytes=100)
+    assert plans[0].send_messages[:, MSG["bytes"]].max() == 100
+    assert plans[0].num_buckets == (4 * 512 + 99) // 100
+    # A budget that holds 3 rows of a pitched copy: whole rows per message.
+    src = tp_layout(2, 2, shape=(8, 16), dtype="uint8")
+    dst = tp_layout(2, 1, shape=(8, 16), dtype="uint8", offset=2)
+    plans = check_refit(src, dst, bucket_bytes=48)
+    assert set(plans[2].recv[:, SEG["rows"]]) <= {1, 2, 3}
+
+
+def test_stats():
+    plans = compile_plans(tp_layout(4, 4), tp_layout(4, 2))
+    total = 16 * 8 * 2
+    assert sum(p.bytes_received + p.bytes_local for p in plans.values()) == total * 2
+    per_peer = plans[0].bytes_per_peer()
+    assert sum(v["received"] for v in per_peer.values()) == plans[0].bytes_received
+    assert plans[0].nbytes > 0
+
+
+# -- random layouts ---------------------------------------------------------------------------
+
+@st.composite
+def side(draw, world_choices=(1, 2, 4, 8)):
+    world = draw(st.sampled_from(world_choices))
+    def divisors(n, cap=8):
+        return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
+    pp = draw(st.sampled_from(divisors(world, 2)))
+    tp = draw(st.sampled_from(divisors(world // pp)))
+    ep = draw(st.sampled_from(divisors(world // pp, 4)))
+    etp = draw(st.sampled_from(divisors(world // (pp * ep), 2)))
+    return dict(world=world, tp=tp, pp=pp, ep=ep, etp=etp, grouped=draw(st.booleans()),
+                stride=draw(st.sampled_from([1, 2])), tp_dim=draw(st.sampled_from([0, 1])))
+
+
+def build(cfg, model, offset):
+    grid = ParallelGrid(cfg["world"], tp=cfg["tp"], pp=cfg["pp"], ep=cfg["ep"], etp=cfg["etp"],
+                        offset=offset)
+    layout = Layout()
+    layers, experts, dtype = model["layers"], model["experts"], model["dtype"]
+    rows, cols = model["rows"], model["cols"]
+    for stage in range(cfg["pp"]):
+        dense = grid.dense_holders(stage)
+        for layer in grid.stage_layers(layers, stage):
+            tp = cfg["tp"]
+            layout.place(f"l{layer}.w", (rows, cols), dtype, dense,
+                         Split(cfg["tp_dim"], tp, stride=cfg["stride"] if cfg["tp_dim"] == 0 else 1)
+                         if tp > 1 else None)
+            layout.place(f"l{layer}.norm", (cols,), dtype, dense)
+            etp = cfg["etp"]
+            split = Split(0, etp) if etp > 1 else None
+            local_shape = (rows // etp, cols)
+            per_rank = experts // cfg["ep"]
+            for e in range(experts):
+                for rank, part, local in grid.expert_holders(e, experts, stage):
+                    extra = {}
+                    if cfg["grouped"]:
+                        extra = dict(key=f"l{layer}.experts", buffer_shape=(per_rank,) + local_shape,
+                                     offset=local * rows // etp * cols)
+                    layout.place(f"l{layer}.e{e}", (rows, cols), dtype, [(rank, part)], split, **extra)
+    return layout
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(src=side(), dst=side(), collocated=st.booleans(),
+       dtype=st.sampled_from(["bfloat16", "float32", "uint8", "float64"]),
+       rows_mul=st.integers(1, 3), cols=st.sampled_from([8, 16, 24]),
+       bucket=st.sampled_from([64, 1000, 1 << 20]), seed=st.integers(0, 2**31))
+def test_random_layouts_refit_exactly(src, dst, collocated, dtype, rows_mul, cols, bucket, seed):
+    model = dict(layers=2, experts=4, dtype=dtype, rows=16 * rows_mul, cols=cols)
+    src_layout = build(src, model, 0)
+    dst_layout = build(dst, model, 0 if collocated else src["world"])
+    plans = check_refit(src_layout, dst_layout, bucket_bytes=bucket, seed=seed)
+    # Same plan on every rank and every run.
+    planner = Planner(src_layout, dst_layout, bucket_bytes=bucket)
+    for rank in (min(plans), max(plans)):
+        assert planner.plan_rank(rank).fingerprint() == plans[rank].fingerprint()
