@@ -55,19 +55,11 @@ Side make_side(std::vector<std::string> names, const Table& tensors, const Table
     row = rows_of(buffers, kBufferCols, "buffer", n);
     side.buffers.resize(n);
     for (int64_t i = 0; i < n; ++i, row += kBufferCols) side.buffers[i] = {row[0], row[1], row[2]};
+    // Piece is the row layout of the piece table, so the rows copy over in one go.
+    static_assert(sizeof(Piece) == kPieceCols * sizeof(int64_t), "Piece must match a table row");
     row = rows_of(pieces, kPieceCols, "piece", n);
-    side.pieces.resize(n);
-    for (int64_t i = 0; i < n; ++i, row += kPieceCols) {
-        Piece& p = side.pieces[i];
-        p.tensor = row[0];
-        p.buffer = row[1];
-        p.local_offset = row[2];
-        for (int d = 0; d < kMaxDims; ++d) {
-            p.start[d] = row[3 + d];
-            p.extent[d] = row[3 + kMaxDims + d];
-            p.local_stride[d] = row[3 + 2 * kMaxDims + d];
-        }
-    }
+    const Piece* first = reinterpret_cast<const Piece*>(row);
+    side.pieces.assign(first, first + n);
     return side;
 }
 

@@ -4,6 +4,7 @@
 #include <numeric>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 
 #include "plan/error.h"
@@ -63,7 +64,7 @@ Planner::Planner(Side src, Side dst, PlanOptions options)
         src_piece_first_, src_piece_order_);
     index_source_replicas();
     check_destination_buffers();
-    index_rank_tensors();
+    index_ranks();
 }
 
 std::vector<int64_t> Planner::holder_ranks(const Side& side, int64_t tensor) const {
@@ -82,7 +83,8 @@ void Planner::check_tensors() {
                                          " tensors");
         }
     }
-    std::unordered_map<std::string, int64_t> src_index;
+    // Views into src_.names, which outlive the map.
+    std::unordered_map<std::string_view, int64_t> src_index;
     src_index.reserve(src_.names.size() * 2);
     for (size_t i = 0; i < src_.names.size(); ++i) {
         if (!src_index.emplace(src_.names[i], i).second) {
@@ -91,17 +93,15 @@ void Planner::check_tensors() {
     }
     std::vector<bool> src_used(src_.names.size(), false);
     src_of_dst_.resize(dst_.names.size());
-    std::unordered_map<std::string, int64_t> dst_seen;
-    dst_seen.reserve(dst_.names.size() * 2);
     for (size_t t = 0; t < dst_.names.size(); ++t) {
         const std::string& name = dst_.names[t];
-        if (!dst_seen.emplace(name, t).second) {
-            throw PlanError(name, {}, "appears twice in the destination layout");
-        }
         auto it = src_index.find(name);
         if (it == src_index.end()) {
             throw PlanError(name, holder_ranks(dst_, t),
                             "destination tensor has no source: missing from the source layout");
+        }
+        if (src_used[it->second]) {  // names are unique on the source side, so t is a repeat
+            throw PlanError(name, holder_ranks(dst_, t), "appears twice in the destination layout");
         }
         const TensorSpec& a = src_.tensors[it->second];
         const TensorSpec& b = dst_.tensors[t];
@@ -183,20 +183,28 @@ void Planner::check_pieces(const Side& side, const char* side_name) {
 
 void Planner::index_source_replicas() {
     group_first_.assign(src_.tensors.size() + 1, 0);
+    std::vector<int64_t> pieces;  // scratch, reused for every tensor
     for (size_t s = 0; s < src_.tensors.size(); ++s) {
         const TensorSpec& spec = src_.tensors[s];
         const int ndim = spec.ndim;
         // Sort this tensor's pieces by box, then by rank: equal boxes become one replica group.
-        std::vector<int64_t> pieces(src_piece_order_.begin() + src_piece_first_[s],
-                                    src_piece_order_.begin() + src_piece_first_[s + 1]);
+        pieces.assign(src_piece_order_.begin() + src_piece_first_[s],
+                      src_piece_order_.begin() + src_piece_first_[s + 1]);
         if (pieces.empty()) {
             throw PlanError(src_.names[s], {}, "no source rank holds any part of the tensor");
         }
-        auto key = [&](int64_t p) {
-            const Piece& piece = src_.pieces[p];
-            return std::make_tuple(piece.start, piece.extent, src_.buffers[piece.buffer].rank, p);
-        };
-        std::sort(pieces.begin(), pieces.end(), [&](int64_t a, int64_t b) { return key(a) < key(b); });
+        std::sort(pieces.begin(), pieces.end(), [&](int64_t a, int64_t b) {
+            const Piece& x = src_.pieces[a];
+            const Piece& y = src_.pieces[b];
+            for (int d = 0; d < ndim; ++d) {
+                if (x.start[d] != y.start[d]) return x.start[d] < y.start[d];
+            }
+            for (int d = 0; d < ndim; ++d) {
+                if (x.extent[d] != y.extent[d]) return x.extent[d] < y.extent[d];
+            }
+            const int64_t rx = src_.buffers[x.buffer].rank, ry = src_.buffers[y.buffer].rank;
+            return rx != ry ? rx < ry : a < b;
+        });
         const size_t first_group = groups_.size();
         int64_t covered = 0;
         for (size_t i = 0; i < pieces.size();) {
@@ -246,13 +254,14 @@ void Planner::check_destination_buffers() {
     bucket_by_key(
         dst_.pieces.size(), dst_.buffers.size(), [&](int64_t i) { return dst_.pieces[i].buffer; },
         first, order);
+    struct Placed {
+        Span hull;
+        int64_t piece;
+    };
+    std::vector<Placed> placed;  // reused across buffers: most hold a single piece
     for (size_t b = 0; b < dst_.buffers.size(); ++b) {
         const Buffer& buffer = dst_.buffers[b];
-        struct Placed {
-            Span hull;
-            int64_t piece;
-        };
-        std::vector<Placed> placed;
+        placed.clear();
         int64_t volume = 0;
         for (int64_t i = first[b]; i < first[b + 1]; ++i) {
             const Piece& piece = dst_.pieces[order[i]];
@@ -260,9 +269,10 @@ void Planner::check_destination_buffers() {
             placed.push_back({footprint_hull(piece, ndim), order[i]});
             volume += piece_box(piece, ndim).volume();
         }
-        const std::string name = placed.empty() ? std::string("*")
-                                                : dst_.names[dst_.pieces[placed[0].piece].tensor];
         if (volume != buffer.numel) {
+            const std::string name = placed.empty()
+                                         ? std::string("*")
+                                         : dst_.names[dst_.pieces[placed[0].piece].tensor];
             throw PlanError(name, {buffer.rank},
                             "destination local tensor has " + std::to_string(buffer.numel) +
                                 " elements but its pieces cover " + std::to_string(volume) +
@@ -297,35 +307,32 @@ void Planner::check_destination_buffers() {
     }
 }
 
-void Planner::index_rank_tensors() {
-    std::vector<int64_t> all;
+void Planner::index_ranks() {
+    std::vector<bool> holds;  // by rank: ranks are small dense integers
     for (const Side* side : {&src_, &dst_}) {
-        for (const Buffer& buffer : side->buffers) all.push_back(buffer.rank);
+        for (const Buffer& buffer : side->buffers) {
+            if (buffer.rank >= int64_t(holds.size())) holds.resize(buffer.rank + 1, false);
+            holds[buffer.rank] = true;
+        }
     }
-    ranks_ = sorted_unique(std::move(all));
-    auto position = [&](int64_t rank) {
-        return std::lower_bound(ranks_.begin(), ranks_.end(), rank) - ranks_.begin();
-    };
-    // (rank position, destination tensor) pairs for every piece on either side.
-    std::vector<std::pair<int64_t, int64_t>> touches;
-    std::vector<int64_t> dst_of_src(src_.tensors.size());
-    for (size_t t = 0; t < src_of_dst_.size(); ++t) dst_of_src[src_of_dst_[t]] = t;
+    ranks_.clear();
+    for (size_t r = 0; r < holds.size(); ++r) {
+        if (holds[r]) ranks_.push_back(r);
+    }
+    dst_of_src_.resize(src_.tensors.size());
+    for (size_t t = 0; t < src_of_dst_.size(); ++t) dst_of_src_[src_of_dst_[t]] = t;
+}
+
+std::vector<int64_t> Planner::tensors_of_rank(int64_t rank) const {
+    // One pass over both sides' pieces: cheaper than keeping a rank index for every rank.
+    std::vector<int64_t> tensors;
     for (const Piece& piece : src_.pieces) {
-        touches.push_back({position(src_.buffers[piece.buffer].rank), dst_of_src[piece.tensor]});
+        if (src_.buffers[piece.buffer].rank == rank) tensors.push_back(dst_of_src_[piece.tensor]);
     }
     for (const Piece& piece : dst_.pieces) {
-        touches.push_back({position(dst_.buffers[piece.buffer].rank), piece.tensor});
+        if (dst_.buffers[piece.buffer].rank == rank) tensors.push_back(piece.tensor);
     }
-    std::sort(touches.begin(), touches.end());
-    touches.erase(std::unique(touches.begin(), touches.end()), touches.end());
-    rank_tensor_first_.assign(ranks_.size() + 1, 0);
-    rank_tensors_.clear();
-    for (const auto& [pos, tensor] : touches) {
-        ++rank_tensor_first_[pos + 1];
-        rank_tensors_.push_back(tensor);
-    }
-    std::partial_sum(rank_tensor_first_.begin(), rank_tensor_first_.end(),
-                     rank_tensor_first_.begin());
+    return sorted_unique(std::move(tensors));
 }
 
 template <typename Emit>
@@ -501,11 +508,8 @@ void Planner::assign_buckets(RankPlan& plan) const {
 RankPlan Planner::plan_rank(int64_t rank) const {
     RankPlan plan;
     plan.rank = rank;
-    auto pos = std::lower_bound(ranks_.begin(), ranks_.end(), rank);
-    if (pos == ranks_.end() || *pos != rank) return plan;
-    const int64_t r = pos - ranks_.begin();
-    for (int64_t i = rank_tensor_first_[r]; i < rank_tensor_first_[r + 1]; ++i) {
-        for_each_transfer(rank_tensors_[i], [&](const Transfer& x) {
+    for (int64_t tensor : tensors_of_rank(rank)) {
+        for_each_transfer(tensor, [&](const Transfer& x) {
             if (x.src_rank != rank && x.dst_rank != rank) return;
             add_transfer(x, x.src_rank == rank ? &plan : nullptr,
                          x.dst_rank == rank ? &plan : nullptr);

@@ -49,7 +49,9 @@ class Planner {
     void check_pieces(const Side& side, const char* side_name);
     void index_source_replicas();
     void check_destination_buffers();
-    void index_rank_tensors();
+    void index_ranks();
+    // Destination tensors that `rank` holds on either side, ascending.
+    std::vector<int64_t> tensors_of_rank(int64_t rank) const;
 
     // Calls emit(const Transfer&) for every transfer of destination tensor `t`, choosing a
     // source replica for each: the destination rank's own copy first, otherwise replicas in
@@ -75,9 +77,8 @@ class Planner {
     std::vector<int64_t> group_first_;         // CSR of replica groups by source tensor
     std::vector<ReplicaGroup> groups_;
     std::vector<int64_t> group_pieces_;        // source pieces, sorted by rank within a group
+    std::vector<int64_t> dst_of_src_;          // source tensor -> destination tensor
     std::vector<int64_t> ranks_;
-    std::vector<int64_t> rank_tensor_first_;   // CSR (by position in ranks_) of dst tensors
-    std::vector<int64_t> rank_tensors_;        // a rank touches, ascending
 };
 
 }  // namespace refit

@@ -1,0 +1,153 @@
+"""Kimi K2 (DeepSeek-V3 family): the published architecture, scale knobs for toy sizes, its
+parameter list with megatron-core's names and tensor-parallel attributes, and synthetic layouts
+of it at any parallel layout (for planner benchmarks and tests without building the model).
+
+Parameter names and TP attributes follow megatron-core's GPT model with the Transformer Engine
+spec and MLA (q/kv layer norms fused into the up projections as `layer_norm_weight`; the
+down projections duplicated on every TP rank; SwiGLU fc1 with partition stride 2). Routed
+experts use the canonical name `decoder.layers.{layer}.mlp.experts.{global expert}.{fc}.weight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator, NamedTuple
+
+from refit_engine.grid import ParallelGrid
+from refit_engine.layouts import Layout, Split
+
+
+@dataclass(frozen=True)
+class KimiK2Config:
+    num_layers: int = 61
+    first_dense_layers: int = 1
+    hidden: int = 7168
+    num_heads: int = 64
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    dense_ffn: int = 18432
+    num_experts: int = 384
+    moe_ffn: int = 2048
+    router_topk: int = 8
+    shared_expert_ffn: int = 2048
+    vocab: int = 163840
+    dtype: str = "bfloat16"
+
+    def scaled(self, **changes) -> "KimiK2Config":
+        """A copy with some knobs changed (layers, hidden, experts, ffn, vocab, heads, ...)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def toy(cls, **changes) -> "KimiK2Config":
+        """A tiny Kimi K2 of the same structure, for tests."""
+        base = dict(num_layers=3, hidden=64, num_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, dense_ffn=96,
+                    num_experts=8, moe_ffn=32, router_topk=2, shared_expert_ffn=32, vocab=256)
+        base.update(changes)
+        return cls(**base)
+
+
+class Param(NamedTuple):
+    """One parameter: where TP or expert-TP splits it (`split` None: replicated)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    split: tuple[int, int] | None  # (dim, partition stride)
+    layer: int | None  # global layer (None: embedding, output layer, final norm)
+    expert: int | None  # global expert index for routed experts
+
+
+def kimi_k2_parameters(cfg: KimiK2Config) -> Iterator[Param]:
+    h, dt = cfg.hidden, cfg.dtype
+    yield Param("embedding.word_embeddings.weight", (cfg.vocab, h), dt, (0, 1), None, None)
+    for layer in range(cfg.num_layers):
+        p = f"decoder.layers.{layer}."
+        a = p + "self_attention."
+        yield Param(p + "input_layernorm.weight", (h,), dt, None, layer, None)
+        yield Param(a + "linear_q_down_proj.weight", (cfg.q_lora_rank, h), dt, None, layer, None)
+        yield Param(a + "linear_q_up_proj.layer_norm_weight", (cfg.q_lora_rank,), dt, None, layer, None)
+        q_head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        yield Param(a + "linear_q_up_proj.weight", (cfg.num_heads * q_head, cfg.q_lora_rank), dt,
+                    (0, 1), layer, None)
+        yield Param(a + "linear_kv_down_proj.weight", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
+                    dt, None, layer, None)
+        yield Param(a + "linear_kv_up_proj.layer_norm_weight", (cfg.kv_lora_rank,), dt, None, layer, None)
+        kv_head = cfg.qk_nope_head_dim + cfg.v_head_dim
+        yield Param(a + "linear_kv_up_proj.weight", (cfg.num_heads * kv_head, cfg.kv_lora_rank), dt,
+                    (0, 1), layer, None)
+        yield Param(a + "linear_proj.weight", (h, cfg.num_heads * cfg.v_head_dim), dt, (1, 1), layer, None)
+        m = p + "mlp."
+        if layer < cfg.first_dense_layers:
+            yield Param(m + "linear_fc1.layer_norm_weight", (h,), dt, None, layer, None)
+            yield Param(m + "linear_fc1.weight", (2 * cfg.dense_ffn, h), dt, (0, 2), layer, None)
+            yield Param(m + "linear_fc2.weight", (h, cfg.dense_ffn), dt, (1, 1), layer, None)
+            continue
+        yield Param(p + "pre_mlp_layernorm.weight", (h,), dt, None, layer, None)
+        yield Param(m + "router.weight", (cfg.num_experts, h), dt, None, layer, None)
+        yield Param(m + "router.expert_bias", (cfg.num_experts,), "float32", None, layer, None)
+        s = m + "shared_experts."
+        yield Param(s + "linear_fc1.weight", (2 * cfg.shared_expert_ffn, h), dt, (0, 2), layer, None)
+        yield Param(s + "linear_fc2.weight", (h, cfg.shared_expert_ffn), dt, (1, 1), layer, None)
+        for e in range(cfg.num_experts):
+            x = f"{m}experts.{e}."
+            yield Param(x + "linear_fc1.weight", (2 * cfg.moe_ffn, h), dt, (0, 2), layer, e)
+            yield Param(x + "linear_fc2.weight", (h, cfg.moe_ffn), dt, (1, 1), layer, e)
+    yield Param("decoder.final_layernorm.weight", (h,), dt, None, None, None)
+    yield Param("output_layer.weight", (cfg.vocab, h), dt, (0, 1), None, None)
+
+
+def parameter_count(cfg: KimiK2Config) -> int:
+    total = 0
+    for p in kimi_k2_parameters(cfg):
+        n = 1
+        for s in p.shape:
+            n *= s
+        total += n
+    return total
+
+
+def _stage_of(cfg: KimiK2Config, grid: ParallelGrid, param: Param) -> int:
+    if param.layer is not None:
+        for stage in range(grid.pp):
+            if param.layer in grid.stage_layers(cfg.num_layers, stage):
+                return stage
+    return 0 if param.name.startswith("embedding") else grid.pp - 1
+
+
+def kimi_k2_layout(cfg: KimiK2Config, grid: ParallelGrid, grouped_experts: bool = False) -> Layout:
+    """Where every Kimi K2 parameter lives under `grid` (megatron-core's placement).
+
+    Dense parameters: TP over `grid.tp` on their split dim, DP replicas. Routed experts: EP over
+    `grid.ep`, expert TP over `grid.etp`, expert-DP replicas; `grouped_experts` stores each
+    layer's local experts in one buffer per rank (TEGroupedMLP-like) instead of one each.
+    """
+    layout = Layout()
+    dense_holders = [grid.dense_holders(stage) for stage in range(grid.pp)]
+    per_rank = cfg.num_experts // grid.ep if cfg.num_experts % grid.ep == 0 else 0
+    for param in kimi_k2_parameters(cfg):
+        stage = _stage_of(cfg, grid, param)
+        if param.expert is None:
+            parts = grid.tp
+            split = Split(param.split[0], parts, stride=param.split[1]) \
+                if param.split and parts > 1 else None
+            layout.place(param.name, param.shape, param.dtype, dense_holders[stage], split)
+            continue
+        split = Split(param.split[0], grid.etp, stride=param.split[1]) if grid.etp > 1 else None
+        holders = grid.expert_holders(param.expert, cfg.num_experts, stage)
+        if not grouped_experts:
+            layout.place(param.name, param.shape, param.dtype, [(r, part) for r, part, _ in holders], split)
+            continue
+        local_shape = split.local_shape(param.name, param.shape) if split else param.shape
+        numel = 1
+        for s in local_shape:
+            numel *= s
+        fc = param.name.rsplit(".", 2)[-2]
+        key = f"decoder.layers.{param.layer}.mlp.experts.{fc}"
+        for rank, part, local in holders:
+            layout.place(param.name, param.shape, param.dtype, [(rank, part)], split, key=key,
+                         offset=local * numel, buffer_shape=(per_rank,) + tuple(local_shape))
+    return layout
