@@ -13,7 +13,9 @@ _core = _load_core(_sys.modules[__name__])
 
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout, Split, TensorMeta
-from refit_engine.plan import DEFAULT_BUCKET_BYTES, Planner, RankPlan, compile_plans
+from refit_engine.local import ShardedTensors
+from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner, RankPlan, compile_plans
+from refit_engine.refit import DEFAULT_TIMEOUT_S, Plan, execute, plan
 
 HAS_CUDA: bool = bool(_core.HAS_CUDA)
 
@@ -32,5 +34,6 @@ def _require_cuda(what: str) -> None:
                          "reinstall with the CUDA toolkit present")
 
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "HAS_CUDA", "Layout", "Planner", "RankPlan", "RefitError",
-           "Split", "TensorMeta", "compile_plans", "features"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "HAS_CUDA", "Layout", "Plan", "Planner",
+           "RankPlan", "RefitError", "ShardedTensors", "Split", "TensorMeta", "compile_plans",
+           "execute", "features", "plan"]

@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import as_strided
 from refit_engine import dtypes
 from refit_engine.errors import RefitError
 from refit_engine.layouts import MAX_DIMS, Layout
-from refit_engine.plan import MSG, SEG, RankPlan
+from refit_engine.planner import MSG, SEG, RankPlan
 
 Buffers = dict  # (rank, key) -> contiguous NumPy array (any dtype; bytes are what count)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from refit_engine import compile_plans
-from refit_engine.plan import MSG, SEG
+from refit_engine.planner import MSG, SEG
 from refit_engine.reference import materialize, random_globals, run_reference
 
 POISONS = (0xA5, 0x5A)

@@ -5,7 +5,7 @@ import pytest
 
 import refit_engine
 from refit_engine import _core
-from refit_engine.plan import SEG, SEGMENT_FIELDS
+from refit_engine.planner import SEG, SEGMENT_FIELDS
 from refit_engine.reference import _copy
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from refit_engine import Layout, Planner, RefitError, Split, compile_plans
 from refit_engine.grid import ParallelGrid
-from refit_engine.plan import MSG, SEG
+from refit_engine.planner import MSG, SEG
 
 from refit_check import check_refit
 

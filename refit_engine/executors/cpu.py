@@ -1,0 +1,94 @@
+"""CPU executor: pack/unpack in C++ threads, one message per peer per bucket over gloo.
+
+Buckets are double-buffered: bucket k+1 is packed and posted while bucket k is in flight, and
+local copies run while bucket 0 travels. Every wait has a timeout; a timeout or transport error
+becomes a RefitError naming the peers still outstanding.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from refit_engine import _core
+from refit_engine.errors import RefitError
+from refit_engine.planner import MSG, SEG, RankPlan
+
+
+class GlooExecutor:
+    def __init__(self, plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
+                 group, timeout_s: float, threads: int = 1):
+        self.plan = plan
+        self.src_addresses = src_addresses
+        self.dst_addresses = dst_addresses
+        self.group = group
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.threads = threads
+        self.num_buckets = plan.num_buckets
+        # Per bucket: the segments and messages of each direction (views, computed once).
+        self._send = [self._rows(plan.send, SEG["bucket"], b) for b in range(self.num_buckets)]
+        self._recv = [self._rows(plan.recv, SEG["bucket"], b) for b in range(self.num_buckets)]
+        self._send_msgs = [self._rows(plan.send_messages, MSG["bucket"], b).tolist()
+                           for b in range(self.num_buckets)]
+        self._recv_msgs = [self._rows(plan.recv_messages, MSG["bucket"], b).tolist()
+                           for b in range(self.num_buckets)]
+        send_max = max(plan.send_staging_bytes, default=0)
+        recv_max = max(plan.recv_staging_bytes, default=0)
+        # Two staging buffers per direction: bucket k+1 fills one while bucket k uses the other.
+        self._send_staging = [torch.empty(send_max, dtype=torch.uint8) for _ in range(2)]
+        self._recv_staging = [torch.empty(recv_max, dtype=torch.uint8) for _ in range(2)]
+
+    @staticmethod
+    def _rows(table: np.ndarray, column: int, value: int) -> np.ndarray:
+        return np.ascontiguousarray(table[table[:, column] == value])
+
+    def _copy(self, segments, src_staging=0, dst_staging=0):
+        if len(segments):
+            _core.cpu_copy_segments(segments, self.src_addresses, src_staging,
+                                    self.dst_addresses, dst_staging, self.threads)
+
+    def _post(self, bucket: int):
+        """Starts every send and receive of `bucket`; returns [(work, peer, direction)]."""
+        send, recv = self._send_staging[bucket % 2], self._recv_staging[bucket % 2]
+        works = []
+        for peer, _, offset, nbytes in self._recv_msgs[bucket]:
+            works.append((dist.irecv(recv[offset:offset + nbytes], src=peer, group=self.group,
+                                     tag=bucket), peer, "receive from"))
+        for peer, _, offset, nbytes in self._send_msgs[bucket]:
+            works.append((dist.isend(send[offset:offset + nbytes], dst=peer, group=self.group,
+                                     tag=bucket), peer, "send to"))
+        return works
+
+    def _wait(self, works, bucket: int):
+        for i, (work, peer, direction) in enumerate(works):
+            try:
+                work.wait(self.timeout)
+            except Exception as exc:  # gloo raises RuntimeError subclasses on timeout or loss
+                pending = sorted({p for _, p, _ in works[i:]})
+                raise RefitError(
+                    f"bucket {bucket}: could not {direction} rank {peer} within "
+                    f"{self.timeout.total_seconds():g} s ({type(exc).__name__}: {exc}); "
+                    f"peers still outstanding: {pending}",
+                    ranks=[self.plan.rank, *pending]) from exc
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        in_flight = None
+        if self.num_buckets:
+            self._copy(self._send[0], dst_staging=self._send_staging[0].data_ptr())
+            in_flight = self._post(0)
+        self._copy(self.plan.local)  # overlaps bucket 0's transfer
+        for bucket in range(self.num_buckets):
+            following = None
+            if bucket + 1 < self.num_buckets:
+                nxt = bucket + 1
+                self._copy(self._send[nxt], dst_staging=self._send_staging[nxt % 2].data_ptr())
+                following = self._post(nxt)
+            self._wait(in_flight, bucket)
+            self._copy(self._recv[bucket], src_staging=self._recv_staging[bucket % 2].data_ptr())
+            in_flight = following
+        return {"elapsed_s": time.perf_counter() - t0}

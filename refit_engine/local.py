@@ -1,0 +1,87 @@
+"""One rank's tensors of one model, described for the planner: `ShardedTensors`.
+
+Each rank says which global tensors it holds pieces of and where; `gather_layouts` collects
+every rank's description over a process group (the one collective step of planning) and builds
+the `Layout` of each side. Adapters (refit_engine.megatron for megatron-core models) produce
+`ShardedTensors`; users with plain tensors fill one by hand:
+
+    local = ShardedTensors()
+    local.add("layers.0.fc1.weight", fc1_shard, global_shape=(8192, 4096),
+              split=Split(0, tp, stride=2), part=tp_rank)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from refit_engine import arrays
+from refit_engine.errors import RefitError
+from refit_engine.layouts import Layout, Split, row_major_strides
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A piece of global tensor `name` stored in this rank's local tensor `key`."""
+
+    name: str
+    global_shape: tuple[int, ...]
+    dtype: str
+    key: str
+    local_shape: tuple[int, ...]
+    start: tuple[int, ...]
+    extent: tuple[int, ...]
+    local_offset: int
+    local_strides: tuple[int, ...]
+
+
+@dataclass
+class ShardedTensors:
+    """The tensors of one model on this rank, and which pieces of which global tensors they hold."""
+
+    entries: list[Entry] = field(default_factory=list)
+    tensors: dict[str, object] = field(default_factory=dict)  # key -> torch/NumPy/CuPy array
+
+    def add(self, name: str, tensor, global_shape: Sequence[int], split: Split | None = None,
+            part: int = 0, key: str | None = None, offset: int = 0,
+            part_shape: Sequence[int] | None = None) -> None:
+        """This rank holds part `part` of `name` (cut by `split`; whole if None) in `tensor`.
+
+        key: the local tensor's name (default `name`); several global tensors may share one
+            local tensor (grouped experts): pass the same tensor and key, and each one's element
+            `offset` where its part starts (stored contiguously, shape `part_shape`).
+        """
+        key = key or name
+        info = arrays.info(tensor)
+        if key in self.tensors and self.tensors[key] is not tensor:
+            raise RefitError(f"local tensor key '{key}' is bound to two different tensors",
+                             tensor=name)
+        self.tensors[key] = tensor
+        global_shape = tuple(int(s) for s in global_shape)
+        local_shape = tuple(part_shape) if part_shape is not None else (
+            split.local_shape(name, global_shape) if split else global_shape)
+        strides = row_major_strides(local_shape)
+        if split is None:
+            boxes = [((0,) * len(global_shape), global_shape, offset)]
+        else:
+            boxes = []
+            for g_start, l_start, size in split.boxes(name, global_shape, part):
+                start = [0] * len(global_shape)
+                extent = list(global_shape)
+                start[split.dim], extent[split.dim] = g_start, size
+                boxes.append((tuple(start), tuple(extent), offset + l_start * strides[split.dim]))
+        for start, extent, local_offset in boxes:
+            self.entries.append(Entry(name, global_shape, info.dtype, key, info.shape, start,
+                                      extent, local_offset, strides))
+
+
+def build_layout(per_rank: Sequence[tuple[int, list[Entry]]]) -> Layout:
+    """The Layout of one side from every rank's entries, in rank order (same on every rank)."""
+    layout = Layout()
+    for rank, entries in per_rank:
+        for e in entries:
+            layout.add_tensor(e.name, e.global_shape, e.dtype)
+            layout.add_buffer(rank, e.key, e.local_shape, e.dtype)
+            layout.add_piece(e.name, rank, e.key, e.start, e.extent, e.local_offset,
+                             e.local_strides)
+    return layout

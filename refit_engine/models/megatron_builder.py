@@ -1,0 +1,564 @@
+"""Build megatron-core `GPTModel`s of a (toy) Kimi K2 at any parallel layout, and run
+megatron-core's own refit (`swap_model_weights`) between two of them.
+
+Two models of different layouts live in the same processes (collocated: both layouts span the
+same ranks) or on disjoint ranks (non-collocated: `ParallelLayout.ranks`). Every model gets its
+own `ProcessGroupCollection`, so nothing here touches megatron's global `parallel_state`.
+
+Rank order inside a layout is megatron's default "tp-cp-ep-dp-pp" (the same as
+`refit_engine.grid.ParallelGrid`): for the dense part TP is fastest, then DP, then PP; for the
+expert part expert-TP is fastest, then EP, then expert-DP, then PP. The `i`-th rank of a layout
+is `layout.ranks[i]`.
+
+Uneven pipelines follow `ParallelGrid.stage_layers` (earlier stages take the remainder); megatron
+can express that with `num_layers_in_{first,last}_pipeline_stage` whenever the remainder sits on
+the first stage only or on all but the last (always for pp <= 3); other splits raise.
+
+Naming on CPU (local spec, no Transformer Engine) differs from the TE naming of
+`kimi_k2.kimi_k2_parameters`: the q/kv norms are `self_attention.{q,kv}_layernorm.weight`, the
+dense MLP norm is `pre_mlp_layernorm.weight`, and routed experts are SequentialMLP
+`mlp.experts.local_experts.{local}.linear_fc{1,2}.weight` (local index; global =
+ep_rank * num_experts // ep + local). By default the two MLA down projections are made
+non-TP-split (plain duplicated linears), as Transformer Engine's spec does; pass
+`duplicated_down_proj=False` for megatron's stock local spec (TP-split ColumnParallelLinear).
+
+All work-arounds for running megatron-core on a host without CUDA / Transformer Engine live in
+`_patch_megatron_for_cpu()` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib.util
+import inspect
+import types
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from refit_engine.models.kimi_k2 import KimiK2Config
+
+try:  # the names are stable from megatron-core 0.14 to 0.19
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+    from megatron.core.process_groups_config import ProcessGroupCollection
+except ImportError as exc:  # pragma: no cover - depends on the installed megatron-core
+    raise ImportError(
+        "refit_engine.models.megatron_builder needs megatron-core >= 0.14 "
+        "(megatron.core.hyper_comm_grid.HyperCommGrid and "
+        f"megatron.core.process_groups_config.ProcessGroupCollection): {exc}") from exc
+
+__all__ = [
+    "ParallelLayout",
+    "build_process_groups",
+    "build_kimi_k2",
+    "megatron_refit",
+    "megatron_version",
+]
+
+
+def megatron_version() -> str:
+    try:
+        from megatron.core import __version__
+        return str(__version__)
+    except ImportError:  # pragma: no cover
+        from megatron.core.package_info import __version__
+        return str(__version__)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout and process groups
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """One model's parallel layout over `ranks` (None: every rank of the default world).
+
+    dp = len(ranks) // (tp * pp); expert dp = len(ranks) // (ep * etp * pp).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    ranks: tuple[int, ...] | None = None
+
+    def resolved_ranks(self) -> tuple[int, ...]:
+        if self.ranks is not None:
+            return tuple(int(r) for r in self.ranks)
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelLayout.ranks is None but torch.distributed is not initialized")
+        return tuple(range(dist.get_world_size()))
+
+    @property
+    def size(self) -> int:
+        return len(self.resolved_ranks())
+
+    @property
+    def dp(self) -> int:
+        return self.size // (self.tp * self.pp)
+
+    @property
+    def edp(self) -> int:
+        return self.size // (self.ep * self.etp * self.pp)
+
+    def validate(self) -> tuple[int, ...]:
+        ranks = self.resolved_ranks()
+        n = len(ranks)
+        for name in ("tp", "pp", "ep", "etp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{self}: {name} must be >= 1")
+        if len(set(ranks)) != n or n == 0:
+            raise ValueError(f"{self}: ranks must be non-empty and distinct")
+        if dist.is_initialized() and max(ranks) >= dist.get_world_size():
+            raise ValueError(f"{self}: rank {max(ranks)} outside world of {dist.get_world_size()}")
+        if n % (self.tp * self.pp):
+            raise ValueError(f"{self}: {n} ranks do not divide by tp*pp = {self.tp * self.pp}")
+        if n % (self.ep * self.etp * self.pp):
+            raise ValueError(f"{self}: {n} ranks do not divide by ep*etp*pp = "
+                             f"{self.ep * self.etp * self.pp}")
+        return ranks
+
+
+def _create_groups(grid: HyperCommGrid, dims, ranks: tuple[int, ...], contiguous: bool):
+    """One process group per enumeration of `dims` of `grid`; this rank's group or None.
+
+    Collective over the default world (every rank creates every group, in the same order).
+    Contiguous layouts use `HyperCommGrid.create_pg` (whose grid has `rank_offset` = first
+    rank); others map the grid's 0-based enumeration through `ranks` and create the groups
+    themselves, in the same order.
+    """
+    if contiguous:
+        return grid.create_pg(dims)
+    enum = [[ranks[i] for i in group] for group in grid.get_rank_enum(dims)]
+    group, _ = dist.new_subgroups_by_enumeration(enum, backend=grid.backend)
+    return group
+
+
+def _enumerate_new_groups(enum: list[list[int]]):
+    group, _ = dist.new_subgroups_by_enumeration(enum)
+    return group
+
+
+def build_process_groups(layout: ParallelLayout) -> "ProcessGroupCollection | None":
+    """Process groups of one model at `layout` (dense and expert groups).
+
+    Collective: call on EVERY rank of the default world, in the same order on all ranks.
+    Returns the collection on ranks in the layout, None elsewhere.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("build_process_groups needs torch.distributed initialized")
+    ranks = layout.validate()
+    n = len(ranks)
+    tp, pp, ep, etp = layout.tp, layout.pp, layout.ep, layout.etp
+    dp, edp = n // (tp * pp), n // (ep * etp * pp)
+    contiguous = list(ranks) == list(range(ranks[0], ranks[0] + n))
+    offset = ranks[0] if contiguous else 0
+
+    # megatron's order "tp-cp-ep-dp-pp": dims listed fastest first.
+    dense = HyperCommGrid([tp, 1, dp, pp], ["tp", "cp", "dp", "pp"], rank_offset=offset)
+    expert = HyperCommGrid([etp, ep, edp, pp], ["tp", "ep", "dp", "pp"], rank_offset=offset)
+
+    def make(grid, dims):
+        return _create_groups(grid, dims, ranks, contiguous)
+
+    g: dict[str, Any] = {}
+    g["tp"] = make(dense, "tp")
+    g["cp"] = make(dense, "cp")
+    g["dp"] = make(dense, "dp")
+    g["pp"] = make(dense, "pp")
+    g["tp_cp"] = make(dense, ["tp", "cp"])
+    g["dp_cp"] = make(dense, ["cp", "dp"])
+    g["tp_dp_cp"] = make(dense, ["tp", "cp", "dp"])
+    g["mp"] = make(dense, ["tp", "cp", "pp"])
+    g["ep"] = make(expert, "ep")
+    g["expt_tp"] = make(expert, "tp")
+    g["expt_dp"] = make(expert, "dp")
+    g["tp_ep"] = make(expert, ["tp", "ep"])
+    g["tp_ep_pp"] = make(expert, ["tp", "ep", "pp"])
+
+    # Embedding groups: first and last stage of every pipeline (position embedding: first).
+    pp_enum = dense.get_rank_enum("pp")
+    if not contiguous:
+        pp_enum = [[ranks[i] for i in grp] for grp in pp_enum]
+    g["embd"] = _enumerate_new_groups([grp if len(grp) == 1 else [grp[0], grp[-1]] for grp in pp_enum])
+    g["pos_embd"] = _enumerate_new_groups([[grp[0]] for grp in pp_enum])
+
+    me = dist.get_rank()
+    if me not in ranks:
+        return None
+    pgs = ProcessGroupCollection(**g)
+    # Single optimizer instance: the partial groups are the full ones.
+    pgs.intra_dp_cp = g["dp_cp"]
+    pgs.intra_expt_dp = g["expt_dp"]
+    return pgs
+
+
+# --------------------------------------------------------------------------------------------
+# CPU work-arounds (the only place that touches megatron-core internals)
+# --------------------------------------------------------------------------------------------
+
+_PATCHED = False
+
+
+def _have_te() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _cpu_patch_needed() -> bool:
+    return (not torch.cuda.is_available()) or (not _have_te())
+
+
+@contextlib.contextmanager
+def _cuda_device_reads_cpu():
+    """While active, `torch.cuda.current_device()` returns "cpu" (only used on CUDA-less hosts)."""
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def _no_cuda_stream():
+    """While active, `torch.cuda.Stream()` returns None (only used on CUDA-less hosts)."""
+    original = torch.cuda.Stream
+    torch.cuda.Stream = lambda *a, **k: None  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        torch.cuda.Stream = original  # type: ignore[assignment,misc]
+
+
+def _wrap_init(cls, context_factory=None, drop_kwargs: Sequence[str] = ()):
+    """Wrap `cls.__init__` once: run it under `context_factory()` and/or without `drop_kwargs`."""
+    init = cls.__init__
+    if getattr(init, "_refit_engine_wrapped", False):
+        return
+
+    @functools.wraps(init)
+    def wrapped(self, *args, **kwargs):
+        for key in drop_kwargs:
+            kwargs.pop(key, None)
+        with (context_factory() if context_factory else contextlib.nullcontext()):
+            init(self, *args, **kwargs)
+
+    wrapped._refit_engine_wrapped = True  # type: ignore[attr-defined]
+    cls.__init__ = wrapped
+
+
+def _patch_megatron_for_cpu() -> None:
+    """Make megatron-core build Kimi K2 models and run its gloo refit without CUDA / TE.
+
+    Applied only when needed (no CUDA, or no Transformer Engine); idempotent. Each item is
+    scoped to a constructor, so nothing changes for code outside these classes. Models built
+    this way are for reading/writing weights; forward passes are not supported.
+
+    1. `RotaryEmbedding.__init__` (MLA creates it without `use_cpu_initialization`, so it asks
+       `torch.cuda.current_device()`) and `TopKRouter.__init__` (allocates `expert_bias` and
+       `local_tokens_per_expert` on `torch.cuda.current_device()`): run with
+       `torch.cuda.current_device()` answering "cpu". No CUDA only.
+    2. `multi_latent_attention.HAVE_TE`: megatron's `extensions.transformer_engine` imports
+       without TE and leaves MagicMock placeholders, so MLA believes TE is present and
+       `isinstance(self.linear_proj, TELinear)` raises (TELinear is not a type). Set to False
+       when `transformer_engine` cannot be imported. No TE only.
+    3. Local `DotProductAttention.__init__` (megatron <= 0.16) does not accept the
+       `k_channels` / `v_channels` MLA passes; they are dropped (it sizes itself from
+       `kv_channels`, which only matters for a forward pass). Only if its signature lacks them.
+    4. `GlooCopyService.__init__` (megatron-core refit) creates a `torch.cuda.Stream()` it only
+       uses to order CUDA copies; on a CUDA-less host it gets None instead (0.16.1 skips the
+       stream wait when it is None). No CUDA only.
+    """
+    global _PATCHED
+    if _PATCHED or not _cpu_patch_needed():
+        return
+    no_cuda = not torch.cuda.is_available()
+
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.transformer.moe import router
+
+    if no_cuda:
+        for cls in (rotary_pos_embedding.RotaryEmbedding, router.TopKRouter):
+            _wrap_init(cls, context_factory=_cuda_device_reads_cpu)
+        yarn = getattr(rotary_pos_embedding, "YarnRotaryEmbedding", None)
+        if yarn is not None and "__init__" in vars(yarn):
+            _wrap_init(yarn, context_factory=_cuda_device_reads_cpu)
+
+    if not _have_te():
+        from megatron.core.transformer import multi_latent_attention as mla
+        if getattr(mla, "HAVE_TE", False):
+            mla.HAVE_TE = False
+
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    accepted = inspect.signature(DotProductAttention.__init__).parameters
+    dropped = [k for k in ("k_channels", "v_channels") if k not in accepted]
+    if dropped:
+        _wrap_init(DotProductAttention, drop_kwargs=dropped)
+
+    if no_cuda:
+        try:
+            from megatron.core.resharding.copy_services.gloo_copy_service import GlooCopyService
+        except ImportError:
+            GlooCopyService = None  # megatron-core without resharding: nothing to patch
+        if GlooCopyService is not None:
+            _wrap_init(GlooCopyService, context_factory=_no_cuda_stream)
+
+    _PATCHED = True
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _uneven_pipeline(num_layers: int, pp: int) -> dict:
+    """megatron config fields splitting `num_layers` like `ParallelGrid.stage_layers`."""
+    if pp == 1 or num_layers % pp == 0:
+        return {}
+    base, extra = divmod(num_layers, pp)
+    if base == 0:
+        raise ValueError(f"{num_layers} layers cannot fill {pp} pipeline stages")
+    if extra == 1:  # only the first stage holds one more
+        return {"num_layers_in_first_pipeline_stage": base + 1}
+    if extra == pp - 1:  # all but the last hold one more
+        return {"num_layers_in_last_pipeline_stage": base}
+    raise ValueError(f"megatron cannot split {num_layers} layers over {pp} stages as "
+                     f"{[base + (s < extra) for s in range(pp)]} (only the first and last stage "
+                     "may differ from the others)")
+
+
+def make_transformer_config(cfg: KimiK2Config, layout: ParallelLayout, **overrides):
+    """The megatron `MLATransformerConfig` of Kimi K2 `cfg` at `layout`."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    dtype = _DTYPES[cfg.dtype]
+    moe_layers = [0] * cfg.first_dense_layers + [1] * (cfg.num_layers - cfg.first_dense_layers)
+    if cfg.vocab % layout.tp:
+        raise ValueError(f"vocab {cfg.vocab} does not divide by tp {layout.tp}")
+    if cfg.num_experts % layout.ep:
+        raise ValueError(f"{cfg.num_experts} experts do not divide by ep {layout.ep}")
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden,
+        num_attention_heads=cfg.num_heads,
+        ffn_hidden_size=cfg.dense_ffn,
+        # MLA
+        multi_latent_attention=True,
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_head_dim=cfg.qk_nope_head_dim,
+        qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        qk_layernorm=True,
+        rope_type="rope",
+        apply_rope_fusion=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        # MLP: SwiGLU, no biases
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        # MoE
+        num_moe_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn,
+        moe_router_topk=cfg.router_topk,
+        moe_shared_expert_intermediate_size=cfg.shared_expert_ffn,
+        moe_layer_freq=moe_layers,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_load_balancing_type="seq_aux_loss",
+        moe_aux_loss_coeff=1e-4,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        # parallelism
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        sequence_parallel=layout.tp > 1,
+        pipeline_dtype=dtype,
+        # dtype and init
+        params_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        init_method_std=0.02,
+        # no fused kernels (CPU)
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    kwargs.update(_uneven_pipeline(cfg.num_layers, layout.pp))
+    kwargs.update(overrides)
+    return MLATransformerConfig(**kwargs)
+
+
+def _duplicate_down_projections(block_spec):
+    """MLA down projections as non-TP-split linears (what TE's spec does with
+    `parallel_mode='duplicated'`), on a copy of the local block spec."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    block_spec = copy.copy(block_spec)
+    block_spec.layer_specs = [copy.deepcopy(spec) for spec in block_spec.layer_specs]
+    for spec in block_spec.layer_specs:
+        attn = spec.submodules.self_attention.submodules
+        attn.linear_q_down_proj = Linear
+        attn.linear_kv_down_proj = Linear
+    return block_spec
+
+
+def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, device="cpu",
+                  seed: int = 1234, use_transformer_engine: bool | None = None,
+                  duplicated_down_proj: bool = True, max_sequence_length: int = 4096,
+                  **config_overrides) -> list:
+    """Kimi K2 `cfg` as megatron-core GPTModel chunks at `layout` ([] off the layout).
+
+    `pg_collection` comes from `build_process_groups(layout)` on this rank. Weights are
+    initialized on CPU (deterministic in `seed`), in `cfg.dtype`, then moved to `device`.
+    `use_transformer_engine` None: TE when it is installed and `device` is CUDA.
+    """
+    if pg_collection is None:
+        return []
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    device = torch.device(device)
+    if use_transformer_engine is None:
+        use_transformer_engine = device.type == "cuda" and _have_te()
+    if not use_transformer_engine or not torch.cuda.is_available():
+        _patch_megatron_for_cpu()
+
+    config = make_transformer_config(cfg, layout, **config_overrides)
+    pp_rank = pg_collection.pp.rank()
+    spec_kwargs = {}
+    if "pp_rank" in inspect.signature(get_gpt_decoder_block_spec).parameters:
+        spec_kwargs["pp_rank"] = pp_rank
+    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
+                                            **spec_kwargs)
+    if duplicated_down_proj and not use_transformer_engine:
+        block_spec = _duplicate_down_projections(block_spec)
+
+    torch.manual_seed(seed)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=cfg.vocab,
+        max_sequence_length=max_sequence_length,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == layout.pp - 1,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        pg_collection=pg_collection,
+    )
+    if device.type != "cpu":
+        model = model.to(device)
+    return [model]
+
+
+# --------------------------------------------------------------------------------------------
+# megatron-core's refit
+# --------------------------------------------------------------------------------------------
+
+
+class _AbsentModel(torch.nn.Module):
+    """Stand-in for a model this rank does not hold (megatron <= 0.16 has no None models):
+    no parameters, but the `config` and `pg_collection` its refit reads."""
+
+    def __init__(self, num_moe_experts):
+        super().__init__()
+        self.config = types.SimpleNamespace(num_moe_experts=num_moe_experts)
+        self.pg_collection = ProcessGroupCollection(dp=dist.group.WORLD)
+
+
+# Stand-ins persist between calls (megatron caches its plan on the destination module):
+# attached to the model this rank holds, or kept here on ranks that hold neither.
+_ABSENT_ON_IDLE_RANK: dict[str, Any] = {}
+
+
+def _stand_ins(src, dst):
+    owner = src if src is not None else dst
+    if owner is None:
+        holder = _ABSENT_ON_IDLE_RANK
+        if "pair" not in holder:
+            holder["pair"] = (_AbsentModel(None), _AbsentModel(None))
+        return holder["pair"]
+    key = "_refit_engine_stand_ins"
+    pair = owner.__dict__.get(key)
+    if pair is None:
+        experts = owner.config.num_moe_experts
+        pair = (_AbsentModel(experts), _AbsentModel(experts))
+        owner.__dict__[key] = pair  # plain attribute, not a registered submodule
+    return pair
+
+
+def _agree_on_cached_plan(dst_model, replan: bool) -> None:
+    """Drop the cached plan on every rank unless every rank has one (planning is collective,
+    so ranks disagreeing on the cache would deadlock)."""
+    has = 0 if replan else int(getattr(dst_model, "_cached_reshard_plan", None) is not None)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([has], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if int(flag.item()) == 0 and hasattr(dst_model, "_cached_reshard_plan"):
+        delattr(dst_model, "_cached_reshard_plan")
+
+
+def _swap_model_weights():
+    try:
+        from megatron.core.resharding import swap_model_weights
+    except ImportError:
+        try:
+            from megatron.core.resharding.refit import swap_model_weights
+        except ImportError as exc:
+            raise ImportError(f"megatron-core {megatron_version()} has no resharding."
+                              "swap_model_weights (needs >= 0.16)") from exc
+    return swap_model_weights
+
+
+def megatron_refit(src_chunks, dst_chunks, src_pgs, dst_pgs, method: str = "gloo",
+                   replan: bool = False) -> None:
+    """Copy `src_chunks`' weights into `dst_chunks` with megatron-core's `swap_model_weights`.
+
+    Collective: call on every rank of the default world ([] for a model a rank does not hold).
+    megatron caches its plan on the destination model; `replan` drops it on every rank first.
+    megatron-core 0.16.1 copies parameters only (not buffers such as `router.expert_bias`).
+    """
+    swap = _swap_model_weights()
+    if not torch.cuda.is_available():
+        _patch_megatron_for_cpu()
+    src = src_chunks[0] if src_chunks else None
+    dst = dst_chunks[0] if dst_chunks else None
+    if len(src_chunks) > 1 or len(dst_chunks) > 1:
+        raise NotImplementedError("megatron_refit: one model chunk per rank (no virtual pipeline)")
+    for model, pgs, side in ((src, src_pgs, "source"), (dst, dst_pgs, "destination")):
+        if model is not None and getattr(model, "pg_collection", None) is not pgs and pgs is not None:
+            raise ValueError(f"{side} pg_collection differs from the one the model was built with")
+
+    params = inspect.signature(swap).parameters
+    if "src_rank_offset" in params:  # megatron >= 0.17: None stands for a model not held here
+        if replan:
+            from megatron.core.resharding import refit as _refit
+            getattr(_refit, "clear_plan_cache", lambda: None)()
+        swap(src_chunks if src is not None else None, dst_chunks if dst is not None else None,
+             refit_method=method)
+        return
+
+    # megatron 0.16: both models must exist on every rank; stand in for absent ones.
+    absent_src, absent_dst = _stand_ins(src, dst)
+    src_model = src if src is not None else absent_src
+    dst_model = dst if dst is not None else absent_dst
+    _agree_on_cached_plan(dst_model, replan)
+    swap([src_model], [dst_model], refit_method=method)
