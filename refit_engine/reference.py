@@ -89,12 +89,14 @@ def run_reference(plans: Mapping[int, RankPlan], src: Layout, dst: Layout,
 
 # -- global tensors <-> per-rank buffers ------------------------------------------------------
 
-def _piece_views(layout: Layout, buffers: Buffers):
-    """Yields (tensor name, global index tuple, local strided view) for every piece."""
+def _piece_views(layout: Layout, buffers: Buffers, ranks=None):
+    """Yields (tensor name, global index tuple, local strided view) for every piece (of `ranks`)."""
     pieces = layout.pieces()
     for row in pieces:
         tensor, buffer, offset = (int(v) for v in row[:3])
         meta, buf = layout.tensors[tensor], layout.buffers[buffer]
+        if ranks is not None and buf.rank not in ranks:
+            continue
         ndim = len(meta.shape)
         start = row[3:3 + ndim]
         extent = row[3 + MAX_DIMS:3 + MAX_DIMS + ndim]
@@ -117,16 +119,19 @@ def random_globals(layout: Layout, rng: np.random.Generator) -> dict[str, np.nda
 
 
 def materialize(layout: Layout, globals_: Mapping[str, np.ndarray] | None = None,
-                poison: int = 0xA5) -> Buffers:
-    """Per-rank buffers: every byte `poison`, then each piece filled from `globals_` if given."""
+                poison: int = 0xA5, ranks=None) -> Buffers:
+    """Per-rank buffers (of `ranks`, default all): every byte `poison`, then each piece filled
+    from `globals_` if given."""
     buffers = {}
     for b in layout.buffers:
+        if ranks is not None and b.rank not in ranks:
+            continue
         bits = dtypes.numpy_bits_dtype(b.dtype)
         buffers[(b.rank, b.key)] = np.full(b.shape, poison, dtype=np.uint8).view(bits) \
             if bits.itemsize == 1 else np.frombuffer(bytes([poison]) * (b.numel * bits.itemsize),
                                                       dtype=bits).reshape(b.shape).copy()
     if globals_ is not None:
-        for name, index, local in _piece_views(layout, buffers):
+        for name, index, local in _piece_views(layout, buffers, ranks):
             local[...] = globals_[name][index]
     return buffers
 

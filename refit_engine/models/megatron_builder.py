@@ -378,14 +378,18 @@ def make_transformer_config(cfg: KimiK2Config, layout: ParallelLayout, **overrid
         moe_router_load_balancing_type="seq_aux_loss",
         moe_aux_loss_coeff=1e-4,
         moe_router_dtype="fp32",
-        moe_token_dispatcher_type="alltoall",
+        # alltoall (Kimi's) creates a torch.cuda.Stream in its constructor; the dispatcher holds
+        # no weights, so CUDA-less hosts use allgather.
+        moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
         moe_grouped_gemm=False,
         # parallelism
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
-        sequence_parallel=layout.tp > 1,
+        # The local spec's torch norms refuse sequence parallel (megatron only warns that MoE
+        # training with TP and EP wants it); TE builds pass sequence_parallel=True explicitly.
+        sequence_parallel=False,
         pipeline_dtype=dtype,
         # dtype and init
         params_dtype=dtype,
@@ -442,6 +446,8 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, devi
     if not use_transformer_engine or not torch.cuda.is_available():
         _patch_megatron_for_cpu()
 
+    if use_transformer_engine:
+        config_overrides.setdefault("sequence_parallel", layout.tp > 1)
     config = make_transformer_config(cfg, layout, **config_overrides)
     pp_rank = pg_collection.pp.rank()
     spec_kwargs = {}
@@ -464,6 +470,13 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, devi
         position_embedding_type="rope",
         pg_collection=pg_collection,
     )
+    # The local spec's torch norms ignore params_dtype (float32); bring every parameter to
+    # cfg.dtype as TE's norms would. Buffers (router.expert_bias: float32) are left alone.
+    dtype = _DTYPES[cfg.dtype]
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dtype != dtype and param.is_floating_point():
+                param.data = param.data.to(dtype)
     if device.type != "cpu":
         model = model.to(device)
     return [model]

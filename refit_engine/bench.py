@@ -1,0 +1,261 @@
+"""The main job: refit a toy Kimi K2 between two parallel layouts and time it against
+megatron-core's own refit, on CPU over gloo (no GPU needed).
+
+    python -m refit_engine.bench                       # 4 ranks, TP2/EP2 -> TP1/EP4
+    python -m refit_engine.bench --src tp=2,pp=2 --dst tp=4 --iters 10
+    python -m refit_engine.bench --non-collocated --world 4 --src tp=2 --dst tp=2
+
+It spawns --world gloo processes (or runs as one rank under torchrun/srun when RANK is set),
+builds source and destination megatron-core models, plans once (warm-up, untimed), runs timed
+refits, checks the result bit for bit, times megatron-core's refit on the same models, and
+prints the seed's summary. The last line is one JSON object with the key figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+DEFAULT_TOY = dict(num_layers=4, hidden=256, num_heads=8, q_lora_rank=64, kv_lora_rank=32,
+                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, dense_ffn=512,
+                   num_experts=16, moe_ffn=128, router_topk=2, shared_expert_ffn=128, vocab=4096)
+
+
+def parse_layout(text: str) -> dict:
+    """"tp=2,ep=4,etp=1,pp=1" -> dict."""
+    out = {"tp": 1, "pp": 1, "ep": 1, "etp": 1}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in out:
+            raise SystemExit(f"unknown layout key '{key}' in '{text}' (tp, pp, ep, etp)")
+        out[key] = int(value)
+    return out
+
+
+def describe_layout(d: dict) -> str:
+    return "/".join(f"{k.upper()}{v}" for k, v in d.items() if v > 1 or k == "tp")
+
+
+def log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[refit-bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _max_over_ranks(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _poison(chunks) -> None:
+    import torch
+    for chunk in chunks:
+        for tensor in list(chunk.parameters()) + list(chunk.buffers()):
+            tensor.data.view(torch.uint8).fill_(0xA5)
+
+
+def _timed_refits(rank, fn, iters: int, label: str) -> list[float]:
+    import torch.distributed as dist
+    times = []
+    for i in range(iters):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        elapsed = _max_over_ranks(time.perf_counter() - t0)  # the slowest rank ends the refit
+        times.append(elapsed * 1e3)
+        log(rank, f"{label} iteration {i + 1}/{iters}: {times[-1]:.2f} ms")
+    return times
+
+
+def run_rank(rank: int, world: int, args) -> dict | None:
+    import torch.distributed as dist
+
+    import refit_engine
+    from refit_engine.models.kimi_k2 import KimiK2Config
+    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+                                                      build_process_groups, megatron_refit)
+    from refit_engine.verify import check_exact
+
+    cfg = KimiK2Config.toy(**{**DEFAULT_TOY, **args.model})
+    src_spec, dst_spec = parse_layout(args.src), parse_layout(args.dst)
+    if args.non_collocated:
+        half = world // 2
+        src_ranks, dst_ranks = tuple(range(half)), tuple(range(half, world))
+    else:
+        src_ranks = dst_ranks = tuple(range(world))
+    src_layout = ParallelLayout(**src_spec, ranks=src_ranks)
+    dst_layout = ParallelLayout(**dst_spec, ranks=dst_ranks)
+    mode = "non-collocated" if args.non_collocated else "collocated"
+    log(rank, f"building process groups: source {describe_layout(src_spec)} on ranks "
+              f"{src_ranks[0]}-{src_ranks[-1]}, destination {describe_layout(dst_spec)} on ranks "
+              f"{dst_ranks[0]}-{dst_ranks[-1]} ({mode})")
+    src_pgs = build_process_groups(src_layout)
+    dst_pgs = build_process_groups(dst_layout)
+    log(rank, f"building toy Kimi K2 models ({cfg.num_layers} layers, hidden {cfg.hidden}, "
+              f"{cfg.num_experts} experts)")
+    src = build_kimi_k2(cfg, src_layout, src_pgs, seed=1234) or None
+    dst = build_kimi_k2(cfg, dst_layout, dst_pgs, seed=4321) or None
+    if dst:
+        _poison(dst)
+
+    log(rank, "warm-up: planning (gathers layouts once; excluded from timing)")
+    t0 = time.perf_counter()
+    plan = refit_engine.plan(src, dst, bucket_bytes=args.bucket_mib << 20)
+    plan_s = _max_over_ranks(time.perf_counter() - t0)
+    stats = None
+    for _ in range(args.warmup):
+        stats = refit_engine.execute(plan)
+    ours = _timed_refits(rank, lambda: refit_engine.execute(plan), args.iters, "refit_engine")
+    stats = refit_engine.execute(plan)
+    wrong = check_exact(plan)
+    exact = _max_over_ranks(float(bool(wrong))) == 0.0
+    log(rank, f"bit-exact against the source weights: {exact}"
+              + (f" (rank {rank} differs in {wrong[:3]})" if wrong else ""))
+
+    megatron = None
+    if not args.no_megatron:
+        if dst:
+            _poison(dst)
+        log(rank, "megatron-core refit (gloo): warm-up (builds its plan)")
+        try:
+            for _ in range(max(1, args.warmup)):
+                megatron_refit(src, dst, src_pgs, dst_pgs, method="gloo")
+            megatron = _timed_refits(rank, lambda: megatron_refit(src, dst, src_pgs, dst_pgs,
+                                                                  method="gloo"),
+                                     args.iters, "megatron-core")
+            same = not check_exact(plan)
+            megatron_exact = _max_over_ranks(float(not same)) == 0.0
+            log(rank, f"megatron-core result identical to ours: {megatron_exact}")
+        except Exception as exc:  # report, keep our figures
+            log(rank, f"megatron-core refit failed: {type(exc).__name__}: {exc}")
+            megatron, megatron_exact = None, False
+
+    total = {k: _sum_over_ranks(stats[k]) for k in ("bytes_local", "bytes_sent")}
+    if rank != 0:
+        return None
+    return {"config": {"src": src_spec, "dst": dst_spec, "mode": mode, "world": world,
+                       "model": cfg.__dict__},
+            "plan_s": plan_s, "ours_ms": ours, "megatron_ms": megatron,
+            "megatron_exact": megatron_exact if megatron else None,
+            "exact": exact, "bytes": total, "buckets": stats["buckets"]}
+
+
+def _sum_over_ranks(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _worker(rank, world, port, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch.distributed as dist
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=args.timeout))
+        result = run_rank(rank, world, args)
+        dist.destroy_process_group()
+        queue.put((rank, result, None))
+    except BaseException as exc:
+        import traceback
+        queue.put((rank, None, traceback.format_exc()))
+        raise SystemExit(1) from exc
+
+
+def summary(result: dict) -> str:
+    cfg = result["config"]
+    ours = result["ours_ms"]
+    lines = ["Kimi K2 Refit Benchmark Summary", "================================",
+             f"Job ID: {os.environ.get('SLURM_JOB_ID', 'local')}",
+             f"Nodes: {os.environ.get('SLURM_JOB_NUM_NODES', '1')}",
+             f"Total GPUs: 0 (CPU, {cfg['world']} gloo ranks)", "", "Results:", "--------", "",
+             f"Config: TP {cfg['src']['tp']} -> TP {cfg['dst']['tp']} ({cfg['mode']}, gloo)"
+             f"  [source {describe_layout(cfg['src'])}, destination {describe_layout(cfg['dst'])}]",
+             f"Mean refit time: {statistics.mean(ours):.2f} ms",
+             f"Min refit time:  {min(ours):.2f} ms",
+             f"Max refit time:  {max(ours):.2f} ms"]
+    if result["megatron_ms"]:
+        m = result["megatron_ms"]
+        lines += [f"megatron-core refit (gloo): mean {statistics.mean(m):.2f} ms, "
+                  f"min {min(m):.2f} ms, max {max(m):.2f} ms",
+                  f"Speedup (median): {statistics.median(m) / statistics.median(ours):.2f}x"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Refit a toy Kimi K2 on CPU (gloo) and time it "
+                                                 "against megatron-core's refit.")
+    parser.add_argument("--world", type=int, default=4, help="gloo processes (default 4)")
+    parser.add_argument("--src", default="tp=2,ep=2", help="source layout (default tp=2,ep=2)")
+    parser.add_argument("--dst", default="tp=1,ep=4", help="destination layout (default tp=1,ep=4)")
+    parser.add_argument("--non-collocated", action="store_true",
+                        help="source on the first half of the ranks, destination on the rest")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up iterations (default 2)")
+    parser.add_argument("--bucket-mib", type=int, default=256)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for any wait")
+    parser.add_argument("--no-megatron", action="store_true", help="skip megatron-core's refit")
+    parser.add_argument("--model", default="", help="toy size overrides, e.g. hidden=512,num_layers=6")
+    parser.add_argument("--json-out", help="also write the full results here")
+    args = parser.parse_args(argv)
+    args.model = {k: int(v) for k, _, v in (i.partition("=") for i in args.model.split(",") if i)}
+
+    if "RANK" in os.environ:  # launched by torchrun / srun: this process is one rank
+        import torch.distributed as dist
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
+        result = run_rank(dist.get_rank(), dist.get_world_size(), args)
+        dist.destroy_process_group()
+    else:
+        import multiprocessing as mp
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        print(f"[refit-bench] spawning {args.world} gloo processes", flush=True)
+        procs = [ctx.Process(target=_worker, args=(r, args.world, port, args, queue))
+                 for r in range(args.world)]
+        for p in procs:
+            p.start()
+        result, failures = None, []
+        for _ in procs:
+            rank, value, error = queue.get(timeout=args.timeout + 600)
+            if error:
+                failures.append(f"rank {rank}:\n{error}")
+            if rank == 0:
+                result = value
+        for p in procs:
+            p.join()
+        if failures:
+            print("\n".join(failures), file=sys.stderr)
+            return 1
+    if result is None:
+        return 0
+    print()
+    print(summary(result))
+    ours_med = statistics.median(result["ours_ms"])
+    meg_med = statistics.median(result["megatron_ms"]) if result["megatron_ms"] else None
+    line = {"exact": result["exact"], "ours_ms": ours_med, "megatron_ms": meg_med,
+            "speedup": (meg_med / ours_med) if meg_med else None,
+            "megatron_identical": result["megatron_exact"], "plan_s": result["plan_s"],
+            "config": f"{describe_layout(result['config']['src'])} -> "
+                      f"{describe_layout(result['config']['dst'])} ({result['config']['mode']})",
+            "bytes_local": result["bytes"]["bytes_local"], "bytes_sent": result["bytes"]["bytes_sent"]}
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(line))
+    return 0 if result["exact"] else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
