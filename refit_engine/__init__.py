@@ -18,22 +18,16 @@ from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner, RankPlan, compil
 from refit_engine.refit import DEFAULT_TIMEOUT_S, Plan, execute, plan
 
 HAS_CUDA: bool = bool(_core.HAS_CUDA)
+HAS_NCCL: bool = bool(_core.HAS_NCCL)
 
 __version__ = "0.1.0"
 
 
 def features() -> dict[str, bool]:
     """What this build can do. CUDA is off when the package was built without nvcc."""
-    return {"planner": True, "cpu_copy": True, "cuda": HAS_CUDA}
+    return {"planner": True, "cpu_gloo": True, "cuda": HAS_CUDA, "nccl": HAS_NCCL}
 
 
-def _require_cuda(what: str) -> None:
-    if not HAS_CUDA:
-        raise RefitError(f"{what} needs the CUDA executor, but this build of refit_engine has no "
-                         "CUDA (it was built without nvcc or with REFIT_ENGINE_CUDA=OFF); "
-                         "reinstall with the CUDA toolkit present")
-
-
-__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "HAS_CUDA", "Layout", "Plan", "Planner",
+__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_TIMEOUT_S", "HAS_CUDA", "HAS_NCCL", "Layout", "Plan", "Planner",
            "RankPlan", "RefitError", "ShardedTensors", "Split", "TensorMeta", "compile_plans",
            "execute", "features", "plan"]

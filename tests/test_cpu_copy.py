@@ -68,3 +68,4 @@ def test_unbound_buffer_is_refused_before_copying():
 
 def test_features_report_build():
     assert refit_engine.features()["cuda"] == refit_engine.HAS_CUDA
+    assert refit_engine.features()["nccl"] == refit_engine.HAS_NCCL

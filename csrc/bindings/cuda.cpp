@@ -1,15 +1,20 @@
-// Bindings of the CUDA executor pieces. Addresses and streams cross as integers, so the
-// module never links torch.
+// Bindings of the CUDA executor. Addresses and streams cross as integers, so the module never
+// links torch; tables cross as int64 NumPy columns.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <memory>
 #include <vector>
 
 #include "bindings/bindings.h"
-#include "cuda/check.h"
-#include "cuda/segment_copy.h"
+#include "cuda/executor.h"
+#include "cuda/segment_table.h"
+#ifdef REFIT_ENGINE_WITH_NCCL
+#include "nccl/communicator.h"
+#include "nccl/nccl_api.h"
+#endif
 
 namespace py = pybind11;
 
@@ -19,62 +24,96 @@ namespace {
 
 using Column = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
-// A segment table uploaded to the device once and launched many times.
-class DeviceSegmentTable {
-   public:
-    DeviceSegmentTable(const Column& src, const Column& dst, const Column& src_pitch,
-                       const Column& dst_pitch, const Column& rows, const Column& row_bytes) {
-        const int64_t n = src.size();
-        for (const Column* c : {&dst, &src_pitch, &dst_pitch, &rows, &row_bytes}) {
-            if (c->size() != n) throw std::invalid_argument("segment columns differ in length");
-        }
-        std::vector<int64_t> host(7 * n + 1);
-        int64_t chunks = 0;
-        for (int64_t i = 0; i < n; ++i) {
-            if (row_bytes.data()[i] <= 0 || rows.data()[i] < 0) {
-                throw std::invalid_argument("segment rows must be >= 0 and row_bytes > 0");
-            }
-            host[6 * n + i] = chunks;
-            chunks += (rows.data()[i] * row_bytes.data()[i] + kChunkBytes - 1) / kChunkBytes;
-        }
-        host[7 * n] = chunks;
-        const Column* cols[6] = {&src, &dst, &src_pitch, &dst_pitch, &rows, &row_bytes};
-        for (int c = 0; c < 6; ++c) std::copy(cols[c]->data(), cols[c]->data() + n, host.begin() + c * n);
-        void* dev = nullptr;
-        REFIT_CUDA_CHECK(cudaMalloc(&dev, host.size() * sizeof(int64_t)));
-        memory_.reset(static_cast<int64_t*>(dev));
-        REFIT_CUDA_CHECK(cudaMemcpy(dev, host.data(), host.size() * sizeof(int64_t),
-                                    cudaMemcpyHostToDevice));
-        const int64_t* base = memory_.get();
-        table_ = {base, base + n, base + 2 * n, base + 3 * n, base + 4 * n, base + 5 * n,
-                  base + 6 * n, n, chunks};
-    }
+std::vector<int64_t> as_vector(const Column& c) { return {c.data(), c.data() + c.size()}; }
 
-    void launch(uintptr_t stream) const {
-        launch_segment_copy(table_, reinterpret_cast<cudaStream_t>(stream));
+std::vector<DeviceMessage> as_messages(const Column& table) {
+    if (table.size() == 0) return {};
+    if (table.ndim() != 2 || table.shape(1) != 3) {
+        throw std::invalid_argument("messages must have shape (n, 3): peer, address, bytes");
     }
-    int64_t count() const { return table_.count; }
+    std::vector<DeviceMessage> out(table.shape(0));
+    for (py::ssize_t i = 0; i < table.shape(0); ++i) {
+        out[i] = {table.at(i, 0), table.at(i, 1), table.at(i, 2)};
+    }
+    return out;
+}
 
-   private:
-    struct Free {
-        void operator()(int64_t* p) const { cudaFree(p); }
-    };
-    std::unique_ptr<int64_t, Free> memory_;
-    DeviceSegments table_;
-};
+cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
 }  // namespace
 
+#ifndef REFIT_ENGINE_WITH_NCCL
+class NcclCommunicator {};  // never constructed in builds without NCCL
+#endif
+
 void bind_cuda(py::module_& m) {
-    py::class_<DeviceSegmentTable>(m, "DeviceSegmentTable",
-                                   "Pitched copies uploaded to the GPU; launch() enqueues them.")
-        .def(py::init<const Column&, const Column&, const Column&, const Column&, const Column&,
-                      const Column&>(),
+    py::class_<SegmentTable, std::shared_ptr<SegmentTable>>(
+        m, "SegmentTable", "Pitched copies (absolute device addresses) uploaded to the GPU.")
+        .def(py::init([](const Column& src, const Column& dst, const Column& src_pitch,
+                         const Column& dst_pitch, const Column& rows, const Column& row_bytes) {
+                 HostSegments s{as_vector(src),  as_vector(dst),  as_vector(src_pitch),
+                                as_vector(dst_pitch), as_vector(rows), as_vector(row_bytes)};
+                 return std::make_shared<SegmentTable>(s);
+             }),
              py::arg("src"), py::arg("dst"), py::arg("src_pitch"), py::arg("dst_pitch"),
              py::arg("rows"), py::arg("row_bytes"))
-        .def("launch", &DeviceSegmentTable::launch, py::arg("stream") = 0,
-             "Enqueue the copy on the CUDA stream given as an integer handle.")
-        .def_property_readonly("count", &DeviceSegmentTable::count);
+        .def("launch", [](const SegmentTable& t, uintptr_t stream) { t.launch(as_stream(stream)); },
+             py::arg("stream") = 0, "Enqueue the copies on a CUDA stream (integer handle).")
+        .def_property_readonly("count", &SegmentTable::count)
+        .def_property_readonly("bytes", &SegmentTable::bytes);
+
+    py::class_<NcclCommunicator, std::shared_ptr<NcclCommunicator>> comm(m, "NcclCommunicator");
+#ifdef REFIT_ENGINE_WITH_NCCL
+    m.attr("HAS_NCCL") = true;
+    m.def("nccl_version", [](const std::string& path) {
+        int v = 0;
+        REFIT_NCCL_CHECK(nccl(path).get_version(&v));
+        return py::make_tuple(v, nccl(path).path);
+    }, py::arg("path") = "", "(version code, library path) of the NCCL in use");
+    comm.def_static("unique_id", []() { return py::bytes(NcclCommunicator::unique_id()); })
+        .def(py::init([](py::bytes id, int nranks, int rank, int device) {
+                 std::string raw = id;
+                 py::gil_scoped_release release;
+                 return std::make_shared<NcclCommunicator>(raw, nranks, rank, device);
+             }),
+             py::arg("unique_id"), py::arg("nranks"), py::arg("rank"), py::arg("device"))
+        .def("abort", &NcclCommunicator::abort)
+        .def_property_readonly("aborted", &NcclCommunicator::aborted)
+        .def_property_readonly("rank", &NcclCommunicator::rank)
+        .def_property_readonly("size", &NcclCommunicator::size)
+        .def("async_error", [](const NcclCommunicator& c) { return int(c.async_error()); });
+#else
+    m.attr("HAS_NCCL") = false;
+#endif
+
+    py::class_<CudaExecutor>(m, "CudaExecutor", "Runs one rank's (or, loopback, all ranks') plan.")
+        .def(py::init<int, std::shared_ptr<NcclCommunicator>>(), py::arg("device"),
+             py::arg("comm") = nullptr)
+        .def("set_local", &CudaExecutor::set_local, py::arg("table"))
+        .def(
+            "add_bucket",
+            [](CudaExecutor& self, std::shared_ptr<SegmentTable> pack, const Column& sends,
+               const Column& recvs, std::shared_ptr<SegmentTable> exchange,
+               std::shared_ptr<SegmentTable> unpack) {
+                self.add_bucket(Bucket{std::move(pack), as_messages(sends), as_messages(recvs),
+                                       std::move(exchange), std::move(unpack)});
+            },
+            py::arg("pack"), py::arg("sends"), py::arg("recvs"), py::arg("exchange"),
+            py::arg("unpack"))
+        .def("run", [](CudaExecutor& self, uintptr_t s) { self.run(as_stream(s)); },
+             py::arg("stream"))
+        .def("capture", [](CudaExecutor& self, uintptr_t s) { self.capture(as_stream(s)); },
+             py::arg("stream"))
+        .def("replay", [](CudaExecutor& self, uintptr_t s) { self.replay(as_stream(s)); },
+             py::arg("stream"))
+        .def("wait",
+             [](CudaExecutor& self, uintptr_t s, double timeout) {
+                 py::gil_scoped_release release;
+                 self.wait(as_stream(s), timeout);
+             },
+             py::arg("stream"), py::arg("timeout_s"))
+        .def_property_readonly("captured", &CudaExecutor::captured)
+        .def_property_readonly("num_buckets", &CudaExecutor::num_buckets);
 }
 
 }  // namespace refit

@@ -3,6 +3,6 @@
 
 namespace refit {
 
-void bind_cuda(pybind11::module_&) {}
+void bind_cuda(pybind11::module_& m) { m.attr("HAS_NCCL") = false; }
 
 }  // namespace refit

@@ -1,0 +1,179 @@
+#include "cuda/executor.h"
+
+#include <chrono>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "cuda/check.h"
+#ifdef REFIT_ENGINE_WITH_NCCL
+#include "nccl/communicator.h"
+#include "nccl/nccl_api.h"
+#endif
+
+namespace refit {
+
+CudaExecutor::CudaExecutor(int device, std::shared_ptr<NcclCommunicator> comm)
+    : device_(device), comm_(std::move(comm)) {
+#ifndef REFIT_ENGINE_WITH_NCCL
+    if (comm_) throw std::runtime_error("this build of refit_engine has no NCCL transport");
+#endif
+    REFIT_CUDA_CHECK(cudaSetDevice(device_));
+    for (cudaStream_t* s : {&pack_stream_, &comm_stream_, &unpack_stream_}) {
+        REFIT_CUDA_CHECK(cudaStreamCreateWithFlags(s, cudaStreamNonBlocking));
+    }
+    start_ = event();
+    done_ = event();
+    sync_ = event();
+}
+
+CudaExecutor::~CudaExecutor() {
+    // NOTE: destructors cannot throw; release what we can.
+    if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
+    if (graph_) cudaGraphDestroy(graph_);
+    for (auto* list : {&packed_, &exchanged_, &unpacked_}) {
+        for (cudaEvent_t e : *list) cudaEventDestroy(e);
+    }
+    for (cudaEvent_t e : {start_, done_, sync_}) {
+        if (e) cudaEventDestroy(e);
+    }
+    for (cudaStream_t s : {pack_stream_, comm_stream_, unpack_stream_}) {
+        if (s) cudaStreamDestroy(s);
+    }
+}
+
+cudaEvent_t CudaExecutor::event() {
+    cudaEvent_t e = nullptr;
+    REFIT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    return e;
+}
+
+void CudaExecutor::add_bucket(Bucket bucket) {
+    if (graph_exec_) throw std::logic_error("cannot add buckets after capturing a graph");
+    if (!comm_ && (!bucket.sends.empty() || !bucket.recvs.empty())) {
+        throw std::invalid_argument("bucket has NCCL messages but the executor has no communicator");
+    }
+    buckets_.push_back(std::move(bucket));
+    packed_.push_back(event());
+    exchanged_.push_back(event());
+    unpacked_.push_back(event());
+}
+
+void CudaExecutor::exchange(const Bucket& bucket) {
+    if (bucket.exchange) bucket.exchange->launch(comm_stream_);
+    if (bucket.sends.empty() && bucket.recvs.empty()) return;
+#ifdef REFIT_ENGINE_WITH_NCCL
+    const NcclApi& api = nccl();
+    if (!comm_ || comm_->aborted()) throw std::runtime_error("NCCL communicator was aborted");
+    REFIT_NCCL_CHECK(api.group_start());
+    for (const DeviceMessage& m : bucket.recvs) {
+        REFIT_NCCL_CHECK(api.recv(reinterpret_cast<void*>(m.address), size_t(m.bytes), ncclUint8,
+                                  int(m.peer), comm_->get(), comm_stream_));
+    }
+    for (const DeviceMessage& m : bucket.sends) {
+        REFIT_NCCL_CHECK(api.send(reinterpret_cast<const void*>(m.address), size_t(m.bytes),
+                                  ncclUint8, int(m.peer), comm_->get(), comm_stream_));
+    }
+    REFIT_NCCL_CHECK(api.group_end());
+#endif
+}
+
+void CudaExecutor::run(cudaStream_t stream) {
+    REFIT_CUDA_CHECK(cudaSetDevice(device_));
+    REFIT_CUDA_CHECK(cudaEventRecord(start_, stream));
+    for (cudaStream_t s : {pack_stream_, comm_stream_, unpack_stream_}) {
+        REFIT_CUDA_CHECK(cudaStreamWaitEvent(s, start_, 0));
+    }
+    // Local copies first on the unpack stream: it idles until bucket 0 has arrived.
+    if (local_) local_->launch(unpack_stream_);
+    for (size_t b = 0; b < buckets_.size(); ++b) {
+        const Bucket& bucket = buckets_[b];
+        // NOTE: staging buffer b % 2 is shared with bucket b - 2: pack may overwrite the send
+        // side only after that bucket's exchange read it, and the exchange may overwrite the
+        // receive side only after that bucket was unpacked.
+        if (b >= 2) REFIT_CUDA_CHECK(cudaStreamWaitEvent(pack_stream_, exchanged_[b - 2], 0));
+        if (bucket.pack) bucket.pack->launch(pack_stream_);
+        REFIT_CUDA_CHECK(cudaEventRecord(packed_[b], pack_stream_));
+
+        REFIT_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, packed_[b], 0));
+        if (b >= 2) REFIT_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, unpacked_[b - 2], 0));
+        exchange(bucket);
+        REFIT_CUDA_CHECK(cudaEventRecord(exchanged_[b], comm_stream_));
+
+        REFIT_CUDA_CHECK(cudaStreamWaitEvent(unpack_stream_, exchanged_[b], 0));
+        if (bucket.unpack) bucket.unpack->launch(unpack_stream_);
+        REFIT_CUDA_CHECK(cudaEventRecord(unpacked_[b], unpack_stream_));
+    }
+    // The unpack stream's last work follows every exchange, which follows every pack: joining
+    // it back into the caller's stream ends the refit.
+    REFIT_CUDA_CHECK(cudaEventRecord(done_, unpack_stream_));
+    REFIT_CUDA_CHECK(cudaStreamWaitEvent(stream, done_, 0));
+}
+
+void CudaExecutor::capture(cudaStream_t stream) {
+    REFIT_CUDA_CHECK(cudaSetDevice(device_));
+    if (graph_exec_) {
+        REFIT_CUDA_CHECK(cudaGraphExecDestroy(graph_exec_));
+        graph_exec_ = nullptr;
+    }
+    if (graph_) {
+        REFIT_CUDA_CHECK(cudaGraphDestroy(graph_));
+        graph_ = nullptr;
+    }
+    // Capturing on the legacy default stream is not allowed: use a private one.
+    cudaStream_t capture_stream = nullptr;
+    REFIT_CUDA_CHECK(cudaStreamCreateWithFlags(&capture_stream, cudaStreamNonBlocking));
+    REFIT_CUDA_CHECK(cudaStreamBeginCapture(capture_stream, cudaStreamCaptureModeRelaxed));
+    try {
+        run(capture_stream);
+    } catch (...) {
+        cudaGraph_t broken = nullptr;
+        cudaStreamEndCapture(capture_stream, &broken);
+        if (broken) cudaGraphDestroy(broken);
+        cudaStreamDestroy(capture_stream);
+        throw;
+    }
+    REFIT_CUDA_CHECK(cudaStreamEndCapture(capture_stream, &graph_));
+    REFIT_CUDA_CHECK(cudaStreamDestroy(capture_stream));
+    REFIT_CUDA_CHECK(cudaGraphInstantiate(&graph_exec_, graph_, 0));
+    replay(stream);
+}
+
+void CudaExecutor::replay(cudaStream_t stream) {
+    if (!graph_exec_) throw std::logic_error("no graph captured: call capture() first");
+    REFIT_CUDA_CHECK(cudaSetDevice(device_));
+    REFIT_CUDA_CHECK(cudaGraphLaunch(graph_exec_, stream));
+}
+
+void CudaExecutor::wait(cudaStream_t stream, double timeout_s) {
+    REFIT_CUDA_CHECK(cudaSetDevice(device_));
+    REFIT_CUDA_CHECK(cudaEventRecord(sync_, stream));
+    const auto start = std::chrono::steady_clock::now();
+    while (true) {
+        const cudaError_t state = cudaEventQuery(sync_);
+        if (state == cudaSuccess) return;
+        if (state != cudaErrorNotReady) REFIT_CUDA_CHECK(state);
+#ifdef REFIT_ENGINE_WITH_NCCL
+        if (comm_ && !comm_->aborted()) {
+            const ncclResult_t err = comm_->async_error();
+            if (err != ncclSuccess && err != ncclInProgress) {
+                comm_->abort();
+                throw std::runtime_error(std::string("NCCL asynchronous error: ") +
+                                         nccl().error_string(err) + "; communicator aborted");
+            }
+        }
+#endif
+        const double waited =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (waited > timeout_s) {
+#ifdef REFIT_ENGINE_WITH_NCCL
+            if (comm_) comm_->abort();
+#endif
+            throw std::runtime_error("refit did not finish within " + std::to_string(timeout_s) +
+                                     " s" + (comm_ ? "; NCCL communicator aborted" : ""));
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(waited < 0.01 ? 20 : 500));
+    }
+}
+
+}  // namespace refit

@@ -1,0 +1,36 @@
+// A segment table uploaded to the GPU once (built per plan, reused by every refit, so captured
+// CUDA graphs stay valid), launched by the fused segment-copy kernel.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "cuda/segment_copy.h"
+
+namespace refit {
+
+struct HostSegments {  // structure of arrays, absolute addresses
+    std::vector<int64_t> src, dst, src_pitch, dst_pitch, rows, row_bytes;
+    size_t size() const { return src.size(); }
+};
+
+class SegmentTable {
+   public:
+    explicit SegmentTable(const HostSegments& segments);
+    void launch(cudaStream_t stream) const { launch_segment_copy(table_, stream); }
+    int64_t count() const { return table_.count; }
+    int64_t bytes() const { return bytes_; }
+
+   private:
+    struct Free {
+        void operator()(int64_t* p) const { cudaFree(p); }
+    };
+    std::unique_ptr<int64_t, Free> memory_;
+    DeviceSegments table_;
+    int64_t bytes_ = 0;
+};
+
+}  // namespace refit

@@ -1,0 +1,177 @@
+"""CUDA executors: NCCL between ranks, and loopback (every rank of a plan on one GPU).
+
+Both build the same C++ `CudaExecutor` from compiled plans: segment tables with absolute device
+addresses (uploaded once; rebuilt only when tensors move), per bucket one fused pack kernel,
+one exchange, one fused unpack kernel, double-buffered staging, optional CUDA graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refit_engine import _core
+from refit_engine.errors import RefitError
+from refit_engine.planner import MSG, SEG, RankPlan
+
+_COLUMNS = ("src_pitch", "dst_pitch", "rows", "row_bytes")
+
+
+def require_cuda(what: str) -> None:
+    if not _core.HAS_CUDA:
+        raise RefitError(f"{what} needs the CUDA executor, but this build of refit_engine has no "
+                         "CUDA (built without nvcc, or with REFIT_ENGINE_CUDA=OFF): reinstall "
+                         "with the CUDA toolkit present")
+
+
+def _table(src_addr: np.ndarray, dst_addr: np.ndarray, segments: np.ndarray):
+    if len(segments) == 0:
+        return None
+    return _core.SegmentTable(src_addr, dst_addr, *(segments[:, SEG[c]] for c in _COLUMNS))
+
+
+def _addresses(segments, column_buffer, column_offset, bases, staging=None):
+    """Absolute addresses of one side of `segments`: buffer base + offset, or staging base."""
+    buffers = segments[:, SEG[column_buffer]]
+    offsets = segments[:, SEG[column_offset]]
+    known = bases[np.maximum(buffers, 0)] if bases is not None and len(bases) else 0
+    out = np.where(buffers >= 0, known, 0) + offsets
+    if staging is not None:
+        out = np.where(buffers < 0, staging + offsets, out)
+    return out.astype(np.int64)
+
+
+def _contiguous(seg, side: str) -> bool:
+    return seg[SEG["rows"]] == 1 or seg[SEG[f"{side}_pitch"]] == seg[SEG["row_bytes"]]
+
+
+class StagingAllocator:
+    """Device staging through torch (or CuPy when torch is absent): torch allocates, C++ copies."""
+
+    def __init__(self, device: int):
+        self.device = device
+        self.keep = []
+
+    def __call__(self, nbytes: int) -> int:
+        if nbytes == 0:
+            return 0
+        try:
+            import torch
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{self.device}")
+            address = buf.data_ptr()
+        except ImportError:
+            import cupy
+            with cupy.cuda.Device(self.device):
+                buf = cupy.empty(nbytes, dtype=cupy.uint8)
+            address = buf.data.ptr
+        self.keep.append(buf)
+        return address
+
+
+def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.ndarray,
+                        comm, group_rank_of: dict, device: int, zero_copy: bool = True):
+    """One rank's executor over NCCL. `group_rank_of` maps global ranks to communicator ranks."""
+    alloc = StagingAllocator(device)
+    send_size = max(plan.send_staging_bytes, default=0)
+    recv_size = max(plan.recv_staging_bytes, default=0)
+    send_staging = [alloc(send_size), alloc(send_size)]
+    recv_staging = [alloc(recv_size), alloc(recv_size)]
+    executor = _core.CudaExecutor(device, comm)
+    local = plan.local
+    executor.set_local(_table(_addresses(local, "src_buffer", "src_offset", src_bases),
+                              _addresses(local, "dst_buffer", "dst_offset", dst_bases), local))
+    for bucket in range(plan.num_buckets):
+        parity = bucket % 2
+        send = plan.send[plan.send[:, SEG["bucket"]] == bucket]
+        recv = plan.recv[plan.recv[:, SEG["bucket"]] == bucket]
+        src = _addresses(send, "src_buffer", "src_offset", src_bases)
+        dst = _addresses(send, "dst_buffer", "dst_offset", dst_bases, send_staging[parity])
+        sends, keep_send = _messages(plan.send_messages, bucket, send, src, dst, "src",
+                                     send_staging[parity], group_rank_of, zero_copy)
+        r_src = _addresses(recv, "src_buffer", "src_offset", src_bases, recv_staging[parity])
+        r_dst = _addresses(recv, "dst_buffer", "dst_offset", dst_bases)
+        recvs, keep_recv = _messages(plan.recv_messages, bucket, recv, r_dst, r_src, "dst",
+                                     recv_staging[parity], group_rank_of, zero_copy)
+        executor.add_bucket(_table(src[keep_send], dst[keep_send], send[keep_send]), sends, recvs,
+                            None, _table(r_src[keep_recv], r_dst[keep_recv], recv[keep_recv]))
+    return executor, alloc
+
+
+def _messages(messages, bucket, segments, tensor_addr, staging_addr, tensor_side, staging_base,
+              group_rank_of, zero_copy):
+    """(peer, address, bytes) rows of one bucket, and which segments still go through staging.
+
+    A message that is one contiguous piece of one tensor goes zero-copy: sent from (or received
+    into) the tensor itself, with no pack (or unpack). Each side decides alone: the bytes on the
+    wire are the same either way.
+    """
+    keep = np.ones(len(segments), dtype=bool)
+    rows = []
+    for peer, _, offset, nbytes in messages[messages[:, MSG["bucket"]] == bucket]:
+        address = staging_base + offset
+        mine = np.flatnonzero(segments[:, SEG["peer"]] == peer)
+        if zero_copy and len(mine) == 1 and _contiguous(segments[mine[0]], tensor_side):
+            address = int(tensor_addr[mine[0]])
+            keep[mine[0]] = False
+        rows.append((group_rank_of[int(peer)], address, nbytes))
+    return np.array(rows, dtype=np.int64).reshape(-1, 3), keep
+
+
+def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bases: dict,
+                            device: int):
+    """Every rank of a plan in one process on one GPU: the exchange is a device copy.
+
+    src_bases / dst_bases: rank -> address array over that side's buffers (0 where absent).
+    """
+    alloc = StagingAllocator(device)
+    ranks = sorted(plans)
+    # Each rank's staging lives at an offset inside two shared buffers per direction.
+    send_off, recv_off, send_total, recv_total = {}, {}, 0, 0
+    for r in ranks:
+        send_off[r], recv_off[r] = send_total, recv_total
+        send_total += max(plans[r].send_staging_bytes, default=0)
+        recv_total += max(plans[r].recv_staging_bytes, default=0)
+    send_staging = [alloc(send_total), alloc(send_total)]
+    recv_staging = [alloc(recv_total), alloc(recv_total)]
+    executor = _core.CudaExecutor(device, None)
+    local = [(_addresses(plans[r].local, "src_buffer", "src_offset", src_bases[r]),
+              _addresses(plans[r].local, "dst_buffer", "dst_offset", dst_bases[r]),
+              plans[r].local) for r in ranks]
+    executor.set_local(_concat_table(local))
+    num_buckets = max((plans[r].num_buckets for r in ranks), default=0)
+    for bucket in range(num_buckets):
+        p = bucket % 2
+        packs, unpacks, moves = [], [], []
+        for r in ranks:
+            plan = plans[r]
+            send = plan.send[plan.send[:, SEG["bucket"]] == bucket]
+            packs.append((_addresses(send, "src_buffer", "src_offset", src_bases[r]),
+                          _addresses(send, "dst_buffer", "dst_offset", None,
+                                     send_staging[p] + send_off[r]), send))
+            recv = plan.recv[plan.recv[:, SEG["bucket"]] == bucket]
+            unpacks.append((_addresses(recv, "src_buffer", "src_offset", None,
+                                       recv_staging[p] + recv_off[r]),
+                            _addresses(recv, "dst_buffer", "dst_offset", dst_bases[r]), recv))
+            for peer, _, offset, nbytes in plan.recv_messages[plan.recv_messages[:, MSG["bucket"]] == bucket]:
+                sender = plans[int(peer)].send_messages
+                match = sender[(sender[:, MSG["peer"]] == r) & (sender[:, MSG["bucket"]] == bucket)]
+                if len(match) != 1 or match[0, MSG["bytes"]] != nbytes:
+                    raise RefitError(f"bucket {bucket}: rank {r} expects {nbytes} bytes from rank "
+                                     f"{peer}, which does not send them", ranks=[r, int(peer)])
+                moves.append((send_staging[p] + send_off[int(peer)] + match[0, MSG["offset"]],
+                              recv_staging[p] + recv_off[r] + offset, nbytes))
+        exchange = None
+        if moves:
+            m = np.array(moves, dtype=np.int64)
+            ones = np.ones(len(m), dtype=np.int64)
+            exchange = _core.SegmentTable(m[:, 0], m[:, 1], m[:, 2], m[:, 2], ones, m[:, 2])
+        empty = np.zeros((0, 3), dtype=np.int64)
+        executor.add_bucket(_concat_table(packs), empty, empty, exchange, _concat_table(unpacks))
+    return executor, alloc
+
+
+def _concat_table(parts):
+    parts = [p for p in parts if len(p[2])]
+    if not parts:
+        return None
+    return _table(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                  np.concatenate([p[2] for p in parts]))
