@@ -17,6 +17,13 @@ from refit_engine.local import ShardedTensors
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner, RankPlan, compile_plans
 from refit_engine.refit import DEFAULT_TIMEOUT_S, Plan, execute, plan
 
+
+def __getattr__(name):  # LoopbackRefit imports the CUDA executor only when asked for
+    if name == "LoopbackRefit":
+        from refit_engine.loopback import LoopbackRefit
+        return LoopbackRefit
+    raise AttributeError(name)
+
 HAS_CUDA: bool = bool(_core.HAS_CUDA)
 HAS_NCCL: bool = bool(_core.HAS_NCCL)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refit_engine import arrays
+from refit_engine import arrays, dtypes
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout
 from refit_engine.local import ShardedTensors, build_layout
@@ -74,10 +74,10 @@ class Plan:
         return self.rank_plan.fingerprint()
 
 
-def _bind(layout: Layout, local: ShardedTensors, rank: int, side: str) -> tuple[dict, np.ndarray]:
-    """Buffer index -> tensor for this rank's buffers, checked; plus the address table."""
+def _bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
+    """Buffer index -> tensor for this rank's buffers, checked; the address table; devices."""
     addresses = np.zeros(len(layout.buffers), dtype=np.int64)
-    bound = {}
+    bound, devices = {}, set()
     for index in layout.buffers_of(rank):
         meta = layout.buffers[index]
         tensor = local.tensors[meta.key]
@@ -85,16 +85,38 @@ def _bind(layout: Layout, local: ShardedTensors, rank: int, side: str) -> tuple[
         problem = None
         if info.device == "meta":
             problem = "is a meta tensor (no storage)"
-        elif info.device != "cpu":
-            problem = f"is on {info.device}; the CPU executor needs CPU tensors"
         elif not info.contiguous:
             problem = "is not contiguous"
+        elif info.nbytes != meta.numel * dtypes.itemsize(meta.dtype):
+            problem = f"has {info.nbytes} bytes, expected {meta.numel * dtypes.itemsize(meta.dtype)}"
         if problem:
             raise RefitError(f"{side} local tensor '{meta.key}' {problem}", tensor=meta.key,
                              ranks=[rank])
         bound[index] = tensor
         addresses[index] = info.address
-    return bound, addresses
+        devices.add(info.device)
+    return bound, addresses, devices
+
+
+def _device_of(devices: set, rank: int) -> str:
+    """The one device all of this rank's tensors are on ("cpu" when it holds none)."""
+    if len(devices) > 1:
+        raise RefitError(f"this rank's tensors are on several devices {sorted(devices)}; a refit "
+                         "moves tensors of one device per rank", ranks=[rank])
+    return next(iter(devices), "cpu")
+
+
+def _nccl_communicator(group, device: int):
+    """An NCCL communicator over `group`'s ranks, its id broadcast over `group`."""
+    import torch.distributed as dist
+
+    from refit_engine import _core
+    ranks = dist.get_process_group_ranks(group) if group is not None else \
+        list(range(dist.get_world_size()))
+    uid = [_core.NcclCommunicator.unique_id() if dist.get_rank() == ranks[0] else None]
+    dist.broadcast_object_list(uid, src=ranks[0], group=group)
+    comm = _core.NcclCommunicator(uid[0], len(ranks), ranks.index(dist.get_rank()), device)
+    return comm, {r: i for i, r in enumerate(ranks)}
 
 
 def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -123,33 +145,78 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     layouts_digest = hashlib.blake2b(repr((src_layout.tables()[1:], dst_layout.tables()[1:]))
                                      .encode(), digest_size=8).hexdigest()
     try:
-        src_tensors, src_addr = _bind(src_layout, src_local, rank, "source")
-        dst_tensors, dst_addr = _bind(dst_layout, dst_local, rank, "destination")
+        src_tensors, src_addr, src_devices = _bind(src_layout, src_local, rank, "source")
+        dst_tensors, dst_addr, dst_devices = _bind(dst_layout, dst_local, rank, "destination")
+        device = _device_of(src_devices | dst_devices, rank)
         status = None
     except RefitError as exc:
-        status = exc
-    checks = _gather((rank, status, layouts_digest), group)
-    _raise_first([(r, s) for r, s, _ in checks], "binding tensors")
-    digests = {d for _, _, d in checks}
-    if len(digests) != 1:
-        raise RefitError("ranks disagree on the gathered layouts", ranks=[r for r, _, _ in checks])
+        status, device = exc, "cpu"
+    checks = _gather((rank, status, layouts_digest, device.split(":")[0]), group)
+    _raise_first([(r, s) for r, s, _, _ in checks], "binding tensors")
+    if len({d for _, _, d, _ in checks}) != 1:
+        raise RefitError("ranks disagree on the gathered layouts", ranks=[r for r, *_ in checks])
+    kinds = {k for *_, k in checks}
+    if len(kinds) != 1:
+        raise RefitError(f"some ranks hold CPU tensors and others CUDA tensors ({sorted(kinds)})",
+                         ranks=[r for r, *_ in checks])
 
-    from refit_engine.executors.cpu import GlooExecutor
-    if threads is None:
-        threads = max(1, min(4, (os.cpu_count() or 1) // max(1, dist.get_world_size(group))))
-    executor = GlooExecutor(rank_plan, src_addr, dst_addr, group, timeout_s, threads)
+    if kinds == {"cuda"}:
+        from refit_engine.executors.cuda import build_nccl_executor, require_cuda
+        require_cuda("a refit of CUDA tensors")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        comm, group_rank_of = _nccl_communicator(group, index)
+        executor = CudaRefitRunner(*build_nccl_executor(rank_plan, src_addr, dst_addr, comm,
+                                                        group_rank_of, index), comm, index)
+    else:
+        from refit_engine.executors.cpu import GlooExecutor
+        if threads is None:
+            threads = max(1, min(4, (os.cpu_count() or 1) // max(1, dist.get_world_size(group))))
+        executor = GlooExecutor(rank_plan, src_addr, dst_addr, group, timeout_s, threads)
     return Plan(rank, rank_plan, src_layout, dst_layout, group, timeout_s, executor,
                 src_tensors, dst_tensors)
 
 
-def execute(plan: Plan) -> dict:
-    """Run one refit. Returns statistics: bytes local / sent / received, per peer, elapsed."""
+class CudaRefitRunner:
+    """Runs a CUDA executor on the caller's stream, optionally as a captured graph."""
+
+    def __init__(self, executor, staging, comm, device: int):
+        self.executor, self.staging, self.comm, self.device = executor, staging, comm, device
+
+    def run(self, graph: bool, stream, sync: bool, timeout_s: float) -> None:
+        if stream is None:
+            import torch
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+        try:
+            if graph and self.executor.captured:
+                self.executor.replay(stream)
+            elif graph:
+                self.executor.capture(stream)
+            else:
+                self.executor.run(stream)
+            if sync:
+                self.executor.wait(stream, timeout_s)
+        except RuntimeError as exc:
+            raise RefitError(f"CUDA refit failed: {exc}") from exc
+
+
+def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True) -> dict:
+    """Run one refit. Returns statistics: bytes local / sent / received, per peer, elapsed.
+
+    CUDA tensors: the refit is ordered after the work already queued on `stream` (an integer
+    handle; default torch's current stream) and before work queued on it later. `graph=True`
+    captures the whole refit as one CUDA graph on the first call and replays it afterwards
+    (new source values are picked up; tensors must stay where they are). With `sync=False`
+    the call returns once the work is queued (elapsed_s is then the enqueue time).
+    """
     if plan.broken:
         raise RefitError(f"plan is unusable after an earlier failure ({plan.broken}); build a "
                          "new plan", ranks=[plan.rank])
     t0 = time.perf_counter()
     try:
-        plan.executor.run()
+        if isinstance(plan.executor, CudaRefitRunner):
+            plan.executor.run(graph, stream, sync, plan.timeout_s)
+        else:
+            plan.executor.run()
     except RefitError as exc:
         plan.broken = str(exc)
         raise

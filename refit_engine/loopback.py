@@ -1,0 +1,73 @@
+"""Loopback refit: every rank of a plan inside one process on one GPU.
+
+The transport is a device copy, so plans and kernels run end to end at real per-rank sizes on a
+single GPU: what the multi-GPU executor would move, moved here through the same pack, exchange
+and unpack steps.
+
+    refit = LoopbackRefit(src_layout, dst_layout, src_tensors, dst_tensors)
+    refit.run()              # or refit.run(graph=True): capture once, replay after
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refit_engine import arrays, dtypes
+from refit_engine.errors import RefitError
+from refit_engine.executors.cuda import build_loopback_executor, require_cuda
+from refit_engine.layouts import Layout
+from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
+
+
+def _bases(layout: Layout, tensors: dict, side: str, device: str) -> dict:
+    out = {r: np.zeros(len(layout.buffers), dtype=np.int64) for r in layout.ranks}
+    for index, meta in enumerate(layout.buffers):
+        tensor = tensors.get((meta.rank, meta.key))
+        if tensor is None:
+            raise RefitError(f"no {side} tensor bound for local tensor '{meta.key}'",
+                             tensor=meta.key, ranks=[meta.rank])
+        info = arrays.info(tensor)
+        if info.device != device or not info.contiguous or \
+                info.nbytes != meta.numel * dtypes.itemsize(meta.dtype):
+            raise RefitError(f"{side} tensor must be a contiguous {meta.shape} tensor on {device}, "
+                             f"got {info.shape} on {info.device}", tensor=meta.key,
+                             ranks=[meta.rank])
+        out[meta.rank][index] = info.address
+    return out
+
+
+class LoopbackRefit:
+    def __init__(self, src: Layout, dst: Layout, src_tensors: dict, dst_tensors: dict,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: int = 0):
+        """src_tensors / dst_tensors: (rank, key) -> tensor on cuda:`device` for every buffer."""
+        require_cuda("the loopback executor")
+        self.plans = Planner(src, dst, bucket_bytes).plan_all()
+        where = f"cuda:{device}"
+        src_bases = _bases(src, src_tensors, "source", where)
+        dst_bases = _bases(dst, dst_tensors, "destination", where)
+        empty_src = np.zeros(len(src.buffers), dtype=np.int64)
+        empty_dst = np.zeros(len(dst.buffers), dtype=np.int64)
+        self.executor, self._staging = build_loopback_executor(
+            self.plans, {r: src_bases.get(r, empty_src) for r in self.plans},
+            {r: dst_bases.get(r, empty_dst) for r in self.plans}, device)
+        self.device = device
+        self.keep = (src_tensors, dst_tensors)
+
+    def bytes_moved(self) -> dict:
+        return {"local": sum(p.bytes_local for p in self.plans.values()),
+                "remote": sum(p.bytes_sent for p in self.plans.values())}
+
+    def run(self, graph: bool = False, stream: int | None = None, timeout_s: float = 300.0,
+            sync: bool = True) -> None:
+        """Enqueue one refit on `stream` (default: torch's current stream); wait if `sync`."""
+        if stream is None:
+            import torch
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+        if graph and self.executor.captured:
+            self.executor.replay(stream)
+        elif graph:
+            self.executor.capture(stream)
+        else:
+            self.executor.run(stream)
+        if sync:
+            self.executor.wait(stream, timeout_s)
