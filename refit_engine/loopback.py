@@ -14,7 +14,8 @@ import numpy as np
 
 from refit_engine import arrays, dtypes
 from refit_engine.errors import RefitError
-from refit_engine.executors.cuda import build_loopback_executor, require_cuda
+from refit_engine.executors.cuda import (build_direct_loopback_executor,
+                                         build_loopback_executor, require_cuda)
 from refit_engine.layouts import Layout
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
 
@@ -38,8 +39,12 @@ def _bases(layout: Layout, tensors: dict, side: str, device: str) -> dict:
 
 class LoopbackRefit:
     def __init__(self, src: Layout, dst: Layout, src_tensors: dict, dst_tensors: dict,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: int = 0):
-        """src_tensors / dst_tensors: (rank, key) -> tensor on cuda:`device` for every buffer."""
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: int = 0, direct: bool = False):
+        """src_tensors / dst_tensors: (rank, key) -> tensor on cuda:`device` for every buffer.
+
+        direct=False runs the NCCL executor's data path (pack, exchange by device copy, unpack,
+        bucket by bucket); direct=True copies every piece straight from source to destination.
+        """
         require_cuda("the loopback executor")
         self.plans = Planner(src, dst, bucket_bytes).plan_all()
         where = f"cuda:{device}"
@@ -47,7 +52,8 @@ class LoopbackRefit:
         dst_bases = _bases(dst, dst_tensors, "destination", where)
         empty_src = np.zeros(len(src.buffers), dtype=np.int64)
         empty_dst = np.zeros(len(dst.buffers), dtype=np.int64)
-        self.executor, self._staging = build_loopback_executor(
+        build = build_direct_loopback_executor if direct else build_loopback_executor
+        self.executor, self._staging = build(
             self.plans, {r: src_bases.get(r, empty_src) for r in self.plans},
             {r: dst_bases.get(r, empty_dst) for r in self.plans}, device)
         self.device = device

@@ -81,7 +81,7 @@ def test_kernel_offsets_beyond_4gib():
     del big
 
 
-def _loopback_case(src_grid, dst_grid, bucket_bytes, grouped=False, seed=0):
+def _loopback_case(src_grid, dst_grid, bucket_bytes, grouped=False, seed=0, direct=False):
     cfg = KimiK2Config.toy()
     src = kimi_k2_layout(cfg, src_grid, grouped_experts=grouped)
     dst = kimi_k2_layout(cfg, dst_grid)
@@ -89,7 +89,8 @@ def _loopback_case(src_grid, dst_grid, bucket_bytes, grouped=False, seed=0):
     globals_ = random_globals(src, rng)
     src_t = _to_gpu(materialize(src, globals_))
     dst_t = _to_gpu(materialize(dst, poison=0xA5))
-    refit = refit_engine.LoopbackRefit(src, dst, src_t, dst_t, bucket_bytes=bucket_bytes)
+    refit = refit_engine.LoopbackRefit(src, dst, src_t, dst_t, bucket_bytes=bucket_bytes,
+                                       direct=direct)
     return src, dst, src_t, dst_t, refit, globals_
 
 
@@ -99,11 +100,11 @@ def _check(dst, dst_t, globals_):
         assert np.array_equal(t.cpu().numpy(), want[key]), key
 
 
-@pytest.mark.parametrize("bucket_bytes", [1 << 30, 4096])
-def test_loopback_toy_kimi_8_virtual_ranks(bucket_bytes):
+@pytest.mark.parametrize("bucket_bytes,direct", [(1 << 30, False), (4096, False), (4096, True)])
+def test_loopback_toy_kimi_8_virtual_ranks(bucket_bytes, direct):
     src, dst, src_t, dst_t, refit, g = _loopback_case(ParallelGrid(8, tp=4, ep=4),
                                                       ParallelGrid(8, tp=2, ep=8), bucket_bytes,
-                                                      grouped=True)
+                                                      grouped=True, direct=direct)
     refit.run()
     _check(dst, dst_t, g)
 
