@@ -36,7 +36,6 @@ def main(argv=None):
     from refit_engine import LoopbackRefit, dtypes
     from refit_engine.grid import ParallelGrid
     from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout
-    from refit_engine.reference import materialize
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call: build, GPU tests, GPU benchmarks. Logs and JSON go to $OUT.
+# Usage (device tool): bash bench/device_run.sh [tests|kernels|loopback|all]
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+what=${1:-all}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+t0=$(date +%s)
+CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" python3 -m pip install --no-build-isolation --no-deps . \
+  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"; grep "refit_engine:" "$OUT/build.log"
+python3 -c "import refit_engine, refit_engine._core as c; print(refit_engine.features(), c.nccl_version())"
+rc=0
+if [[ $what == all || $what == tests ]]; then
+  python3 -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/tests_gpu.log" | tail -25 || rc=1
+fi
+if [[ $what == all || $what == kernels ]]; then
+  python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -12 || rc=1
+fi
+if [[ $what == all || $what == loopback ]]; then
+  python3 bench/loopback.py 2>&1 | tee "$OUT/loopback.log" | tail -12 || rc=1
+fi
+exit $rc
