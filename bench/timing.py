@@ -28,6 +28,9 @@ def time_host(fn, repeats: int = 5, warmup: int = 1) -> dict:
 
 
 def git_commit() -> str:
+    """The checkout's commit; REFIT_COMMIT when the tree travelled without .git (device runs)."""
+    if os.environ.get("REFIT_COMMIT"):
+        return os.environ["REFIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, check=True).stdout.strip()

@@ -38,6 +38,36 @@ __device__ void copy_bytes(uint8_t* dst, const uint8_t* src, int64_t len) {
     }
 }
 
+// Copies words [w0, w1) of a segment whose addresses, pitches and row length are all multiples
+// of 16 bytes: every thread moves whole 16-byte words, spread over the rows of the chunk (so
+// short rows keep every thread busy), with kUnroll independent loads in flight per thread.
+constexpr int kUnroll = 4;
+
+__device__ void copy_words_2d(const uint8_t* src, uint8_t* dst, int64_t src_pitch,
+                              int64_t dst_pitch, uint32_t words_per_row, uint32_t w0, uint32_t w1) {
+    const bool flat = src_pitch == int64_t(words_per_row) * 16 && dst_pitch == src_pitch;
+    auto src_at = [&](uint32_t w) {
+        if (flat) return reinterpret_cast<const uint4*>(src) + w;
+        const uint32_t row = w / words_per_row, col = w - row * words_per_row;
+        return reinterpret_cast<const uint4*>(src + int64_t(row) * src_pitch) + col;
+    };
+    auto dst_at = [&](uint32_t w) {
+        if (flat) return reinterpret_cast<uint4*>(dst) + w;
+        const uint32_t row = w / words_per_row, col = w - row * words_per_row;
+        return reinterpret_cast<uint4*>(dst + int64_t(row) * dst_pitch) + col;
+    };
+    const uint32_t step = blockDim.x;
+    uint32_t w = w0 + threadIdx.x;
+    for (; w + (kUnroll - 1) * step < w1; w += kUnroll * step) {
+        uint4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) v[u] = *src_at(w + u * step);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) *dst_at(w + u * step) = v[u];
+    }
+    for (; w < w1; w += step) *dst_at(w) = *src_at(w);
+}
+
 // A "jagged grid": block b copies chunk b of the concatenated segments; it finds its segment
 // by binary search over the chunk prefix sums.
 __global__ void __launch_bounds__(kThreads) segment_copy_kernel(DeviceSegments t) {
@@ -55,6 +85,18 @@ __global__ void __launch_bounds__(kThreads) segment_copy_kernel(DeviceSegments t
         const uint8_t* src = reinterpret_cast<const uint8_t*>(t.src[seg]);
         uint8_t* dst = reinterpret_cast<uint8_t*>(t.dst[seg]);
         const int64_t src_pitch = t.src_pitch[seg], dst_pitch = t.dst_pitch[seg];
+        const bool words = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
+                             uint64_t(src_pitch) | uint64_t(dst_pitch) | uint64_t(row_bytes)) %
+                            16) == 0;
+        if (words) {
+            // Chunk bounds are multiples of 16 here, and a chunk's words fit 32-bit indices.
+            const int64_t first_row = from / row_bytes;
+            const int64_t skip = first_row * row_bytes;
+            copy_words_2d(src + first_row * src_pitch, dst + first_row * dst_pitch, src_pitch,
+                          dst_pitch, uint32_t(row_bytes / 16), uint32_t((from - skip) / 16),
+                          uint32_t((to - skip) / 16));
+            continue;
+        }
         int64_t row = from / row_bytes, col = from % row_bytes;
         while (from < to) {
             const int64_t take = min(row_bytes - col, to - from);

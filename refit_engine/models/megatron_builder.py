@@ -266,7 +266,10 @@ def _patch_megatron_for_cpu() -> None:
     2. `multi_latent_attention.HAVE_TE`: megatron's `extensions.transformer_engine` imports
        without TE and leaves MagicMock placeholders, so MLA believes TE is present and
        `isinstance(self.linear_proj, TELinear)` raises (TELinear is not a type). Set to False
-       when `transformer_engine` cannot be imported. No TE only.
+       when `transformer_engine` cannot be imported. No TE only. Megatron >= 0.17 instead
+       leaves `multi_latent_attention.Linear` None without TE, so MLA would reject the plain
+       duplicated down-projection linear (`duplicated_down_proj`): it is set to modelopt's
+       `Linear` (what 0.16 has there).
     3. Local `DotProductAttention.__init__` (megatron <= 0.16) does not accept the
        `k_channels` / `v_channels` MLA passes; they are dropped (it sizes itself from
        `kv_channels`, which only matters for a forward pass). Only if its signature lacks them.
@@ -293,6 +296,9 @@ def _patch_megatron_for_cpu() -> None:
         from megatron.core.transformer import multi_latent_attention as mla
         if getattr(mla, "HAVE_TE", False):
             mla.HAVE_TE = False
+        if hasattr(mla, "Linear") and mla.Linear is None:
+            from megatron.core.post_training.modelopt.layers import Linear
+            mla.Linear = Linear
 
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     accepted = inspect.signature(DotProductAttention.__init__).parameters
