@@ -199,7 +199,22 @@ class CudaRefitRunner:
             raise RefitError(f"CUDA refit failed: {exc}") from exc
 
 
-def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True) -> dict:
+def _verify(plan: Plan) -> None:
+    """Checksums of every piece as sent and as landed, compared on every rank."""
+    from refit_engine.verify import checksums, compare_checksums
+    sent, landed = checksums(plan.rank_plan, plan.src_tensors, plan.dst_tensors)
+    bad = compare_checksums(_gather((plan.rank, sent, landed), plan.group),
+                            [t.name for t in plan.dst_layout.tensors])
+    if bad:
+        names = sorted({name for name, _, _ in bad})
+        pairs = ", ".join(f"{s}->{r}" for _, s, r in bad[:8])
+        raise RefitError(f"verification failed: bytes that landed differ from bytes sent for "
+                         f"{len(names)} tensor(s) (sender->receiver: {pairs})",
+                         tensor=", ".join(names[:8]), ranks={r for _, s, r in bad} | {s for _, s, _ in bad})
+
+
+def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
+            verify: bool = False) -> dict:
     """Run one refit. Returns statistics: bytes local / sent / received, per peer, elapsed.
 
     CUDA tensors: the refit is ordered after the work already queued on `stream` (an integer
@@ -207,6 +222,8 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True) -> 
     captures the whole refit as one CUDA graph on the first call and replays it afterwards
     (new source values are picked up; tensors must stay where they are). With `sync=False`
     the call returns once the work is queued (elapsed_s is then the enqueue time).
+    `verify=True` then compares per-piece checksums of what every rank sent with what landed
+    (a collective over the plan's group) and raises RefitError naming the tensors that differ.
     """
     if plan.broken:
         raise RefitError(f"plan is unusable after an earlier failure ({plan.broken}); build a "
@@ -222,6 +239,10 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True) -> 
         raise
     elapsed = time.perf_counter() - t0
     plan.refits += 1
+    if verify:
+        if not sync:
+            raise RefitError("verify=True needs sync=True", ranks=[plan.rank])
+        _verify(plan)
     rp = plan.rank_plan
     return {"rank": plan.rank, "elapsed_s": elapsed, "bytes_local": rp.bytes_local,
             "bytes_sent": rp.bytes_sent, "bytes_received": rp.bytes_received,

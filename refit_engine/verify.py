@@ -38,3 +38,61 @@ def check_exact(plan) -> list[str]:
         if not np.array_equal(_as_bits(tensor, meta.dtype), expected[(meta.rank, meta.key)]):
             wrong.append(meta.key)
     return wrong
+
+
+# -- verification mode: checksums of what was sent against what landed ----------------------
+
+def _weights(n: int, device):
+    import torch
+    return torch.arange(1, n + 1, dtype=torch.int64, device=device)
+
+
+def segment_checksum(tensor, offset: int, pitch: int, rows: int, row_bytes: int) -> int:
+    """Position-weighted sum of a pitched byte region (wrapping int64: any order, same result).
+
+    A changed byte at position i changes the sum by delta * (i + 1), never zero, so a single
+    corrupted byte is always caught; moved bytes change it too.
+    """
+    import torch
+    flat = tensor.detach().reshape(-1).view(torch.uint8)
+    region = flat.as_strided((rows, row_bytes), (pitch, 1), offset).reshape(-1).to(torch.int64)
+    return int((region * _weights(region.numel(), region.device)).sum().item())
+
+
+def checksums(rank_plan, src_tensors: dict, dst_tensors: dict) -> tuple[dict, dict]:
+    """(sent, landed): {(peer, tensor index): [checksum per segment, in plan order]} for what
+    this rank sent and what landed in its destination tensors; local copies appear in both
+    under peer = this rank."""
+    from refit_engine.planner import SEG
+    sent, landed = {}, {}
+
+    def add(out, seg, peer, tensors, side):
+        buffer = int(seg[SEG[f"{side}_buffer"]])
+        value = segment_checksum(tensors[buffer], int(seg[SEG[f"{side}_offset"]]),
+                                 int(seg[SEG[f"{side}_pitch"]]), int(seg[SEG["rows"]]),
+                                 int(seg[SEG["row_bytes"]]))
+        out.setdefault((peer, int(seg[SEG["tensor"]])), []).append(value)
+
+    for seg in rank_plan.send:
+        add(sent, seg, int(seg[SEG["peer"]]), src_tensors, "src")
+    for seg in rank_plan.recv:
+        add(landed, seg, int(seg[SEG["peer"]]), dst_tensors, "dst")
+    for seg in rank_plan.local:
+        add(sent, seg, rank_plan.rank, src_tensors, "src")
+        add(landed, seg, rank_plan.rank, dst_tensors, "dst")
+    return sent, landed
+
+
+def compare_checksums(gathered, dst_names) -> list[tuple[str, int, int]]:
+    """gathered: [(rank, sent, landed)] from every rank. Returns (tensor, sender, receiver) for
+    every piece whose landed bytes differ from the sent bytes, sorted."""
+    sent_by = {}
+    for rank, sent, _ in gathered:
+        for (peer, tensor), values in sent.items():
+            sent_by[(rank, peer, tensor)] = values
+    bad = set()
+    for rank, _, landed in gathered:
+        for (peer, tensor), values in landed.items():
+            if sent_by.get((peer, rank, tensor)) != values:
+                bad.add((dst_names[tensor], peer, rank))
+    return sorted(bad)

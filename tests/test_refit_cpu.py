@@ -104,3 +104,29 @@ def _bad_input_worker(rank, world):
 def test_bad_tensor_on_one_rank_raises_on_every_rank():
     messages = run_world(_bad_input_worker, 2)
     assert all("'proj'" in m and "[1]" in m and "not contiguous" in m for m in messages)
+
+
+def _verify_worker(rank, world):
+    from refit_engine.executors.cpu import GlooExecutor
+    globals_ = global_tensors(3)
+    src = local_model(rank, ParallelGrid(2, tp=2), globals_)
+    dst = local_model(rank, ParallelGrid(2, tp=1, offset=0), globals_, poison=0.0)
+    plan = refit_engine.plan(src, dst)
+    refit_engine.execute(plan, verify=True)  # clean refit: passes
+    if rank == 1:  # corrupt one byte on the wire into rank 1
+        real_wait = GlooExecutor._wait
+
+        def corrupting_wait(self, works, bucket):
+            real_wait(self, works, bucket)
+            self._recv_staging[bucket % 2][5] ^= 0x10
+        plan.executor._wait = corrupting_wait.__get__(plan.executor)
+    with pytest.raises(RefitError) as info:
+        refit_engine.execute(plan, verify=True)
+    return info.value.tensor, info.value.ranks
+
+
+def test_verify_reports_corrupted_tensor_by_name():
+    results = run_world(_verify_worker, 2)
+    assert results[0] == results[1]  # every rank raises the same error
+    tensor, ranks = results[0]
+    assert tensor in SHAPES and ranks == [0, 1]

@@ -224,40 +224,94 @@ def _cuda_device_reads_cpu():
         torch.cuda.current_device = original  # type: ignore[assignment]
 
 
+class _NoStream:
+    """A CUDA stream / event stand-in whose every operation does nothing (CUDA-less hosts)."""
+
+    def synchronize(self):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+
 @contextlib.contextmanager
-def _no_cuda_stream():
-    """While active, `torch.cuda.Stream()` returns None (only used on CUDA-less hosts)."""
-    original = torch.cuda.Stream
-    torch.cuda.Stream = lambda *a, **k: None  # type: ignore[assignment,misc]
+def _cuda_free_refit():
+    """While active (CUDA-less hosts only): `torch.cuda.Stream()` / `Event()` are None / a no-op
+    event, `torch.cuda.stream(...)` a null context, `torch.cuda.current_stream()` a no-op stream,
+    `torch.cuda.synchronize()` / `empty_cache()` no-ops, and `torch.empty(..., pin_memory=True)`
+    allocates unpinned memory (there is no pinned allocator without an accelerator)."""
+    cuda = torch.cuda
+    names = ("Stream", "Event", "stream", "current_stream", "synchronize", "empty_cache")
+    saved = {name: getattr(cuda, name) for name in names}
+    empty = torch.empty
+
+    def unpinned_empty(*args, **kwargs):
+        kwargs.pop("pin_memory", None)
+        return empty(*args, **kwargs)
+
+    cuda.Stream = lambda *a, **k: None
+    cuda.Event = lambda *a, **k: _NoStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.current_stream = lambda *a, **k: _NoStream()
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda *a, **k: None
+    torch.empty = unpinned_empty
     try:
         yield
     finally:
-        torch.cuda.Stream = original  # type: ignore[assignment,misc]
+        for name, value in saved.items():
+            setattr(cuda, name, value)
+        torch.empty = empty
 
 
-def _wrap_init(cls, context_factory=None, drop_kwargs: Sequence[str] = ()):
-    """Wrap `cls.__init__` once: run it under `context_factory()` and/or without `drop_kwargs`."""
-    init = cls.__init__
-    if getattr(init, "_refit_engine_wrapped", False):
+def _wrap_method(cls, name: str, context_factory=None, drop_kwargs: Sequence[str] = ()):
+    """Wrap `cls.<name>` once: run it under `context_factory()` and/or without `drop_kwargs`."""
+    method = cls.__dict__.get(name)
+    if method is None or getattr(method, "_refit_engine_wrapped", False):
         return
 
-    @functools.wraps(init)
+    @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         for key in drop_kwargs:
             kwargs.pop(key, None)
         with (context_factory() if context_factory else contextlib.nullcontext()):
-            init(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
 
     wrapped._refit_engine_wrapped = True  # type: ignore[attr-defined]
-    cls.__init__ = wrapped
+    setattr(cls, name, wrapped)
+
+
+def _wrap_init(cls, context_factory=None, drop_kwargs: Sequence[str] = ()):
+    _wrap_method(cls, "__init__", context_factory, drop_kwargs)
+
+
+def _with_context(function, context_factory):
+    """`function` run under `context_factory()` (idempotent: a wrapped function stays as is)."""
+    if getattr(function, "_refit_engine_wrapped", False):
+        return function
+
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with context_factory():
+            return function(*args, **kwargs)
+
+    wrapped._refit_engine_wrapped = True  # type: ignore[attr-defined]
+    return wrapped
 
 
 def _patch_megatron_for_cpu() -> None:
     """Make megatron-core build Kimi K2 models and run its gloo refit without CUDA / TE.
 
-    Applied only when needed (no CUDA, or no Transformer Engine); idempotent. Each item is
-    scoped to a constructor, so nothing changes for code outside these classes. Models built
-    this way are for reading/writing weights; forward passes are not supported.
+    Applied only when needed (no CUDA, or no Transformer Engine); idempotent. Each stand-in is
+    scoped to one constructor or one refit call, so code outside them sees torch and megatron
+    unchanged. Models built this way are for reading/writing weights; forward passes are not
+    supported.
 
     1. `RotaryEmbedding.__init__` (MLA creates it without `use_cpu_initialization`, so it asks
        `torch.cuda.current_device()`) and `TopKRouter.__init__` (allocates `expert_bias` and
@@ -273,9 +327,13 @@ def _patch_megatron_for_cpu() -> None:
     3. Local `DotProductAttention.__init__` (megatron <= 0.16) does not accept the
        `k_channels` / `v_channels` MLA passes; they are dropped (it sizes itself from
        `kv_channels`, which only matters for a forward pass). Only if its signature lacks them.
-    4. `GlooCopyService.__init__` (megatron-core refit) creates a `torch.cuda.Stream()` it only
-       uses to order CUDA copies; on a CUDA-less host it gets None instead (0.16.1 skips the
-       stream wait when it is None). No CUDA only.
+    4. megatron-core's refit assumes CUDA: `GlooCopyService.__init__` creates a
+       `torch.cuda.Stream()` (0.16.1 then skips its stream wait when it is None), and from 0.17
+       on the copy service stages through pinned buffers and CUDA streams while
+       `execute_reshard_plan` calls `torch.cuda.synchronize()`. `GlooCopyService.__init__` and
+       `resharding.refit.reshard_model_weights` (which `swap_model_weights` calls for every
+       transfer) run under `_cuda_free_refit()`, where those CUDA calls are no-ops and pinned
+       allocations unpinned. No CUDA only.
     """
     global _PATCHED
     if _PATCHED or not _cpu_patch_needed():
@@ -308,11 +366,14 @@ def _patch_megatron_for_cpu() -> None:
 
     if no_cuda:
         try:
+            from megatron.core.resharding import refit as mc_refit
             from megatron.core.resharding.copy_services.gloo_copy_service import GlooCopyService
-        except ImportError:
-            GlooCopyService = None  # megatron-core without resharding: nothing to patch
+        except ImportError:  # megatron-core without resharding: nothing to patch
+            mc_refit = GlooCopyService = None
         if GlooCopyService is not None:
-            _wrap_init(GlooCopyService, context_factory=_no_cuda_stream)
+            _wrap_init(GlooCopyService, context_factory=_cuda_free_refit)
+            wrapped = _with_context(mc_refit.reshard_model_weights, _cuda_free_refit)
+            mc_refit.reshard_model_weights = wrapped
 
     _PATCHED = True
 
