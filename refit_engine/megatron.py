@@ -5,8 +5,8 @@ expert bias) of megatron-core model chunks and says which piece of which global 
 holds, from megatron's own parameter attributes and process groups:
 
 - `tensor_model_parallel`, `partition_dim`, `partition_stride` give the TP split (stride 2 on
-  SwiGLU fc1, its experts and shared experts); expert parameters (`allreduce=False`) split over
-  the expert-TP group, all others over the TP group; everything else is replicated;
+  SwiGLU fc1, its experts and shared experts); routed-expert parameters split over the
+  expert-TP group, all others over the TP group; everything else is replicated;
 - canonical names use global layer numbers (`layer_number` of each transformer layer, so PP
   stages agree) and global expert indices (EP rank x local experts + local index), for both
   SequentialMLP (`experts.local_experts.{k}.`) and TEGroupedMLP (`experts.linear_fc1.weight{k}`).
@@ -110,7 +110,9 @@ def describe(model) -> ShardedTensors:
             data = tensor.data if is_param else tensor
             split, part = None, 0
             if is_param and getattr(tensor, "tensor_model_parallel", False):
-                is_expert = not getattr(tensor, "allreduce", True)
+                # Routed experts split over the expert-TP group. Known by name: megatron marks
+                # them allreduce=False only when EP > 1.
+                is_expert = bool(_SEQUENTIAL_EXPERT.search(name) or _GROUPED_EXPERT.search(name))
                 parts, part = _group_part(expert_tp if is_expert else tp)
                 if parts > 1:
                     split = Split(int(tensor.partition_dim), parts,

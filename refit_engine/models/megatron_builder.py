@@ -33,7 +33,9 @@ import copy
 import functools
 import importlib.util
 import inspect
+import re
 import types
+import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -53,10 +55,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installed megatr
 
 __all__ = [
     "ParallelLayout",
+    "ShardInfo",
     "build_process_groups",
     "build_kimi_k2",
+    "canonical_shards",
+    "make_transformer_config",
     "megatron_refit",
     "megatron_version",
+    "take_shard",
 ]
 
 
@@ -492,18 +498,150 @@ def _duplicate_down_projections(block_spec):
     return block_spec
 
 
+# --------------------------------------------------------------------------------------------
+# Canonical names and shards (layout-independent view of a built model)
+# --------------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+_SEQUENTIAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc\d+)\.(weight|bias)(\d+)$")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where one local tensor sits in its canonical (full) tensor."""
+
+    canonical: str  # layer and expert indices global, experts as `mlp.experts.{g}.linear_fcN.weight`
+    layer: int | None  # global layer (0-based), None outside the decoder layers
+    expert: int | None  # global routed expert, None for everything else
+    dim: int | None  # split dim (None: replicated)
+    stride: int  # megatron partition stride (2 for SwiGLU fc1)
+    index: int  # this rank's shard index in its TP (experts: expert-TP) group
+    count: int  # shards along `dim`
+    full_shape: tuple[int, ...]
+
+
+def canonical_shards(chunks, pg_collection, buffers: bool = True) -> dict[str, ShardInfo]:
+    """Local parameter (and persistent buffer) name -> `ShardInfo`, for this rank's chunks.
+
+    Layer indices become global (from each layer's `layer_number`), routed experts global
+    (from the MoE layer's `local_expert_indices`; SequentialMLP `local_experts.{k}.X.weight`
+    and TE grouped `linear_fcN.weight{k}` both map to `experts.{g}.linear_fcN.weight`).
+    """
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    if not chunks:
+        return {}
+    if len(chunks) > 1:
+        raise NotImplementedError("one model chunk per rank (no virtual pipeline)")
+    model = chunks[0]
+    layers, experts = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, TransformerLayer):
+            layers[name] = module.layer_number - 1
+            indices = getattr(module.mlp, "local_expert_indices", None)
+            if indices is not None:
+                experts[name] = [int(i) for i in indices]
+    named = list(model.named_parameters())
+    if buffers:
+        persistent = {n for n, _ in _persistent_buffers(model)}
+        named += [(n, b) for n, b in model.named_buffers() if n in persistent]
+    out = {}
+    for name, tensor in named:
+        canonical, layer, expert = name, None, None
+        m = _LAYER.match(name)
+        if m:
+            key = m.group(1) + m.group(2)
+            layer = layers[key]
+            canonical = f"{m.group(1)}{layer}{m.group(3)}"
+            e = _SEQUENTIAL_EXPERT.search(canonical)
+            if e:
+                expert = experts[key][int(e.group(1))]
+                canonical = canonical.replace(e.group(0), f".mlp.experts.{expert}.")
+            else:
+                g = _GROUPED_EXPERT.search(canonical)
+                if g:
+                    expert = experts[key][int(g.group(3))]
+                    canonical = canonical[:g.start()] + f".mlp.experts.{expert}.{g.group(1)}.{g.group(2)}"
+        split = bool(getattr(tensor, "tensor_model_parallel", False))
+        if split:
+            group = pg_collection.expt_tp if expert is not None else pg_collection.tp
+            dim, count, index = int(tensor.partition_dim), group.size(), group.rank()
+            stride = int(getattr(tensor, "partition_stride", 1))
+        else:
+            dim, count, index, stride = None, 1, 0, 1
+        full = list(tensor.shape)
+        if dim is not None:
+            full[dim] *= count
+        out[name] = ShardInfo(canonical, layer, expert, dim, stride, index, count, tuple(full))
+    return out
+
+
+def _persistent_buffers(model):
+    for module_name, module in model.named_modules():
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in skip:
+                yield (f"{module_name}.{name}" if module_name else name), buf
+
+
+def take_shard(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
+    """This rank's piece of canonical tensor `full` (strided TP split as megatron does it)."""
+    if info.dim is None:
+        return full
+    pieces = torch.chunk(full, info.count * info.stride, dim=info.dim)
+    return torch.cat([pieces[j * info.count + info.index] for j in range(info.stride)], dim=info.dim)
+
+
+def _canonical_values(canonical: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{canonical}".encode()))
+    values = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if canonical.endswith("expert_bias"):
+        return values * 0.01
+    if len(shape) == 1:  # norm weights
+        return 1.0 + 0.1 * values
+    return values * 0.02
+
+
+def _canonical_init(chunks, pg_collection, seed: int) -> None:
+    """Every parameter and persistent buffer from (seed, canonical name): the same global
+    weights at every layout, distinct for every expert and layer."""
+    model = chunks[0]
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(_persistent_buffers(model)))
+    with torch.no_grad():
+        for name, info in canonical_shards(chunks, pg_collection).items():
+            tensor = tensors[name]
+            full = _canonical_values(info.canonical, info.full_shape, seed)
+            tensor.copy_(take_shard(full, info).to(tensor.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
 def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, device="cpu",
                   seed: int = 1234, use_transformer_engine: bool | None = None,
                   duplicated_down_proj: bool = True, max_sequence_length: int = 4096,
-                  **config_overrides) -> list:
+                  init: str = "canonical", **config_overrides) -> list:
     """Kimi K2 `cfg` as megatron-core GPTModel chunks at `layout` ([] off the layout).
 
     `pg_collection` comes from `build_process_groups(layout)` on this rank. Weights are
-    initialized on CPU (deterministic in `seed`), in `cfg.dtype`, then moved to `device`.
+    initialized on CPU in `cfg.dtype`, then moved to `device`. `init`:
+    - "canonical" (default): every tensor drawn from (seed, canonical name), so the global
+      weights are identical at every layout and every expert / layer differs (generates each
+      full tensor on every holder: for toy sizes);
+    - "megatron": megatron's own CPU init after `torch.manual_seed(seed)` (deterministic per
+      layout; routed experts with the same local index are equal on every EP rank, which hides
+      expert misrouting from a refit check).
     `use_transformer_engine` None: TE when it is installed and `device` is CUDA.
+    Extra keyword arguments override `MLATransformerConfig` fields.
     """
     if pg_collection is None:
         return []
+    if init not in ("canonical", "megatron"):
+        raise ValueError(f"init must be 'canonical' or 'megatron', not {init!r}")
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -544,6 +682,8 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, devi
         for param in model.parameters():
             if param.dtype != dtype and param.is_floating_point():
                 param.data = param.data.to(dtype)
+    if init == "canonical":
+        _canonical_init([model], pg_collection, seed)
     if device.type != "cpu":
         model = model.to(device)
     return [model]
@@ -564,36 +704,91 @@ class _AbsentModel(torch.nn.Module):
         self.pg_collection = ProcessGroupCollection(dp=dist.group.WORLD)
 
 
-# Stand-ins persist between calls (megatron caches its plan on the destination module):
-# attached to the model this rank holds, or kept here on ranks that hold neither.
-_ABSENT_ON_IDLE_RANK: dict[str, Any] = {}
+# Per-rank refit state (stand-ins, whether the layouts were checked) persists between calls:
+# attached to a model this rank holds, or kept here on ranks that hold neither.
+_IDLE_RANK_STATE: dict[str, Any] = {}
 
 
-def _stand_ins(src, dst):
-    owner = src if src is not None else dst
+def _refit_state(src, dst) -> dict:
+    owner = dst if dst is not None else src
     if owner is None:
-        holder = _ABSENT_ON_IDLE_RANK
-        if "pair" not in holder:
-            holder["pair"] = (_AbsentModel(None), _AbsentModel(None))
-        return holder["pair"]
-    key = "_refit_engine_stand_ins"
-    pair = owner.__dict__.get(key)
-    if pair is None:
-        experts = owner.config.num_moe_experts
-        pair = (_AbsentModel(experts), _AbsentModel(experts))
-        owner.__dict__[key] = pair  # plain attribute, not a registered submodule
-    return pair
+        return _IDLE_RANK_STATE
+    return owner.__dict__.setdefault("_refit_engine_refit_state", {})  # not a submodule
 
 
-def _agree_on_cached_plan(dst_model, replan: bool) -> None:
-    """Drop the cached plan on every rank unless every rank has one (planning is collective,
-    so ranks disagreeing on the cache would deadlock)."""
-    has = 0 if replan else int(getattr(dst_model, "_cached_reshard_plan", None) is not None)
+def _stand_ins(state: dict, src, dst):
+    if "stand_ins" not in state:
+        held = src if src is not None else dst
+        experts = held.config.num_moe_experts if held is not None else None
+        state["stand_ins"] = (_AbsentModel(experts), _AbsentModel(experts))
+    return state["stand_ins"]
+
+
+def _all_ranks_agree(local_ok: bool) -> bool:
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([has], dtype=torch.int32, device=device)
+    flag = torch.tensor([int(local_ok)], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if int(flag.item()) == 0 and hasattr(dst_model, "_cached_reshard_plan"):
-        delattr(dst_model, "_cached_reshard_plan")
+    return bool(flag.item())
+
+
+def _side_facts(model, pgs) -> dict | None:
+    if model is None:
+        return None
+    names = [n for n, _ in model.named_parameters()]
+    return dict(tp=pgs.tp.size(), pp=pgs.pp.size(), ep=pgs.ep.size(), etp=pgs.expt_tp.size(),
+                experts=model.config.num_moe_experts,
+                sequential=any(".local_experts." in n for n in names),
+                grouped=any(_GROUPED_EXPERT.search(n) for n in names),
+                ranks=[dist.get_rank()])
+
+
+def _check_megatron_can_refit(src, dst, src_pgs, dst_pgs, legacy: bool) -> None:
+    """Raise RefitError on every rank for layouts megatron-core's refit gets wrong or hangs on
+    (found on 0.16.1 and 0.19.2, see `megatron_refit`). Collective."""
+    from refit_engine.errors import RefitError
+
+    facts = [None] * dist.get_world_size()
+    dist.all_gather_object(facts, (_side_facts(src, src_pgs), _side_facts(dst, dst_pgs)))
+    sides = []
+    for side in (0, 1):
+        seen = [f[side] for f in facts if f[side] is not None]
+        if not seen:
+            raise RefitError(f"no rank holds the {'source' if side == 0 else 'destination'} model")
+        sides.append(dict(seen[0], ranks=sorted(r for f in seen for r in f["ranks"]),
+                          sequential=any(f["sequential"] for f in seen),
+                          grouped=any(f["grouped"] for f in seen)))
+    s, d = sides
+    ranks = s["ranks"] + d["ranks"]
+    version = megatron_version()
+    # SequentialMLP names carry the local expert index, which megatron does not map to the
+    # global expert (it does for TE's grouped `weight<k>`). Newer releases (0.19) pick a source
+    # of the same EP rank when EP sizes match; 0.16 takes the first holder of a DP group.
+    try:
+        from megatron.core.resharding import utils as mc_utils
+        ep_rank_filter = hasattr(mc_utils, "_filter_by_ep_local_rank")
+    except ImportError:
+        ep_rank_filter = False
+    sequential = s["sequential"] or d["sequential"]
+    if sequential and (s["ep"] != d["ep"] or (max(s["ep"], d["ep"]) > 1 and not ep_rank_filter)):
+        raise RefitError(
+            f"megatron-core {version} cannot refit SequentialMLP experts from EP{s['ep']} to "
+            f"EP{d['ep']}: it matches `local_experts.<k>` by the local index k, not the global "
+            "expert, so it copies the wrong experts; where the destination holds more local "
+            "experts, planning fails (0.16: on rank 0 only, while the other ranks wait in its "
+            "plan broadcast, a hang)", ranks=ranks)
+    if (s["grouped"] or d["grouped"]) and s["etp"] != d["etp"]:
+        raise RefitError(
+            f"megatron-core {version} cannot refit TE grouped experts between expert TP "
+            f"{s['etp']} and {d['etp']}: TE marks them split on dim 0 with stride 1 (fc2 is "
+            "split on dim 1, SwiGLU fc1 has stride 2)", ranks=ranks)
+    if legacy:
+        for name, side in (("source", s), ("destination", d)):
+            routed = side["sequential"] or side["grouped"]
+            if routed and side["ep"] == 1 and side["etp"] != side["tp"]:
+                raise RefitError(
+                    f"megatron-core {version} cannot refit a {name} with EP1 and expert TP "
+                    f"{side['etp']} != TP {side['tp']}: with EP1 it takes experts for dense "
+                    "parameters (allreduce=True) and splits them over the TP group", ranks=ranks)
 
 
 def _swap_model_weights():
@@ -609,36 +804,54 @@ def _swap_model_weights():
 
 
 def megatron_refit(src_chunks, dst_chunks, src_pgs, dst_pgs, method: str = "gloo",
-                   replan: bool = False) -> None:
+                   replan: bool = False, strict: bool = True) -> None:
     """Copy `src_chunks`' weights into `dst_chunks` with megatron-core's `swap_model_weights`.
 
-    Collective: call on every rank of the default world ([] for a model a rank does not hold).
-    megatron caches its plan on the destination model; `replan` drops it on every rank first.
-    megatron-core 0.16.1 copies parameters only (not buffers such as `router.expert_bias`).
+    Collective: call on every rank of the default world (None or [] for a model the rank does
+    not hold). The first call of a pair plans (megatron caches the plan); `replan` plans again.
+    `strict`: before planning, raise `RefitError` on every rank for layouts megatron-core
+    mishandles (SequentialMLP experts across EP sizes; on 0.16, EP1 with expert TP != TP)
+    instead of letting it copy wrong experts or hang.
+    megatron-core 0.16 copies parameters only: `router.expert_bias` buffers are not refit
+    (0.19 copies persistent buffers too).
+    Caveat (0.16, non-collocated): a rank holding only one side keeps one cached plan per model
+    it holds; refitting that model with two different partners alternately needs `replan`.
     """
     swap = _swap_model_weights()
     if not torch.cuda.is_available():
         _patch_megatron_for_cpu()
-    src = src_chunks[0] if src_chunks else None
-    dst = dst_chunks[0] if dst_chunks else None
+    src_chunks, dst_chunks = list(src_chunks or []), list(dst_chunks or [])
     if len(src_chunks) > 1 or len(dst_chunks) > 1:
         raise NotImplementedError("megatron_refit: one model chunk per rank (no virtual pipeline)")
+    src = src_chunks[0] if src_chunks else None
+    dst = dst_chunks[0] if dst_chunks else None
     for model, pgs, side in ((src, src_pgs, "source"), (dst, dst_pgs, "destination")):
-        if model is not None and getattr(model, "pg_collection", None) is not pgs and pgs is not None:
+        if model is not None and pgs is not None and getattr(model, "pg_collection", None) is not pgs:
             raise ValueError(f"{side} pg_collection differs from the one the model was built with")
+    legacy = "src_rank_offset" not in inspect.signature(swap).parameters  # megatron <= 0.16
 
-    params = inspect.signature(swap).parameters
-    if "src_rank_offset" in params:  # megatron >= 0.17: None stands for a model not held here
-        if replan:
-            from megatron.core.resharding import refit as _refit
-            getattr(_refit, "clear_plan_cache", lambda: None)()
-        swap(src_chunks if src is not None else None, dst_chunks if dst is not None else None,
-             refit_method=method)
-        return
-
-    # megatron 0.16: both models must exist on every rank; stand in for absent ones.
-    absent_src, absent_dst = _stand_ins(src, dst)
-    src_model = src if src is not None else absent_src
-    dst_model = dst if dst is not None else absent_dst
-    _agree_on_cached_plan(dst_model, replan)
-    swap([src_model], [dst_model], refit_method=method)
+    state = _refit_state(src, dst)
+    if legacy:  # both models must exist on every rank: stand in for absent ones
+        absent_src, absent_dst = _stand_ins(state, src, dst)
+        src_model = src if src is not None else absent_src
+        dst_model = dst if dst is not None else absent_dst
+        ready = getattr(dst_model, "_cached_reshard_plan", None) is not None
+    else:  # None stands for a model not held here; plans are cached by layout
+        src_model, dst_model = src, dst
+        ready = True
+    ready = ready and state.get("checked", False) and not replan
+    # Planning is collective: plan (and check) on every rank unless every rank is ready.
+    if not _all_ranks_agree(ready):
+        if legacy and hasattr(dst_model, "_cached_reshard_plan"):
+            delattr(dst_model, "_cached_reshard_plan")
+        if not legacy and replan:
+            from megatron.core.resharding import refit as mc_refit
+            getattr(mc_refit, "clear_plan_cache", lambda: None)()
+        if strict:
+            _check_megatron_can_refit(src, dst, src_pgs, dst_pgs, legacy)
+        state["checked"] = True
+    if legacy:
+        swap([src_model], [dst_model], refit_method=method)
+    else:
+        swap([src_model] if src_model is not None else None,
+             [dst_model] if dst_model is not None else None, refit_method=method)
