@@ -41,6 +41,12 @@ class ShardedTensors:
 
     entries: list[Entry] = field(default_factory=list)
     tensors: dict[str, object] = field(default_factory=dict)  # key -> torch/NumPy/CuPy array
+    # key -> the object that owns the tensor (e.g. a megatron Parameter, whose .data may be
+    # replaced), so a plan can tell when a tensor was swapped out after planning.
+    current: dict[str, object] = field(default_factory=dict)
+    # Global ranks the model's own process groups span (adapters fill it), checked against
+    # the refit's group.
+    claimed_ranks: set = field(default_factory=set)
 
     def add(self, name: str, tensor, global_shape: Sequence[int], split: Split | None = None,
             part: int = 0, key: str | None = None, offset: int = 0,
@@ -52,7 +58,10 @@ class ShardedTensors:
             `offset` where its part starts (stored contiguously, shape `part_shape`).
         """
         key = key or name
-        info = arrays.info(tensor)
+        try:
+            info = arrays.info(tensor)
+        except (TypeError, ValueError) as exc:
+            raise RefitError(f"local tensor cannot be refit: {exc}", tensor=name) from exc
         if key in self.tensors and self.tensors[key] is not tensor:
             raise RefitError(f"local tensor key '{key}' is bound to two different tensors",
                              tensor=name)

@@ -122,6 +122,11 @@ def describe(model) -> ShardedTensors:
                 shape[split.dim] *= split.parts
             key = f"{index}.{name}" if len(chunks) > 1 else name
             local.add(canonical, data, shape, split, part, key=key)
+            if is_param:  # the parameter may get a new .data later: plans re-check it
+                local.current[key] = tensor
+        for group in (tp, expert_tp, ep, getattr(pgc, "pp", None)):
+            if group is not None:
+                local.claimed_ranks.update(dist.get_process_group_ranks(group))
     return local
 
 

@@ -68,6 +68,8 @@ class Plan:
     dst_tensors: dict = field(repr=False, default_factory=dict)
     broken: str | None = None
     refits: int = 0
+    # (side, buffer index) -> (owner, address, shape, dtype) as bound: see _stale_reason.
+    current: dict = field(repr=False, default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -119,12 +121,43 @@ def _nccl_communicator(group, device: int):
     return comm, {r: i for i, r in enumerate(ranks)}
 
 
+def _group_ranks(group) -> list[int]:
+    import torch.distributed as dist
+    if group is None:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(group))
+
+
+def _check_ranks(gathered, group, mode: str) -> None:
+    """Models on ranks the group has, and the collocated / non-collocated promise kept."""
+    members = set(_group_ranks(group))
+    for rank, _, src, dst, claimed in gathered:
+        outside = sorted(set(claimed) - members)
+        if outside:
+            raise RefitError(f"rank {rank}'s model has process groups spanning ranks {outside} "
+                             f"outside the refit group of {len(members)} ranks (world-size or "
+                             "rank-offset mismatch)", ranks=[rank, *outside])
+    src_ranks = {r for r, _, s, _, _ in gathered if s}
+    dst_ranks = {r for r, _, _, d, _ in gathered if d}
+    both = sorted(src_ranks & dst_ranks)
+    if mode == "non-collocated" and both:
+        raise RefitError("non-collocated refit, but these ranks hold both models", ranks=both)
+    if mode == "collocated" and src_ranks != dst_ranks:
+        raise RefitError("collocated refit, but the models are on different ranks",
+                         ranks=sorted(src_ranks ^ dst_ranks))
+
+
 def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-         timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None) -> Plan:
+         timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None,
+         mode: str = "auto") -> Plan:
     """Gather every rank's layouts over `group`, validate, compile this rank's plan and bind it.
 
-    Raises RefitError on every rank, before any byte moves, if any rank's input is bad.
+    mode: "collocated" (both models on the same ranks), "non-collocated" (disjoint ranks) or
+    "auto" (whatever the models say). Raises RefitError on every rank, before any byte moves,
+    if any rank's input is bad, and when ranks disagree on the plan.
     """
+    if mode not in ("auto", "collocated", "non-collocated"):
+        raise RefitError(f"mode must be auto, collocated or non-collocated, not {mode!r}")
     import torch.distributed as dist
     if not dist.is_initialized():
         raise RefitError("torch.distributed is not initialized: call init_process_group first")
@@ -135,15 +168,19 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     except Exception as exc:  # reported on every rank below
         src_local = dst_local = ShardedTensors()
         status = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
-    gathered = _gather((rank, status, src_local.entries, dst_local.entries), group)
-    _raise_first([(r, s) for r, s, _, _ in gathered], "describing the models")
-    src_layout = build_layout([(r, s) for r, _, s, _ in gathered])
-    dst_layout = build_layout([(r, d) for r, _, _, d in gathered])
+    gathered = _gather((rank, status, src_local.entries, dst_local.entries,
+                        sorted(src_local.claimed_ranks | dst_local.claimed_ranks)), group)
+    _raise_first([(r, s) for r, s, *_ in gathered], "describing the models")
+    _check_ranks(gathered, group, mode)
+    src_layout = build_layout([(r, s) for r, _, s, _, _ in gathered])
+    dst_layout = build_layout([(r, d) for r, _, _, d, _ in gathered])
     rank_plan = Planner(src_layout, dst_layout, bucket_bytes).plan_rank(rank)
 
-    # Bind tensors and check them; then check that every rank compiled from the same layouts.
-    layouts_digest = hashlib.blake2b(repr((src_layout.tables()[1:], dst_layout.tables()[1:]))
-                                     .encode(), digest_size=8).hexdigest()
+    # Bind tensors and check them; then check that every rank compiled the same plan: a cheap
+    # fingerprint of the inputs and options every plan is derived from.
+    layouts_digest = hashlib.blake2b(
+        repr((src_layout.tables()[1:], dst_layout.tables()[1:], int(bucket_bytes))).encode(),
+        digest_size=8).hexdigest()
     try:
         src_tensors, src_addr, src_devices = _bind(src_layout, src_local, rank, "source")
         dst_tensors, dst_addr, dst_devices = _bind(dst_layout, dst_local, rank, "destination")
@@ -153,8 +190,14 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
         status, device = exc, "cpu"
     checks = _gather((rank, status, layouts_digest, device.split(":")[0]), group)
     _raise_first([(r, s) for r, s, _, _ in checks], "binding tensors")
-    if len({d for _, _, d, _ in checks}) != 1:
-        raise RefitError("ranks disagree on the gathered layouts", ranks=[r for r, *_ in checks])
+    digests = {}
+    for r, _, d, _ in checks:
+        digests.setdefault(d, []).append(r)
+    if len(digests) != 1:
+        groups = sorted(digests.values())
+        raise RefitError(f"ranks disagree on the plan (plan fingerprints differ between rank "
+                         f"groups {groups}: different layouts or options such as bucket_bytes)",
+                         ranks=[r for r, *_ in checks])
     kinds = {k for *_, k in checks}
     if len(kinds) != 1:
         raise RefitError(f"some ranks hold CPU tensors and others CUDA tensors ({sorted(kinds)})",
@@ -172,8 +215,46 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
         if threads is None:
             threads = max(1, min(4, (os.cpu_count() or 1) // max(1, dist.get_world_size(group))))
         executor = GlooExecutor(rank_plan, src_addr, dst_addr, group, timeout_s, threads)
+    current = {}
+    for side, layout, local in (("source", src_layout, src_local), ("destination", dst_layout,
+                                                                    dst_local)):
+        tensors = src_tensors if side == "source" else dst_tensors
+        for index in layout.buffers_of(rank):
+            owner = local.current.get(layout.buffers[index].key)
+            if owner is not None:
+                info = arrays.info(tensors[index])
+                current[(side, index)] = (owner, info.address, tuple(info.shape), owner.dtype)
     return Plan(rank, rank_plan, src_layout, dst_layout, group, timeout_s, executor,
-                src_tensors, dst_tensors)
+                src_tensors, dst_tensors, current=current)
+
+
+def _stale_reason(plan: Plan) -> str | None:
+    """Why the plan no longer matches the models' tensors (None if it does). Cheap: one
+    pointer, shape and dtype comparison per owned tensor."""
+    for (side, index), (owner, address, shape, dtype) in plan.current.items():
+        if owner.data_ptr() == address and tuple(owner.shape) == shape and owner.dtype == dtype:
+            continue
+        layout = plan.src_layout if side == "source" else plan.dst_layout
+        return (f"{side} tensor '{layout.buffers[index].key}' was replaced after planning "
+                f"(shape {shape} {dtype} -> {tuple(owner.shape)} {owner.dtype}); build a new plan")
+    return None
+
+
+def _check_still_valid(plan: Plan) -> None:
+    """Collective: every rank raises if any rank's tensors were replaced since planning. One
+    small all-reduce when all is well; the reasons are gathered only when something is stale."""
+    import torch
+    import torch.distributed as dist
+    reason = _stale_reason(plan) if plan.current else None
+    on_gpu = dist.get_backend(plan.group) == "nccl"
+    flag = torch.tensor([1 if reason else 0], dtype=torch.int32,
+                        device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=plan.group)
+    if int(flag.item()) == 0:
+        return
+    for rank, why in _gather((plan.rank, reason), plan.group):
+        if why:
+            raise RefitError(why, tensor=why.split("'")[1], ranks=[rank])
 
 
 class CudaRefitRunner:
@@ -214,7 +295,7 @@ def _verify(plan: Plan) -> None:
 
 
 def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
-            verify: bool = False) -> dict:
+            verify: bool = False, check: bool = True) -> dict:
     """Run one refit. Returns statistics: bytes local / sent / received, per peer, elapsed.
 
     CUDA tensors: the refit is ordered after the work already queued on `stream` (an integer
@@ -222,12 +303,15 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
     captures the whole refit as one CUDA graph on the first call and replays it afterwards
     (new source values are picked up; tensors must stay where they are). With `sync=False`
     the call returns once the work is queued (elapsed_s is then the enqueue time).
-    `verify=True` then compares per-piece checksums of what every rank sent with what landed
+    `check=True` first confirms on every rank that no model tensor was replaced since planning
+    (one small collective); `verify=True` then compares per-piece checksums of what every rank sent with what landed
     (a collective over the plan's group) and raises RefitError naming the tensors that differ.
     """
     if plan.broken:
         raise RefitError(f"plan is unusable after an earlier failure ({plan.broken}); build a "
                          "new plan", ranks=[plan.rank])
+    if check:
+        _check_still_valid(plan)
     t0 = time.perf_counter()
     try:
         if isinstance(plan.executor, CudaRefitRunner):
