@@ -47,6 +47,9 @@ class ShardedTensors:
     # Global ranks the model's own process groups span (adapters fill it), checked against
     # the refit's group.
     claimed_ranks: set = field(default_factory=set)
+    # Problems found by add(): kept, not raised, so that plan() reports them on every rank
+    # (raising here would leave the other ranks waiting in plan's collective).
+    errors: list = field(default_factory=list)
 
     def add(self, name: str, tensor, global_shape: Sequence[int], split: Split | None = None,
             part: int = 0, key: str | None = None, offset: int = 0,
@@ -56,7 +59,15 @@ class ShardedTensors:
         key: the local tensor's name (default `name`); several global tensors may share one
             local tensor (grouped experts): pass the same tensor and key, and each one's element
             `offset` where its part starts (stored contiguously, shape `part_shape`).
+        A problem (a split that does not divide, an unsupported tensor) is recorded in
+        `errors` and raised by `refit_engine.plan` on every rank.
         """
+        try:
+            self._add(name, tensor, global_shape, split, part, key, offset, part_shape)
+        except RefitError as exc:
+            self.errors.append(exc)
+
+    def _add(self, name, tensor, global_shape, split, part, key, offset, part_shape) -> None:
         key = key or name
         try:
             info = arrays.info(tensor)

@@ -32,6 +32,8 @@ def describe(model) -> ShardedTensors:
     if model is None:
         return ShardedTensors()
     if isinstance(model, ShardedTensors):
+        if model.errors:
+            raise model.errors[0]
         return model
     from refit_engine import megatron  # imports torch and megatron-core only when needed
     return megatron.describe(model)
@@ -48,6 +50,8 @@ def _raise_first(statuses, what: str):
     """Raise on every rank the first rank's error (statuses gathered from all ranks)."""
     for rank, status in statuses:
         if isinstance(status, RefitError):
+            if not status.ranks:  # found in one rank's own tensors: that rank is the culprit
+                raise RefitError(status.reason, tensor=status.tensor, ranks=[rank])
             raise status
         if status is not None:
             raise RefitError(f"{what} failed on rank {rank}: {status}", ranks=[rank])

@@ -31,8 +31,9 @@ def _entry(fn, rank, world, port, args, queue):
         queue.put((rank, "error", (repr(exc), traceback.format_exc())))
 
 
-def run_world(fn, world: int, *args, timeout: float = 240.0):
-    """fn(rank, world, *args) on `world` processes; returns the per-rank results in rank order.
+def run_world(fn, world: int, *args, timeout: float = 240.0, dying=()):
+    """fn(rank, world, *args) on `world` processes; returns the per-rank results in rank order
+    (None for ranks in `dying`, which are expected to die without reporting).
     Raises AssertionError with every failing rank's traceback; kills stragglers after timeout."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -44,11 +45,11 @@ def run_world(fn, world: int, *args, timeout: float = 240.0):
     results, errors = {}, {}
     import queue as queue_mod
     try:
-        for _ in range(world):
+        for _ in range(world - len(dying)):
             rank, kind, value = queue.get(timeout=timeout)
             (results if kind == "ok" else errors)[rank] = value
     except queue_mod.Empty:
-        errors["timeout"] = (f"ranks {sorted(set(range(world)) - set(results) - set(errors))} "
+        errors["timeout"] = (f"ranks {sorted(set(range(world)) - set(results) - set(errors) - set(dying))} "
                              f"did not finish within {timeout} s", "")
     finally:
         for p in procs:
@@ -57,4 +58,4 @@ def run_world(fn, world: int, *args, timeout: float = 240.0):
                 p.kill()
     if errors:
         raise AssertionError("\n".join(f"rank {r}: {e[0]}\n{e[1]}" for r, e in sorted(errors.items(), key=str)))
-    return [results[r] for r in range(world)]
+    return [results.get(r) for r in range(world)]

@@ -22,8 +22,25 @@ ep_rank * num_experts // ep + local). By default the two MLA down projections ar
 non-TP-split (plain duplicated linears), as Transformer Engine's spec does; pass
 `duplicated_down_proj=False` for megatron's stock local spec (TP-split ColumnParallelLinear).
 
+Weights are by default drawn per canonical tensor (`init="canonical"`): the same global
+weights at every layout, every routed expert distinct. `canonical_shards` maps a built model's
+local names to canonical ones (global layer and expert) with each tensor's TP split.
+
 All work-arounds for running megatron-core on a host without CUDA / Transformer Engine live in
 `_patch_megatron_for_cpu()` and nowhere else.
+
+megatron-core's refit (`megatron_refit`), as found on 0.16.1 (CPU) and 0.19.2 (CPU, and CUDA
+without TE), on these models:
+- SequentialMLP experts are matched by their local index (`local_experts.<k>`; only TE's
+  grouped `weight<k>` is mapped to the global expert): across EP sizes it copies wrong experts
+  or fails planning; 0.16 plans on rank 0 only, so the other ranks then wait in its plan
+  broadcast forever (the TP1/EP4 -> TP2/EP2 "hang"). 0.16 is also wrong for equal EP sizes
+  whenever the first holder of a source DP group is of another EP rank; 0.19 filters sources
+  by EP rank when EP sizes match.
+- 0.16 takes EP1 experts (allreduce=True) for dense parameters and splits them over the TP
+  group: wrong unless expert TP == TP. 0.16 does not copy buffers (`router.expert_bias`).
+`megatron_refit(strict=True)` raises `RefitError` on every rank for these layouts before
+megatron plans.
 """
 
 from __future__ import annotations
@@ -97,7 +114,8 @@ class ParallelLayout:
         if self.ranks is not None:
             return tuple(int(r) for r in self.ranks)
         if not dist.is_initialized():
-            raise RuntimeError("ParallelLayout.ranks is None but torch.distributed is not initialized")
+            raise RuntimeError("ParallelLayout.ranks is None and torch.distributed is not "
+                               "initialized")
         return tuple(range(dist.get_world_size()))
 
     @property
@@ -191,7 +209,8 @@ def build_process_groups(layout: ParallelLayout) -> "ProcessGroupCollection | No
     pp_enum = dense.get_rank_enum("pp")
     if not contiguous:
         pp_enum = [[ranks[i] for i in grp] for grp in pp_enum]
-    g["embd"] = _enumerate_new_groups([grp if len(grp) == 1 else [grp[0], grp[-1]] for grp in pp_enum])
+    g["embd"] = _enumerate_new_groups([grp if len(grp) == 1 else [grp[0], grp[-1]]
+                                       for grp in pp_enum])
     g["pos_embd"] = _enumerate_new_groups([[grp[0]] for grp in pp_enum])
 
     me = dist.get_rank()
@@ -213,10 +232,6 @@ _PATCHED = False
 
 def _have_te() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
-
-
-def _cpu_patch_needed() -> bool:
-    return (not torch.cuda.is_available()) or (not _have_te())
 
 
 @contextlib.contextmanager
@@ -314,7 +329,8 @@ def _with_context(function, context_factory):
 def _patch_megatron_for_cpu() -> None:
     """Make megatron-core build Kimi K2 models and run its gloo refit without CUDA / TE.
 
-    Applied only when needed (no CUDA, or no Transformer Engine); idempotent. Each stand-in is
+    Called for every model built without TE and for every refit on a CUDA-less host; each item
+    below applies only under its stated condition; idempotent. Each stand-in is
     scoped to one constructor or one refit call, so code outside them sees torch and megatron
     unchanged. Models built this way are for reading/writing weights; forward passes are not
     supported.
@@ -330,7 +346,7 @@ def _patch_megatron_for_cpu() -> None:
        leaves `multi_latent_attention.Linear` None without TE, so MLA would reject the plain
        duplicated down-projection linear (`duplicated_down_proj`): it is set to modelopt's
        `Linear` (what 0.16 has there).
-    3. Local `DotProductAttention.__init__` (megatron <= 0.16) does not accept the
+    3. Local `DotProductAttention.__init__` (0.16.1 and 0.19.2) does not accept the
        `k_channels` / `v_channels` MLA passes; they are dropped (it sizes itself from
        `kv_channels`, which only matters for a forward pass). Only if its signature lacks them.
     4. megatron-core's refit assumes CUDA: `GlooCopyService.__init__` creates a
@@ -342,7 +358,7 @@ def _patch_megatron_for_cpu() -> None:
        allocations unpinned. No CUDA only.
     """
     global _PATCHED
-    if _PATCHED or not _cpu_patch_needed():
+    if _PATCHED:
         return
     no_cuda = not torch.cuda.is_available()
 
@@ -511,7 +527,7 @@ _GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc\d+)\.(weight|bias)(\d+
 class ShardInfo:
     """Where one local tensor sits in its canonical (full) tensor."""
 
-    canonical: str  # layer and expert indices global, experts as `mlp.experts.{g}.linear_fcN.weight`
+    canonical: str  # global layer / expert indices; experts `mlp.experts.{g}.linear_fcN.weight`
     layer: int | None  # global layer (0-based), None outside the decoder layers
     expert: int | None  # global routed expert, None for everything else
     dim: int | None  # split dim (None: replicated)
@@ -562,7 +578,8 @@ def canonical_shards(chunks, pg_collection, buffers: bool = True) -> dict[str, S
                 g = _GROUPED_EXPERT.search(canonical)
                 if g:
                     expert = experts[key][int(g.group(3))]
-                    canonical = canonical[:g.start()] + f".mlp.experts.{expert}.{g.group(1)}.{g.group(2)}"
+                    canonical = (canonical[:g.start()]
+                                 + f".mlp.experts.{expert}.{g.group(1)}.{g.group(2)}")
         split = bool(getattr(tensor, "tensor_model_parallel", False))
         if split:
             group = pg_collection.expt_tp if expert is not None else pg_collection.tp
@@ -590,7 +607,8 @@ def take_shard(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
     if info.dim is None:
         return full
     pieces = torch.chunk(full, info.count * info.stride, dim=info.dim)
-    return torch.cat([pieces[j * info.count + info.index] for j in range(info.stride)], dim=info.dim)
+    mine = [pieces[j * info.count + info.index] for j in range(info.stride)]
+    return torch.cat(mine, dim=info.dim)
 
 
 def _canonical_values(canonical: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -826,7 +844,8 @@ def megatron_refit(src_chunks, dst_chunks, src_pgs, dst_pgs, method: str = "gloo
     src = src_chunks[0] if src_chunks else None
     dst = dst_chunks[0] if dst_chunks else None
     for model, pgs, side in ((src, src_pgs, "source"), (dst, dst_pgs, "destination")):
-        if model is not None and pgs is not None and getattr(model, "pg_collection", None) is not pgs:
+        built_with = getattr(model, "pg_collection", None)
+        if model is not None and pgs is not None and built_with is not pgs:
             raise ValueError(f"{side} pg_collection differs from the one the model was built with")
     legacy = "src_rank_offset" not in inspect.signature(swap).parameters  # megatron <= 0.16
 
