@@ -44,10 +44,21 @@ def run_world(fn, world: int, *args, timeout: float = 240.0, dying=()):
         p.start()
     results, errors = {}, {}
     import queue as queue_mod
+    import time
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world - len(dying)):
-            rank, kind, value = queue.get(timeout=timeout)
-            (results if kind == "ok" else errors)[rank] = value
+        while len(results) + len(errors) < world - len(dying):
+            try:
+                rank, kind, value = queue.get(timeout=1.0)
+                (results if kind == "ok" else errors)[rank] = value
+            except queue_mod.Empty:
+                crashed = [r for r, p in enumerate(procs) if r not in dying and not p.is_alive()
+                           and r not in results and r not in errors and p.exitcode != 0]
+                if crashed:
+                    errors["crash"] = (f"ranks {crashed} exited without reporting", "")
+                    break
+                if time.monotonic() > deadline:
+                    raise
     except queue_mod.Empty:
         errors["timeout"] = (f"ranks {sorted(set(range(world)) - set(results) - set(errors) - set(dying))} "
                              f"did not finish within {timeout} s", "")
