@@ -144,3 +144,71 @@ def _nccl_one_rank(rank, world):
 def test_one_rank_nccl_world():
     from multiproc import run_world
     assert run_world(_nccl_one_rank, 1) == [True]
+
+
+def _one_rank_reliability(rank, world):
+    """Streams, repeated refits, graph replays and wrong devices on a one-rank NCCL world."""
+    import torch
+
+    from refit_engine import RefitError, ShardedTensors, Split
+    torch.cuda.set_device(0)
+    out = {}
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(4096, 1024, generator=g).to(torch.bfloat16).cuda()
+    src, dst = ShardedTensors(), ShardedTensors()
+    halves = [full[:2048].clone(), full[2048:].clone()]  # two "TP ranks" held by one rank
+    for i, h in enumerate(halves):
+        src.add("w", h, full.shape, Split(0, 2), i, key=f"w.{i}")
+    target = torch.full_like(full, float("nan"))
+    dst.add("w", target, full.shape)
+    plan = refit_engine.plan(src, dst)
+
+    # Streams: work queued before execute on a side stream (a slow write of new source values)
+    # must land before the refit reads, and work queued after must see the refit's result.
+    side = torch.cuda.Stream()
+    new = torch.randn(4096, 1024, generator=g).to(torch.bfloat16).cuda()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time before the write
+        halves[0].copy_(new[:2048])
+        halves[1].copy_(new[2048:])
+        refit_engine.execute(plan, stream=side.cuda_stream, sync=False)
+        seen = target.clone()
+    torch.cuda.synchronize()
+    out["stream_ordering"] = bool(torch.equal(seen, new))
+
+    # 100 refits and 100 graph replays: exact, and no memory growth.
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for i in range(100):
+        refit_engine.execute(plan)
+    after_plain = torch.cuda.memory_allocated()
+    for i in range(100):
+        halves[0].add_(1)
+        refit_engine.execute(plan, graph=True)
+    torch.cuda.synchronize()
+    after_graph = torch.cuda.memory_allocated()
+    out["exact_after_replays"] = bool(torch.equal(target[:2048], halves[0])
+                                      and torch.equal(target[2048:], halves[1]))
+    out["memory"] = (before, after_plain, after_graph)
+
+    # A CPU tensor among CUDA tensors on one rank.
+    bad = ShardedTensors()
+    bad.add("w", halves[0], full.shape, Split(0, 2), 0, key="a")
+    bad.add("w", halves[1].cpu(), full.shape, Split(0, 2), 1, key="b")
+    try:
+        refit_engine.plan(bad, dst)
+        out["wrong_device"] = "no error"
+    except RefitError as exc:
+        out["wrong_device"] = exc.reason
+    return out
+
+
+def test_one_rank_streams_repeats_and_devices():
+    from multiproc import run_world
+    (out,) = run_world(_one_rank_reliability, 1)
+    assert out["stream_ordering"], "refit did not order itself with the caller's stream"
+    assert out["exact_after_replays"]
+    before, after_plain, after_graph = out["memory"]
+    assert after_plain == before and after_graph == before, out["memory"]
+    assert "several devices" in out["wrong_device"], out["wrong_device"]
