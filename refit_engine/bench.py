@@ -208,7 +208,7 @@ def main(argv=None) -> int:
                         help="source on the first half of the ranks, destination on the rest")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up iterations (default 2)")
-    parser.add_argument("--bucket-mib", type=int, default=256)
+    parser.add_argument("--bucket-mib", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for any wait")
     parser.add_argument("--no-megatron", action="store_true", help="skip megatron-core's refit")
     parser.add_argument("--model", default="", help="toy size overrides, e.g. hidden=512,num_layers=6")

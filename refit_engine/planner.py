@@ -20,9 +20,10 @@ MESSAGE_FIELDS = tuple(_core.MESSAGE_FIELDS)
 SEG = {name: i for i, name in enumerate(SEGMENT_FIELDS)}
 MSG = {name: i for i, name in enumerate(MESSAGE_FIELDS)}
 
-# Largest message between two ranks in one bucket. 256 MiB keeps NCCL/gloo messages large
-# enough to reach link bandwidth while bounding staging to 256 MiB per peer per bucket.
-DEFAULT_BUCKET_BYTES = 256 << 20
+# Largest message between two ranks in one bucket. 64 MiB messages reach NCCL's link bandwidth,
+# and staging stays at 4 x 64 MiB x peers (double-buffered send and receive): about 5 GiB for a
+# full-size Kimi K2 rank with ~20 peers.
+DEFAULT_BUCKET_BYTES = 64 << 20
 
 
 def _bytes(segments: np.ndarray) -> int:

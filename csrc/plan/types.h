@@ -99,7 +99,7 @@ struct PlanOptions {
     // Largest message between one pair of ranks in one bucket. Segments are cut (by rows,
     // then within a row) so no message exceeds it; staging per bucket is at most this
     // times the number of peers.
-    int64_t bucket_bytes = int64_t(256) << 20;
+    int64_t bucket_bytes = int64_t(64) << 20;
 };
 
 }  // namespace refit

@@ -1,0 +1,209 @@
+"""Memory planner and dry run: will a refit configuration fit, and what will it move?
+
+For a Kimi K2 configuration (source and destination TP / PP / EP / ETP on a number of GPUs,
+collocated or not) this builds both layouts and every rank's plan without any GPU, then reports
+per GPU: weights of the source and destination models, staging, total against the GPU's
+memory; bytes moved locally and over links; and the floor (bytes over bandwidth, the largest
+over ranks). A configuration that cannot fit is refused with a message saying by how much.
+
+    python -m refit_engine.memory --src tp=8,ep=64 --dst tp=4,ep=128 --gpus 128 --gpu h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+from refit_engine import dtypes
+from refit_engine.errors import RefitError
+from refit_engine.grid import ParallelGrid
+from refit_engine.layouts import Layout
+from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout
+from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
+from refit_engine.topology import Topology, preset
+
+GIB = 2**30
+
+
+@dataclass
+class RankFigures:
+    rank: int
+    src_bytes: int
+    dst_bytes: int
+    staging_bytes: int
+    local_bytes: int
+    sent_intra: int
+    sent_inter: int
+    received_intra: int
+    received_inter: int
+    messages: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.src_bytes + self.dst_bytes + self.staging_bytes
+
+
+def _weights_per_rank(layout: Layout, world: int) -> list[int]:
+    out = [0] * world
+    for b in layout.buffers:
+        out[b.rank] += b.numel * dtypes.itemsize(b.dtype)
+    return out
+
+
+def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid) -> float:
+    """Largest per-GPU weight bytes of one model, from parameter counts alone (no layout),
+    so hopeless configurations are refused in milliseconds."""
+    from refit_engine.models.kimi_k2 import kimi_k2_parameters
+    per_stage = [0.0] * grid.pp
+    stage_of_layer = {}
+    for stage in range(grid.pp):
+        for layer in grid.stage_layers(cfg.num_layers, stage):
+            stage_of_layer[layer] = stage
+    for p in kimi_k2_parameters(cfg):
+        n = dtypes.itemsize(p.dtype)
+        for s in p.shape:
+            n *= s
+        if p.expert is not None:
+            n /= grid.ep * grid.etp
+        elif p.split:
+            n /= grid.tp
+        stage = stage_of_layer.get(p.layer, 0 if p.name.startswith("embedding") else grid.pp - 1)
+        per_stage[stage] += n
+    return max(per_stage) / GIB
+
+
+def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collocated: bool,
+               headroom: float = 0.9) -> None:
+    """Refuse (RefitError) a configuration whose weights alone cannot fit, before building
+    anything. `headroom`: the fraction of GPU memory weights and staging may use."""
+    budget = topo.memory_gib * headroom
+    src_gib, dst_gib = weights_per_gpu_gib(cfg, src), weights_per_gpu_gib(cfg, dst)
+    need = src_gib + dst_gib if collocated else max(src_gib, dst_gib)
+    if need > budget:
+        raise RefitError(
+            f"does not fit: weights need {need:.1f} GiB per GPU (source {src_gib:.1f} GiB at "
+            f"TP{src.tp}/PP{src.pp}/EP{src.ep}/ETP{src.etp}"
+            + (f" + destination {dst_gib:.1f} GiB at TP{dst.tp}/PP{dst.pp}/EP{dst.ep}/ETP{dst.etp}"
+               if collocated else "")
+            + f") but {topo.name} GPUs have {topo.memory_gib:.0f} GiB ({budget:.0f} GiB usable "
+            f"at {headroom:.0%}); raise EP (experts are 99% of the weights) or TP")
+
+
+def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topology,
+            bucket_bytes: int = DEFAULT_BUCKET_BYTES, headroom: float = 0.9) -> dict:
+    collocated = src.offset == dst.offset
+    check_fits(cfg, src, dst, topo, collocated, headroom)
+    world = max(src.offset + src.world, dst.offset + dst.world)
+    src_layout, dst_layout = kimi_k2_layout(cfg, src), kimi_k2_layout(cfg, dst)
+    plans = Planner(src_layout, dst_layout, bucket_bytes).plan_all()
+    src_w, dst_w = _weights_per_rank(src_layout, world), _weights_per_rank(dst_layout, world)
+    ranks = []
+    from refit_engine.planner import MSG
+    for r in range(world):
+        p = plans.get(r)
+        figs = RankFigures(r, src_w[r], dst_w[r], 0, 0, 0, 0, 0, 0, 0)
+        if p is not None:
+            figs.staging_bytes = 2 * (max(p.send_staging_bytes, default=0)
+                                      + max(p.recv_staging_bytes, default=0))
+            figs.local_bytes = p.bytes_local
+            figs.messages = len(p.send_messages) + len(p.recv_messages)
+            for kind, msgs in (("sent", p.send_messages), ("received", p.recv_messages)):
+                for peer, nbytes in zip(msgs[:, MSG["peer"]], msgs[:, MSG["bytes"]]):
+                    where = "intra" if topo.node_of(int(peer)) == topo.node_of(r) else "inter"
+                    setattr(figs, f"{kind}_{where}", getattr(figs, f"{kind}_{where}") + int(nbytes))
+        ranks.append(figs)
+    return {"ranks": ranks, "floor": floor(ranks, topo), "topology": topo,
+            "fits": max(f.total_bytes for f in ranks) <= topo.memory_gib * headroom * GIB}
+
+
+def floor(ranks: list[RankFigures], topo: Topology) -> dict:
+    """Lower bound of the refit time: per rank, the slowest of its NVLink traffic, its
+    network traffic (each direction at full duplex) and its local copies; the largest over
+    ranks. Seconds, and which rank and term set it."""
+    best = {"seconds": 0.0, "rank": None, "term": None}
+    for f in ranks:
+        terms = {
+            "nvlink": max(f.sent_intra, f.received_intra) / (topo.intra_node_gbps * 1e9),
+            "network": max(f.sent_inter, f.received_inter) / (topo.inter_node_gbps * 1e9),
+            "local copy": 2 * f.local_bytes / (topo.copy_gbps * 1e9),
+        }
+        term, seconds = max(terms.items(), key=lambda kv: kv[1])
+        if seconds > best["seconds"]:
+            best = {"seconds": seconds, "rank": f.rank, "term": term}
+    return best
+
+
+def parse_grid(text: str, world: int, offset: int = 0) -> ParallelGrid:
+    values = {"tp": 1, "pp": 1, "ep": 1, "etp": 1}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in values:
+            raise SystemExit(f"unknown layout key '{key}' in '{text}' (tp, pp, ep, etp)")
+        values[key] = int(value)
+    return ParallelGrid(world, offset=offset, **values)
+
+
+def report(result: dict) -> str:
+    ranks, topo = result["ranks"], result["topology"]
+    worst = max(ranks, key=lambda f: f.total_bytes)
+    busiest = max(ranks, key=lambda f: f.sent_intra + f.sent_inter + f.received_intra + f.received_inter)
+    fl = result["floor"]
+    lines = [
+        f"{'per GPU (max over ranks)':<34}{'GiB':>10}",
+        f"{'source weights':<34}{max(f.src_bytes for f in ranks) / GIB:>10.2f}",
+        f"{'destination weights':<34}{max(f.dst_bytes for f in ranks) / GIB:>10.2f}",
+        f"{'staging (2 x send + 2 x recv)':<34}{max(f.staging_bytes for f in ranks) / GIB:>10.2f}",
+        f"{'total (rank ' + str(worst.rank) + ')':<34}{worst.total_bytes / GIB:>10.2f}"
+        f"   of {topo.memory_gib:.0f} GiB: {'fits' if result['fits'] else 'DOES NOT FIT'}",
+        f"{'local copy (max)':<34}{max(f.local_bytes for f in ranks) / GIB:>10.2f}",
+        f"{'sent over NVLink (rank ' + str(busiest.rank) + ')':<34}{busiest.sent_intra / GIB:>10.2f}",
+        f"{'sent over network (rank ' + str(busiest.rank) + ')':<34}{busiest.sent_inter / GIB:>10.2f}",
+        f"floor: {fl['seconds'] * 1e3:.2f} ms (rank {fl['rank']}, {fl['term']}) on {topo.name}: "
+        f"NVLink {topo.intra_node_gbps:g} GB/s, network {topo.inter_node_gbps:g} GB/s, copy "
+        f"{topo.copy_gbps:g} GB/s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Kimi K2 refit memory planner and dry run")
+    parser.add_argument("--src", default="tp=8,ep=64")
+    parser.add_argument("--dst", default="tp=4,ep=128")
+    parser.add_argument("--gpus", type=int, default=128)
+    parser.add_argument("--gpu", default="h100", help="topology preset: h100, h200, cpu")
+    parser.add_argument("--non-collocated", action="store_true",
+                        help="destination on --gpus more GPUs after the source's")
+    parser.add_argument("--layers", type=int, default=61)
+    parser.add_argument("--model", default="", help="Kimi K2 overrides, e.g. hidden=64,num_experts=8")
+    parser.add_argument("--bucket-mib", type=int, default=DEFAULT_BUCKET_BYTES >> 20)
+    parser.add_argument("--headroom", type=float, default=0.9)
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = parser.parse_args(argv)
+    overrides = {k: int(v) for k, _, v in (i.partition("=") for i in args.model.split(",") if i)}
+    cfg = KimiK2Config(num_layers=args.layers, **overrides)
+    src = parse_grid(args.src, args.gpus)
+    dst = parse_grid(args.dst, args.gpus, offset=args.gpus if args.non_collocated else 0)
+    total = args.gpus * (2 if args.non_collocated else 1)
+    topo = preset(args.gpu, total)
+    try:
+        result = dry_run(cfg, src, dst, topo, args.bucket_mib << 20, args.headroom)
+    except RefitError as exc:
+        print(f"refused: {exc.reason}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"fits": False, "reason": exc.reason}))
+        return 2
+    if args.json:
+        worst = max(result["ranks"], key=lambda f: f.total_bytes)
+        print(json.dumps({"fits": result["fits"], "floor_s": result["floor"]["seconds"],
+                          "max_gpu_gib": worst.total_bytes / GIB, "topology": asdict(topo)}))
+    else:
+        print(f"Kimi K2 ({cfg.num_layers} layers) source {args.src} -> destination {args.dst} "
+              f"on {total} GPUs ({'non-collocated' if args.non_collocated else 'collocated'})")
+        print(report(result))
+    return 0 if result["fits"] else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
