@@ -41,9 +41,16 @@ def describe_layout(d: dict) -> str:
     return "/".join(f"{k.upper()}{v}" for k, v in d.items() if v > 1 or k == "tp")
 
 
+_LOG_FILES: list = []  # extra files rank 0's progress lines also go to (per-configuration logs)
+
+
 def log(rank: int, message: str) -> None:
     if rank == 0:
-        print(f"[refit-bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+        line = f"[refit-bench {time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        for f in _LOG_FILES:
+            f.write(line + "\n")
+            f.flush()
 
 
 def _max_over_ranks(value: float) -> float:
@@ -83,7 +90,16 @@ def run_rank(rank: int, world: int, args) -> dict | None:
                                                       build_process_groups, megatron_refit)
     from refit_engine.verify import check_exact
 
-    cfg = KimiK2Config.toy(**{**DEFAULT_TOY, **args.model})
+    if getattr(args, "full_size", False):
+        cfg = KimiK2Config(**args.model)  # published sizes; --model may lower num_layers etc.
+    else:
+        cfg = KimiK2Config.toy(**{**DEFAULT_TOY, **args.model})
+    backend = dist.get_backend()
+    device = "cpu"
+    if backend == "nccl":
+        import torch
+        device = f"cuda:{torch.cuda.current_device()}"
+    method = "nccl" if backend == "nccl" else "gloo"
     src_spec, dst_spec = parse_layout(args.src), parse_layout(args.dst)
     if args.non_collocated:
         half = world // 2
@@ -98,10 +114,11 @@ def run_rank(rank: int, world: int, args) -> dict | None:
               f"{dst_ranks[0]}-{dst_ranks[-1]} ({mode})")
     src_pgs = build_process_groups(src_layout)
     dst_pgs = build_process_groups(dst_layout)
-    log(rank, f"building toy Kimi K2 models ({cfg.num_layers} layers, hidden {cfg.hidden}, "
-              f"{cfg.num_experts} experts)")
-    src = build_kimi_k2(cfg, src_layout, src_pgs, seed=1234) or None
-    dst = build_kimi_k2(cfg, dst_layout, dst_pgs, seed=4321) or None
+    log(rank, f"building Kimi K2 models on {device} ({cfg.num_layers} layers, hidden "
+              f"{cfg.hidden}, {cfg.num_experts} experts)")
+    init = "canonical" if device == "cpu" else "megatron"  # canonical init is for toy sizes
+    src = build_kimi_k2(cfg, src_layout, src_pgs, device=device, seed=1234, init=init) or None
+    dst = build_kimi_k2(cfg, dst_layout, dst_pgs, device=device, seed=4321, init=init) or None
     if dst:
         _poison(dst)
 
@@ -114,7 +131,15 @@ def run_rank(rank: int, world: int, args) -> dict | None:
         stats = refit_engine.execute(plan)
     ours = _timed_refits(rank, lambda: refit_engine.execute(plan), args.iters, "refit_engine")
     stats = refit_engine.execute(plan)
-    wrong = check_exact(plan)
+    if getattr(args, "full_size", False):
+        # Full size: per-piece checksums of sent vs landed bytes (gathering the model is out).
+        try:
+            refit_engine.execute(plan, verify=True)
+            wrong = []
+        except refit_engine.RefitError as exc:
+            wrong = [exc.tensor]
+    else:
+        wrong = check_exact(plan)
     exact = _max_over_ranks(float(bool(wrong))) == 0.0
     log(rank, f"bit-exact against the source weights: {exact}"
               + (f" (rank {rank} differs in {wrong[:3]})" if wrong else ""))
@@ -123,17 +148,18 @@ def run_rank(rank: int, world: int, args) -> dict | None:
     if not args.no_megatron:
         if dst:
             _poison(dst)
-        log(rank, "megatron-core refit (gloo): warm-up (builds its plan)")
+        log(rank, f"megatron-core refit ({method}): warm-up (builds its plan)")
         try:
             for _ in range(max(1, args.warmup)):
-                megatron_refit(src, dst, src_pgs, dst_pgs, method="gloo")
+                megatron_refit(src, dst, src_pgs, dst_pgs, method=method)
             megatron = _timed_refits(rank, lambda: megatron_refit(src, dst, src_pgs, dst_pgs,
-                                                                  method="gloo"),
+                                                                  method=method),
                                      args.iters, "megatron-core")
             # Ours was exact, so this compares megatron-core's result with ours. megatron-core
             # 0.16 moves parameters only: persistent buffers (router.expert_bias) stay behind.
             buffers = {name for chunk in dst or [] for name, _ in chunk.named_buffers()}
-            differ = [k for k in check_exact(plan) if k not in buffers]
+            differ = [] if getattr(args, "full_size", False) else \
+                [k for k in check_exact(plan) if k not in buffers]
             megatron_exact = _max_over_ranks(float(bool(differ))) == 0.0
             log(rank, f"megatron-core result identical to ours on every parameter: "
                       f"{megatron_exact}" + (f" (rank 0 differs in {len(differ)} tensors, e.g. "
@@ -143,10 +169,13 @@ def run_rank(rank: int, world: int, args) -> dict | None:
             megatron, megatron_exact = None, False
 
     total = {k: _sum_over_ranks(stats[k]) for k in ("bytes_local", "bytes_sent")}
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, {k: stats[k] for k in ("rank", "bytes_local", "bytes_sent",
+                                                            "bytes_received", "per_peer")})
     if rank != 0:
         return None
     return {"config": {"src": src_spec, "dst": dst_spec, "mode": mode, "world": world,
-                       "model": cfg.__dict__},
+                       "method": method, "model": cfg.__dict__}, "per_rank": per_rank,
             "plan_s": plan_s, "ours_ms": ours, "megatron_ms": megatron,
             "megatron_exact": megatron_exact if megatron else None,
             "exact": exact, "bytes": total, "buckets": stats["buckets"]}
@@ -158,6 +187,15 @@ def _sum_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def init_from_env(backend: str, timeout: float) -> None:
+    """init_process_group from torchrun's or srun's environment (RANK / SLURM_PROCID, ...)."""
+    import torch
+    import torch.distributed as dist
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
 
 
 def _worker(rank, world, port, args, queue):
@@ -213,12 +251,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-megatron", action="store_true", help="skip megatron-core's refit")
     parser.add_argument("--model", default="", help="toy size overrides, e.g. hidden=512,num_layers=6")
     parser.add_argument("--json-out", help="also write the full results here")
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"],
+                        help="under torchrun/srun: gloo (CPU tensors) or nccl (GPU tensors)")
+    parser.add_argument("--full-size", action="store_true",
+                        help="published Kimi K2 sizes (--model may still lower num_layers)")
     args = parser.parse_args(argv)
     args.model = {k: int(v) for k, _, v in (i.partition("=") for i in args.model.split(",") if i)}
 
     if "RANK" in os.environ:  # launched by torchrun / srun: this process is one rank
+        init_from_env(args.backend, args.timeout)
         import torch.distributed as dist
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
         result = run_rank(dist.get_rank(), dist.get_world_size(), args)
         dist.destroy_process_group()
     else:

@@ -8,7 +8,7 @@ holds, from megatron's own parameter attributes and process groups:
   SwiGLU fc1, its experts and shared experts); routed-expert parameters split over the
   expert-TP group, all others over the TP group; everything else is replicated;
 - canonical names use global layer numbers (`layer_number` of each transformer layer, so PP
-  stages agree) and global expert indices (EP rank x local experts + local index), for both
+  stages agree) and global expert indices (each MoE layer's `local_expert_indices`), for both
   SequentialMLP (`experts.local_experts.{k}.`) and TEGroupedMLP (`experts.linear_fc1.weight{k}`).
 
 Switching from megatron-core's refit is one import:
@@ -59,23 +59,28 @@ def _group_part(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _layer_numbers(chunk) -> dict[int, int]:
-    """Local layer index in the module names -> global layer index (0-based)."""
+def _layers(chunk) -> dict[int, tuple[int, list[int]]]:
+    """Local layer index in the module names -> (global layer index, global index of each
+    local expert). megatron names layers per pipeline stage but numbers them globally
+    (`layer_number`, 1-based), and each MoE layer lists its experts' global indices."""
     layers = getattr(getattr(chunk, "decoder", None), "layers", None) or []
-    return {i: int(layer.layer_number) - 1 for i, layer in enumerate(layers)}
+    return {i: (int(layer.layer_number) - 1,
+                [int(e) for e in getattr(getattr(layer, "mlp", None), "local_expert_indices", [])])
+            for i, layer in enumerate(layers)}
 
 
-def canonical_name(name: str, layer_numbers: dict[int, int], expert_offset: int) -> str:
+def canonical_name(name: str, layers: dict[int, tuple[int, list[int]]]) -> str:
     """Global layer and expert indices in place of this rank's local ones."""
     m = _LAYER.match(name)
-    if m:
-        name = f"{m['pre']}{layer_numbers.get(int(m['i']), int(m['i']))}." + name[m.end():]
-    m = _SEQUENTIAL_EXPERT.search(name)
-    if m:
-        return f"{name[:m.start()]}.experts.{expert_offset + int(m['k'])}.{name[m.end():]}"
-    m = _GROUPED_EXPERT.search(name)
-    if m:
-        return f"{name[:m.start()]}.experts.{expert_offset + int(m['k'])}.{m['fc']}.{m['kind']}"
+    if not m:
+        return name
+    layer, experts = layers.get(int(m["i"]), (int(m["i"]), []))
+    name = f"{m['pre']}{layer}." + name[m.end():]
+    e = _SEQUENTIAL_EXPERT.search(name) or _GROUPED_EXPERT.search(name)
+    if e:
+        expert = experts[int(e["k"])]
+        tail = name[e.end():] if "fc" not in e.groupdict() else f"{e['fc']}.{e['kind']}"
+        return f"{name[:e.start()]}.experts.{expert}.{tail}"
     return name
 
 
@@ -97,16 +102,13 @@ def describe(model) -> ShardedTensors:
     for index, chunk in enumerate(chunks):
         pgc = _pg_collection(chunk)
         tp, expert_tp, ep = getattr(pgc, "tp", None), getattr(pgc, "expt_tp", None), getattr(pgc, "ep", None)
-        num_experts = getattr(chunk.config, "num_moe_experts", None) or 0
-        ep_size, ep_rank = _group_part(ep)
-        expert_offset = ep_rank * (num_experts // ep_size) if num_experts else 0
-        layers = _layer_numbers(chunk)
+        layers = _layers(chunk)
         for name, tensor, is_param in _tensors(chunk):
             if _LEGACY_GROUPED.search(name):
                 raise RefitError("legacy GroupedMLP weights (experts stored transposed in one "
                                  "matrix) are not supported; use SequentialMLP or TEGroupedMLP",
                                  tensor=name, ranks=[dist.get_rank()])
-            canonical = canonical_name(name, layers, expert_offset)
+            canonical = canonical_name(name, layers)
             data = tensor.data if is_param else tensor
             split, part = None, 0
             if is_param and getattr(tensor, "tensor_model_parallel", False):

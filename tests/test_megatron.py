@@ -78,3 +78,35 @@ def test_megatron_refit_matches_ours():
             # megatron-core 0.16 does not move persistent buffers (router.expert_bias).
             wrong = [t for t in entry["megatron_wrong"] if not t.endswith("expert_bias")]
             assert wrong == [], (rank, name, wrong[:5])
+
+
+def _names_worker(rank, world):
+    import warnings
+
+    from refit_engine.megatron import describe
+    from refit_engine.models.kimi_k2 import KimiK2Config
+    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+                                                      build_process_groups)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    cfg = KimiK2Config.toy(num_layers=4, num_experts=8)
+    layout = ParallelLayout(tp=1, pp=2, ep=2, ranks=tuple(range(world)))
+    model = build_kimi_k2(cfg, layout, build_process_groups(layout), seed=3)
+    return sorted({(e.name, e.start, e.extent) for e in describe(model).entries
+                   if ".experts." in e.name and "shared" not in e.name or "layers." in e.name
+                   and e.name.endswith("input_layernorm.weight")})
+
+
+def test_canonical_names_follow_megatron_rank_order():
+    """Independent of the adapter: expert and layer placement from ParallelGrid's rank math."""
+    from refit_engine.grid import ParallelGrid
+    per_rank = run_world(_names_worker, 4)
+    grid = ParallelGrid(4, pp=2, ep=2)
+    for rank, names in enumerate(per_rank):
+        stage = rank // 2
+        layers = set(grid.stage_layers(4, stage))
+        got_layers = {int(n.split(".")[2]) for n, _, _ in names}
+        assert got_layers == layers, (rank, got_layers)
+        experts = {int(n.split(".")[5]) for n, _, _ in names if ".experts." in n}
+        want = {e for e in range(8) if any(r == rank for r, _, _ in
+                                             grid.expert_holders(e, 8, stage))}
+        assert experts == want, (rank, experts, want)

@@ -23,8 +23,8 @@ non-TP-split (plain duplicated linears), as Transformer Engine's spec does; pass
 `duplicated_down_proj=False` for megatron's stock local spec (TP-split ColumnParallelLinear).
 
 Weights are by default drawn per canonical tensor (`init="canonical"`): the same global
-weights at every layout, every routed expert distinct. `canonical_shards` maps a built model's
-local names to canonical ones (global layer and expert) with each tensor's TP split.
+weights at every layout, every routed expert distinct (through `refit_engine.megatron.describe`,
+the same description of local tensors that a refit uses).
 
 All work-arounds for running megatron-core on a host without CUDA / Transformer Engine live in
 `_patch_megatron_for_cpu()` and nowhere else.
@@ -72,14 +72,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installed megatr
 
 __all__ = [
     "ParallelLayout",
-    "ShardInfo",
     "build_process_groups",
     "build_kimi_k2",
-    "canonical_shards",
     "make_transformer_config",
     "megatron_refit",
     "megatron_version",
-    "take_shard",
 ]
 
 
@@ -518,99 +515,6 @@ def _duplicate_down_projections(block_spec):
 # Canonical names and shards (layout-independent view of a built model)
 # --------------------------------------------------------------------------------------------
 
-_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
-_SEQUENTIAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
-_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc\d+)\.(weight|bias)(\d+)$")
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """Where one local tensor sits in its canonical (full) tensor."""
-
-    canonical: str  # global layer / expert indices; experts `mlp.experts.{g}.linear_fcN.weight`
-    layer: int | None  # global layer (0-based), None outside the decoder layers
-    expert: int | None  # global routed expert, None for everything else
-    dim: int | None  # split dim (None: replicated)
-    stride: int  # megatron partition stride (2 for SwiGLU fc1)
-    index: int  # this rank's shard index in its TP (experts: expert-TP) group
-    count: int  # shards along `dim`
-    full_shape: tuple[int, ...]
-
-
-def canonical_shards(chunks, pg_collection, buffers: bool = True) -> dict[str, ShardInfo]:
-    """Local parameter (and persistent buffer) name -> `ShardInfo`, for this rank's chunks.
-
-    Layer indices become global (from each layer's `layer_number`), routed experts global
-    (from the MoE layer's `local_expert_indices`; SequentialMLP `local_experts.{k}.X.weight`
-    and TE grouped `linear_fcN.weight{k}` both map to `experts.{g}.linear_fcN.weight`).
-    """
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    if not chunks:
-        return {}
-    if len(chunks) > 1:
-        raise NotImplementedError("one model chunk per rank (no virtual pipeline)")
-    model = chunks[0]
-    layers, experts = {}, {}
-    for name, module in model.named_modules():
-        if isinstance(module, TransformerLayer):
-            layers[name] = module.layer_number - 1
-            indices = getattr(module.mlp, "local_expert_indices", None)
-            if indices is not None:
-                experts[name] = [int(i) for i in indices]
-    named = list(model.named_parameters())
-    if buffers:
-        persistent = {n for n, _ in _persistent_buffers(model)}
-        named += [(n, b) for n, b in model.named_buffers() if n in persistent]
-    out = {}
-    for name, tensor in named:
-        canonical, layer, expert = name, None, None
-        m = _LAYER.match(name)
-        if m:
-            key = m.group(1) + m.group(2)
-            layer = layers[key]
-            canonical = f"{m.group(1)}{layer}{m.group(3)}"
-            e = _SEQUENTIAL_EXPERT.search(canonical)
-            if e:
-                expert = experts[key][int(e.group(1))]
-                canonical = canonical.replace(e.group(0), f".mlp.experts.{expert}.")
-            else:
-                g = _GROUPED_EXPERT.search(canonical)
-                if g:
-                    expert = experts[key][int(g.group(3))]
-                    canonical = (canonical[:g.start()]
-                                 + f".mlp.experts.{expert}.{g.group(1)}.{g.group(2)}")
-        split = bool(getattr(tensor, "tensor_model_parallel", False))
-        if split:
-            group = pg_collection.expt_tp if expert is not None else pg_collection.tp
-            dim, count, index = int(tensor.partition_dim), group.size(), group.rank()
-            stride = int(getattr(tensor, "partition_stride", 1))
-        else:
-            dim, count, index, stride = None, 1, 0, 1
-        full = list(tensor.shape)
-        if dim is not None:
-            full[dim] *= count
-        out[name] = ShardInfo(canonical, layer, expert, dim, stride, index, count, tuple(full))
-    return out
-
-
-def _persistent_buffers(model):
-    for module_name, module in model.named_modules():
-        skip = getattr(module, "_non_persistent_buffers_set", set())
-        for name, buf in module.named_buffers(recurse=False):
-            if buf is not None and name not in skip:
-                yield (f"{module_name}.{name}" if module_name else name), buf
-
-
-def take_shard(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
-    """This rank's piece of canonical tensor `full` (strided TP split as megatron does it)."""
-    if info.dim is None:
-        return full
-    pieces = torch.chunk(full, info.count * info.stride, dim=info.dim)
-    mine = [pieces[j * info.count + info.index] for j in range(info.stride)]
-    return torch.cat(mine, dim=info.dim)
-
-
 def _canonical_values(canonical: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{canonical}".encode()))
     values = torch.randn(shape, generator=generator, dtype=torch.float32)
@@ -621,17 +525,23 @@ def _canonical_values(canonical: str, shape: tuple[int, ...], seed: int) -> torc
     return values * 0.02
 
 
-def _canonical_init(chunks, pg_collection, seed: int) -> None:
+def _canonical_init(chunks, seed: int) -> None:
     """Every parameter and persistent buffer from (seed, canonical name): the same global
-    weights at every layout, distinct for every expert and layer."""
-    model = chunks[0]
-    tensors = dict(model.named_parameters())
-    tensors.update(dict(_persistent_buffers(model)))
+    weights at every layout, distinct for every expert and layer. Where each local tensor sits
+    in its canonical tensor comes from the layout adapter (`refit_engine.megatron.describe`),
+    so the model is initialized through exactly the description a refit uses."""
+    from refit_engine.megatron import describe
+    local = describe(chunks)
     with torch.no_grad():
-        for name, info in canonical_shards(chunks, pg_collection).items():
-            tensor = tensors[name]
-            full = _canonical_values(info.canonical, info.full_shape, seed)
-            tensor.copy_(take_shard(full, info).to(tensor.dtype))
+        full, name = None, None
+        for e in sorted(local.entries, key=lambda e: e.name):
+            if e.name != name:
+                name, full = e.name, _canonical_values(e.name, e.global_shape, seed)
+            tensor = local.tensors[e.key]
+            view = tensor.as_strided(e.extent, e.local_strides,
+                                     tensor.storage_offset() + e.local_offset)
+            index = tuple(slice(s, s + n) for s, n in zip(e.start, e.extent))
+            view.copy_(full[index].to(tensor.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -701,7 +611,7 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, devi
             if param.dtype != dtype and param.is_floating_point():
                 param.data = param.data.to(dtype)
     if init == "canonical":
-        _canonical_init([model], pg_collection, seed)
+        _canonical_init([model], seed)
     if device.type != "cpu":
         model = model.to(device)
     return [model]
@@ -740,6 +650,10 @@ def _stand_ins(state: dict, src, dst):
         experts = held.config.num_moe_experts if held is not None else None
         state["stand_ins"] = (_AbsentModel(experts), _AbsentModel(experts))
     return state["stand_ins"]
+
+
+# TE grouped expert weights (`linear_fc1.weight3`): what megatron maps to global experts.
+_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc\d+)\.(weight|bias)(\d+)$")
 
 
 def _all_ranks_agree(local_ok: bool) -> bool:

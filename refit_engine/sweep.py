@@ -1,0 +1,279 @@
+"""The Kimi K2 refit sweep: several source -> destination configurations in one job, with the
+seed benchmark's outputs (per-configuration logs, summary), a JSON file of every figure and a
+plot. Launched by slurm/kimi_k2.sh (srun, one process per GPU) or torchrun; on a machine
+without a launcher it spawns --world gloo processes itself.
+
+    python -m refit_engine.sweep --configs "8:4:collocated:nccl 8:2:collocated:nccl" --full-size
+
+A configuration is SRC_TP:DST_TP[:MODE[:METHOD]]; EP / ETP / PP come from --src-extra /
+--dst-extra (e.g. "ep=64"), or are chosen so both models fit (--auto-ep, the default with
+--full-size): destination EP as large as the expert count and GPU count allow, source EP the
+smallest that fits beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from refit_engine import bench
+from refit_engine.errors import RefitError
+
+
+def parse_configs(text: str) -> list[dict]:
+    out = []
+    for item in text.replace(",", " ").split():
+        parts = item.split(":")
+        if len(parts) < 2:
+            raise SystemExit(f"bad configuration '{item}': SRC_TP:DST_TP[:MODE[:METHOD]]")
+        mode = parts[2] if len(parts) > 2 else "collocated"
+        if mode not in ("collocated", "non-collocated", "noncollocated"):
+            raise SystemExit(f"bad mode '{mode}' in '{item}'")
+        out.append({"src_tp": int(parts[0]), "dst_tp": int(parts[1]),
+                    "mode": "non-collocated" if mode.startswith("non") else "collocated",
+                    "method": parts[3] if len(parts) > 3 else None})
+    return out
+
+
+def choose_expert_parallel(cfg, world: int, src_tp: int, dst_tp: int, collocated: bool,
+                           topo_name: str) -> tuple[int, int]:
+    """(source EP, destination EP) so that both models fit: the destination spreads experts as
+    far as it can; the source takes the smallest EP that still fits beside it."""
+    from math import gcd
+
+    from refit_engine.grid import ParallelGrid
+    from refit_engine.memory import check_fits
+    from refit_engine.topology import preset
+    side = world // 2 if not collocated else world
+    cap = gcd(cfg.num_experts, side)
+    divisors = [d for d in range(1, cap + 1) if cap % d == 0]
+    topo = preset(topo_name, world)
+    dst_ep = divisors[-1]
+    for src_ep in divisors:
+        try:
+            check_fits(cfg, ParallelGrid(side, tp=src_tp, ep=src_ep),
+                       ParallelGrid(side, tp=dst_tp, ep=dst_ep, offset=0 if collocated else side),
+                       topo, collocated)
+            return src_ep, dst_ep
+        except RefitError:
+            continue
+    raise RefitError(f"no expert-parallel size lets TP{src_tp} -> TP{dst_tp} fit on {world} "
+                     f"{topo_name} GPUs")
+
+
+def summary_text(run_id: str, results: list[dict], nodes: str, gpus: int) -> str:
+    lines = ["Kimi K2 Refit Benchmark Summary", "================================",
+             f"Job ID: {run_id}", f"Nodes: {nodes}", f"Total GPUs: {gpus}", "", "Results:",
+             "--------", ""]
+    for r in results:
+        c = r["config"]
+        lines.append(f"Config: TP {c['src']['tp']} -> TP {c['dst']['tp']} ({c['mode']}, "
+                     f"{c['method']})")
+        if r.get("error"):
+            lines += [f"Failed: {r['error']}", ""]
+            continue
+        t = r["ours_ms"]
+        lines += [f"Mean refit time: {statistics.mean(t):.2f} ms",
+                  f"Min refit time:  {min(t):.2f} ms",
+                  f"Max refit time:  {max(t):.2f} ms"]
+        if r.get("floor_ms") is not None:
+            lines.append(f"Floor: {r['floor_ms']:.2f} ms ({r['floor_term']}); efficiency "
+                         f"{r['efficiency']:.0%}")
+        if r.get("megatron_ms"):
+            m = r["megatron_ms"]
+            lines.append(f"megatron-core refit: mean {statistics.mean(m):.2f} ms "
+                         f"(speedup {statistics.median(m) / statistics.median(t):.2f}x)")
+        lines.append(f"Bit-exact: {r['exact']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> Path | None:
+    """Bar chart: median refit time per configuration, its floor beside it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[sweep] matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    ok = [r for r in results if not r.get("error")]
+    labels = [f"TP{r['config']['src']['tp']}->TP{r['config']['dst']['tp']}\n{r['config']['mode']}"
+              for r in ok]
+    times = [statistics.median(r["ours_ms"]) for r in ok]
+    floors = [r.get("floor_ms") or 0.0 for r in ok]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(ok)), 4))
+    xs = range(len(ok))
+    ax.bar([x - 0.2 for x in xs], times, width=0.4, label="refit_engine (median)")
+    ax.bar([x + 0.2 for x in xs], floors, width=0.4, label="floor (bytes / bandwidth)")
+    if any(r.get("megatron_ms") for r in ok):
+        ax.scatter(list(xs), [statistics.median(r["megatron_ms"]) if r.get("megatron_ms")
+                              else float("nan") for r in ok], color="k", marker="x",
+                   label="megatron-core (median)", zorder=3)
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("refit time (ms)")
+    ax.set_title("Kimi K2 refit")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def floor_of(result: dict, gpus_per_node: int, topo_name: str) -> dict:
+    """The floor of a measured configuration from its per-rank bytes and the topology."""
+    from refit_engine.memory import RankFigures, floor
+    from refit_engine.topology import preset
+    world = result["config"]["world"]
+    topo = preset(topo_name, world)
+    from dataclasses import replace
+    topo = replace(topo, gpus_per_node=gpus_per_node, nodes=max(1, world // gpus_per_node))
+    figs = []
+    for s in result["per_rank"]:
+        f = RankFigures(s["rank"], 0, 0, 0, s["bytes_local"], 0, 0, 0, 0, 0)
+        for peer, b in s["per_peer"].items():
+            where = "intra" if topo.node_of(int(peer)) == topo.node_of(s["rank"]) else "inter"
+            f.__dict__[f"sent_{where}"] += b["sent"]
+            f.__dict__[f"received_{where}"] += b["received"]
+        figs.append(f)
+    return floor(figs, topo)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Kimi K2 refit sweep")
+    parser.add_argument("--configs", default=os.environ.get(
+        "CONFIGS", "8:4:collocated:nccl 8:2:collocated:nccl 8:1:collocated:nccl "
+                   "4:2:collocated:nccl 4:1:collocated:nccl"))
+    parser.add_argument("--backend", default=os.environ.get("BACKEND", "nccl"),
+                        choices=["nccl", "gloo"])
+    parser.add_argument("--world", type=int, default=4, help="processes to spawn without a launcher")
+    parser.add_argument("--iters", type=int, default=int(os.environ.get("NUM_ITERATIONS", 5)))
+    parser.add_argument("--warmup", type=int, default=int(os.environ.get("NUM_WARMUP", 2)))
+    parser.add_argument("--full-size", action="store_true",
+                        default=os.environ.get("FULL_SIZE", "0") == "1")
+    parser.add_argument("--model", default=os.environ.get("MODEL_OVERRIDES", ""),
+                        help="Kimi K2 overrides, e.g. num_layers=8 (toy sizes without --full-size)")
+    parser.add_argument("--src-extra", default=os.environ.get("SRC_EXTRA", ""),
+                        help="extra source layout, e.g. ep=64,etp=1,pp=1 (default: auto EP)")
+    parser.add_argument("--dst-extra", default=os.environ.get("DST_EXTRA", ""))
+    parser.add_argument("--gpu", default=os.environ.get("GPU_KIND", "h100"),
+                        help="topology preset for floors and memory checks: h100, h200, cpu")
+    parser.add_argument("--output-dir", default=os.environ.get(
+        "OUTPUT_DIR", "benchmark_results/kimi_k2"))
+    parser.add_argument("--run-id", default=os.environ.get("RUN_ID") or os.environ.get(
+        "SLURM_JOB_ID") or time.strftime("%Y%m%d_%H%M%S"))
+    parser.add_argument("--compare-megatron", action="store_true",
+                        default=os.environ.get("COMPARE_MEGATRON", "0") == "1")
+    parser.add_argument("--bucket-mib", type=int, default=int(os.environ.get("BUCKET_MIB", 64)))
+    parser.add_argument("--timeout", type=float, default=float(os.environ.get("TIMEOUT_S", 600)))
+    args = parser.parse_args(argv)
+    args.model_overrides = {k: int(v) for k, _, v in
+                            (i.partition("=") for i in args.model.split(",") if i)}
+    configs = parse_configs(args.configs)
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        return _spawn(args)
+    if "RANK" not in os.environ:  # srun without torchrun: map SLURM's variables
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    bench.init_from_env(args.backend, args.timeout)
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return run_sweep(rank, world, args, configs)
+
+
+def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
+    from refit_engine.models.kimi_k2 import KimiK2Config
+    logs = Path(args.output_dir) / "logs"
+    if rank == 0:
+        logs.mkdir(parents=True, exist_ok=True)
+    gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get(
+        "SLURM_NTASKS_PER_NODE", world)))
+    nodes = os.environ.get("SLURM_JOB_NUM_NODES", str(max(1, world // max(1, gpus_per_node))))
+    cfg = KimiK2Config(**args.model_overrides) if args.full_size else \
+        KimiK2Config.toy(**{**bench.DEFAULT_TOY, **args.model_overrides})
+    results = []
+    for i, c in enumerate(configs):
+        method = c["method"] or args.backend
+        name = f"{args.run_id}_tp{c['src_tp']}_to_tp{c['dst_tp']}_{c['mode']}_{method}"
+        log_file = open(logs / f"{name}.log", "w") if rank == 0 else None
+        if log_file:
+            bench._LOG_FILES.append(log_file)
+        bench.log(rank, f"configuration {i + 1}/{len(configs)}: TP {c['src_tp']} -> TP "
+                        f"{c['dst_tp']} ({c['mode']}, {method})")
+        collocated = c["mode"] == "collocated"
+        try:
+            src_extra, dst_extra = args.src_extra, args.dst_extra
+            if not src_extra or not dst_extra:
+                src_ep, dst_ep = choose_expert_parallel(cfg, world, c["src_tp"], c["dst_tp"],
+                                                        collocated, args.gpu)
+                src_extra = src_extra or f"ep={src_ep}"
+                dst_extra = dst_extra or f"ep={dst_ep}"
+            opts = argparse.Namespace(
+                src=f"tp={c['src_tp']},{src_extra}", dst=f"tp={c['dst_tp']},{dst_extra}",
+                non_collocated=not collocated, iters=args.iters, warmup=args.warmup,
+                bucket_mib=args.bucket_mib, no_megatron=not args.compare_megatron,
+                model=args.model_overrides, full_size=args.full_size)
+            result = bench.run_rank(rank, world, opts)
+            if rank == 0:
+                fl = floor_of(result, gpus_per_node, args.gpu if args.backend == "nccl" else "cpu")
+                med = statistics.median(result["ours_ms"])
+                result.update(floor_ms=fl["seconds"] * 1e3, floor_term=fl["term"],
+                              efficiency=fl["seconds"] * 1e3 / med if med else None)
+                bench.log(rank, f"median {med:.2f} ms, floor {result['floor_ms']:.2f} ms "
+                                f"({fl['term']})")
+        except RefitError as exc:  # e.g. does not fit: report and go on with the next one
+            bench.log(rank, f"skipped: {exc}")
+            result = {"config": {"src": {"tp": c["src_tp"]}, "dst": {"tp": c["dst_tp"]},
+                                 "mode": c["mode"], "method": method, "world": world},
+                      "error": str(exc)}
+        finally:
+            if log_file:
+                bench._LOG_FILES.remove(log_file)
+                log_file.close()
+        if rank == 0:
+            results.append(result)
+    if rank != 0:
+        return 0
+    summary = logs / f"{args.run_id}_summary.txt"
+    summary.write_text(summary_text(args.run_id, results, nodes, world) + "\n")
+    (logs / f"{args.run_id}_results.json").write_text(json.dumps(
+        {"run_id": args.run_id, "world": world, "nodes": nodes, "backend": args.backend,
+         "results": results}, indent=1, default=str))
+    png = plot(results, logs / f"{args.run_id}_refit_times.png")
+    print(summary.read_text())
+    print(f"[sweep] summary {summary}; figures {logs / (args.run_id + '_results.json')}"
+          + (f"; plot {png}" if png else ""))
+    return 0 if all(r.get("exact") for r in results if not r.get("error")) else 2
+
+
+def _spawn(args) -> int:
+    import multiprocessing as mp
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_spawned, args=(r, args.world, port, args)) for r in range(args.world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return max(p.exitcode or 0 for p in procs)
+
+
+def _spawned(rank, world, port, args):
+    import warnings
+    warnings.filterwarnings("ignore", category=UserWarning)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    bench.init_from_env(args.backend, args.timeout)
+    sys.exit(run_sweep(rank, world, args, parse_configs(args.configs)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
