@@ -74,19 +74,25 @@ def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid) -> float:
     return max(per_stage) / GIB
 
 
+# Staging allowance before a plan exists: double-buffered send and receive, one bucket per peer,
+# for a typical 16 peers (the dry run replaces it with the plan's exact figure).
+TYPICAL_PEERS = 16
+
+
 def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collocated: bool,
-               headroom: float = 0.9) -> None:
-    """Refuse (RefitError) a configuration whose weights alone cannot fit, before building
-    anything. `headroom`: the fraction of GPU memory weights and staging may use."""
+               headroom: float = 0.9, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Refuse (RefitError) a configuration whose weights and staging cannot fit, before
+    building anything. `headroom`: the fraction of GPU memory they may use."""
     budget = topo.memory_gib * headroom
     src_gib, dst_gib = weights_per_gpu_gib(cfg, src), weights_per_gpu_gib(cfg, dst)
-    need = src_gib + dst_gib if collocated else max(src_gib, dst_gib)
+    staging_gib = 4 * bucket_bytes * TYPICAL_PEERS / GIB
+    need = (src_gib + dst_gib if collocated else max(src_gib, dst_gib)) + staging_gib
     if need > budget:
         raise RefitError(
-            f"does not fit: weights need {need:.1f} GiB per GPU (source {src_gib:.1f} GiB at "
+            f"does not fit: weights and staging need {need:.1f} GiB per GPU (source {src_gib:.1f} GiB at "
             f"TP{src.tp}/PP{src.pp}/EP{src.ep}/ETP{src.etp}"
             + (f" + destination {dst_gib:.1f} GiB at TP{dst.tp}/PP{dst.pp}/EP{dst.ep}/ETP{dst.etp}"
-               if collocated else "")
+               if collocated else "") + f" + staging {staging_gib:.1f} GiB"
             + f") but {topo.name} GPUs have {topo.memory_gib:.0f} GiB ({budget:.0f} GiB usable "
             f"at {headroom:.0%}); raise EP (experts are 99% of the weights) or TP")
 

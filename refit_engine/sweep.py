@@ -171,10 +171,16 @@ def main(argv=None) -> int:
                         default=os.environ.get("COMPARE_MEGATRON", "0") == "1")
     parser.add_argument("--bucket-mib", type=int, default=int(os.environ.get("BUCKET_MIB", 64)))
     parser.add_argument("--timeout", type=float, default=float(os.environ.get("TIMEOUT_S", 600)))
+    parser.add_argument("--check-only", action="store_true",
+                        help="memory check of every configuration on --gpus GPUs, no GPUs used")
+    parser.add_argument("--gpus", type=int, default=int(os.environ.get("TOTAL_GPUS", 0)),
+                        help="GPU count for --check-only")
     args = parser.parse_args(argv)
     args.model_overrides = {k: int(v) for k, _, v in
                             (i.partition("=") for i in args.model.split(",") if i)}
     configs = parse_configs(args.configs)
+    if args.check_only:
+        return check_only(args, configs)
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         return _spawn(args)
     if "RANK" not in os.environ:  # srun without torchrun: map SLURM's variables
@@ -184,6 +190,50 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     rank, world = dist.get_rank(), dist.get_world_size()
     return run_sweep(rank, world, args, configs)
+
+
+def check_only(args, configs) -> int:
+    """Before any job step: every configuration must fit (weights + staging on the GPU)."""
+    from refit_engine.grid import ParallelGrid
+    from refit_engine.memory import weights_per_gpu_gib
+    from refit_engine.models.kimi_k2 import KimiK2Config
+    from refit_engine.topology import preset
+    if args.backend != "nccl":
+        print("[sweep] memory check skipped: CPU backend")
+        return 0
+    cfg = KimiK2Config(**args.model_overrides) if args.full_size else \
+        KimiK2Config.toy(**{**bench.DEFAULT_TOY, **args.model_overrides})
+    gpus = args.gpus or args.world
+    topo = preset(args.gpu, gpus)
+    failed = 0
+    for c in configs:
+        collocated = c["mode"] == "collocated"
+        side = gpus if collocated else gpus // 2
+        try:
+            if args.src_extra and args.dst_extra:
+                src = parse_grid_extra(c["src_tp"], args.src_extra, side, 0)
+                dst = parse_grid_extra(c["dst_tp"], args.dst_extra, side, 0 if collocated else side)
+                from refit_engine.memory import check_fits
+                check_fits(cfg, src, dst, topo, collocated)
+                src_ep, dst_ep = src.ep, dst.ep
+            else:
+                src_ep, dst_ep = choose_expert_parallel(cfg, gpus, c["src_tp"], c["dst_tp"],
+                                                        collocated, args.gpu)
+            s_gib = weights_per_gpu_gib(cfg, ParallelGrid(side, tp=c["src_tp"], ep=src_ep))
+            d_gib = weights_per_gpu_gib(cfg, ParallelGrid(side, tp=c["dst_tp"], ep=dst_ep))
+            print(f"[sweep] TP{c['src_tp']}/EP{src_ep} -> TP{c['dst_tp']}/EP{dst_ep} "
+                  f"({c['mode']}): weights {s_gib:.1f} + {d_gib:.1f} GiB per GPU of "
+                  f"{topo.memory_gib:.0f}: fits")
+        except RefitError as exc:
+            failed += 1
+            print(f"[sweep] TP{c['src_tp']} -> TP{c['dst_tp']} ({c['mode']}) refused: "
+                  f"{exc.reason}")
+    return 2 if failed else 0
+
+
+def parse_grid_extra(tp: int, extra: str, world: int, offset: int):
+    from refit_engine.memory import parse_grid
+    return parse_grid(f"tp={tp},{extra}", world, offset)
 
 
 def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
