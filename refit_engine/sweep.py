@@ -66,7 +66,8 @@ def choose_expert_parallel(cfg, world: int, src_tp: int, dst_tp: int, collocated
                      f"{topo_name} GPUs")
 
 
-def summary_text(run_id: str, results: list[dict], nodes: str, gpus: int) -> str:
+def summary_text(run_id: str, results: list[dict], nodes: str, ranks: int, backend: str) -> str:
+    gpus = f"{ranks}" if backend == "nccl" else f"0 ({ranks} CPU ranks, gloo)"
     lines = ["Kimi K2 Refit Benchmark Summary", "================================",
              f"Job ID: {run_id}", f"Nodes: {nodes}", f"Total GPUs: {gpus}", "", "Results:",
              "--------", ""]
@@ -290,7 +291,7 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
     if rank != 0:
         return 0
     summary = logs / f"{args.run_id}_summary.txt"
-    summary.write_text(summary_text(args.run_id, results, nodes, world) + "\n")
+    summary.write_text(summary_text(args.run_id, results, nodes, world, args.backend) + "\n")
     (logs / f"{args.run_id}_results.json").write_text(json.dumps(
         {"run_id": args.run_id, "world": world, "nodes": nodes, "backend": args.backend,
          "results": results}, indent=1, default=str))
