@@ -21,20 +21,11 @@ import statistics
 import sys
 import time
 
+from refit_engine.grid import parse_layout_spec
+
 DEFAULT_TOY = dict(num_layers=4, hidden=256, num_heads=8, q_lora_rank=64, kv_lora_rank=32,
                    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, dense_ffn=512,
                    num_experts=16, moe_ffn=128, router_topk=2, shared_expert_ffn=128, vocab=4096)
-
-
-def parse_layout(text: str) -> dict:
-    """"tp=2,ep=4,etp=1,pp=1" -> dict."""
-    out = {"tp": 1, "pp": 1, "ep": 1, "etp": 1}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in out:
-            raise SystemExit(f"unknown layout key '{key}' in '{text}' (tp, pp, ep, etp)")
-        out[key] = int(value)
-    return out
 
 
 def describe_layout(d: dict) -> str:
@@ -100,7 +91,7 @@ def run_rank(rank: int, world: int, args) -> dict | None:
         import torch
         device = f"cuda:{torch.cuda.current_device()}"
     method = "nccl" if backend == "nccl" else "gloo"
-    src_spec, dst_spec = parse_layout(args.src), parse_layout(args.dst)
+    src_spec, dst_spec = parse_layout_spec(args.src), parse_layout_spec(args.dst)
     if args.non_collocated:
         half = world // 2
         src_ranks, dst_ranks = tuple(range(half)), tuple(range(half, world))

@@ -69,3 +69,14 @@ class ParallelGrid:
         base, extra = divmod(num_layers, self.pp)
         first = stage * base + min(stage, extra)
         return range(first, first + base + (1 if stage < extra else 0))
+
+
+def parse_layout_spec(text: str) -> dict:
+    """"tp=2,ep=4,etp=1,pp=1" -> {"tp": 2, "pp": 1, "ep": 4, "etp": 1} (unnamed sizes are 1)."""
+    out = {"tp": 1, "pp": 1, "ep": 1, "etp": 1}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in out:
+            raise SystemExit(f"unknown layout key '{key}' in '{text}' (tp, pp, ep, etp)")
+        out[key] = int(value)
+    return out

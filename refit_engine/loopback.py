@@ -18,6 +18,7 @@ from refit_engine.executors.cuda import (build_direct_loopback_executor,
                                          build_loopback_executor, require_cuda)
 from refit_engine.layouts import Layout
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
+from refit_engine.refit import CudaRefitRunner
 
 
 def _bases(layout: Layout, tensors: dict, side: str, device: str) -> dict:
@@ -58,6 +59,7 @@ class LoopbackRefit:
             {r: dst_bases.get(r, empty_dst) for r in self.plans}, device)
         self.device = device
         self.keep = (src_tensors, dst_tensors)
+        self._runner = CudaRefitRunner(self.executor, self._staging, None, device)
 
     def bytes_moved(self) -> dict:
         return {"local": sum(p.bytes_local for p in self.plans.values()),
@@ -66,14 +68,4 @@ class LoopbackRefit:
     def run(self, graph: bool = False, stream: int | None = None, timeout_s: float = 300.0,
             sync: bool = True) -> None:
         """Enqueue one refit on `stream` (default: torch's current stream); wait if `sync`."""
-        if stream is None:
-            import torch
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-        if graph and self.executor.captured:
-            self.executor.replay(stream)
-        elif graph:
-            self.executor.capture(stream)
-        else:
-            self.executor.run(stream)
-        if sync:
-            self.executor.wait(stream, timeout_s)
+        self._runner.run(graph, stream, sync, timeout_s)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from refit_engine import dtypes
 from refit_engine.errors import RefitError
-from refit_engine.grid import ParallelGrid
+from refit_engine.grid import ParallelGrid, parse_layout_spec
 from refit_engine.layouts import Layout
 from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
@@ -142,13 +142,7 @@ def floor(ranks: list[RankFigures], topo: Topology) -> dict:
 
 
 def parse_grid(text: str, world: int, offset: int = 0) -> ParallelGrid:
-    values = {"tp": 1, "pp": 1, "ep": 1, "etp": 1}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in values:
-            raise SystemExit(f"unknown layout key '{key}' in '{text}' (tp, pp, ep, etp)")
-        values[key] = int(value)
-    return ParallelGrid(world, offset=offset, **values)
+    return ParallelGrid(world, offset=offset, **parse_layout_spec(text))
 
 
 def report(result: dict) -> str:
