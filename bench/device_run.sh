@@ -24,4 +24,11 @@ fi
 if [[ $what == all || $what == loopback ]]; then
   python3 bench/loopback.py 2>&1 | tee "$OUT/loopback.log" | tail -12 || rc=1
 fi
+if [[ $what == all || $what == sweep ]]; then
+  # The sweep's GPU path on one GPU: megatron-core models on CUDA, NCCL, CUDA executor,
+  # megatron-core's NCCL refit beside ours (toy Kimi K2; TP1 -> TP1 is all local copies).
+  torchrun --standalone --nproc_per_node=1 -m refit_engine.sweep --backend nccl --gpu h100 \
+    --configs "1:1:collocated:nccl" --compare-megatron --iters 5 --warmup 2 \
+    --output-dir "$OUT/sweep" --run-id gpu1 2>&1 | tee "$OUT/sweep.log" | grep -v -i warn | tail -25 || rc=1
+fi
 exit $rc

@@ -212,3 +212,52 @@ def test_one_rank_streams_repeats_and_devices():
     before, after_plain, after_graph = out["memory"]
     assert after_plain == before and after_graph == before, out["memory"]
     assert "several devices" in out["wrong_device"], out["wrong_device"]
+
+
+def test_loopback_accepts_cupy_arrays():
+    cupy = pytest.importorskip("cupy")
+    from refit_engine import Layout, Split
+    src, dst = Layout(), Layout()
+    src.place("w", (64, 48), "bfloat16", [(0, 0), (1, 1)], Split(0, 2, stride=2))
+    dst.place("w", (64, 48), "bfloat16", [(0, 0), (1, 0)])
+    g = random_globals(src, np.random.default_rng(9))
+    src_t = {k: cupy.asarray(v) for k, v in materialize(src, g).items()}
+    dst_t = {k: cupy.asarray(v) for k, v in materialize(dst, poison=0xA5).items()}
+    refit = refit_engine.LoopbackRefit(src, dst, src_t, dst_t)
+    refit.run(stream=cupy.cuda.get_current_stream().ptr)
+    want = materialize(dst, g)
+    for key, t in dst_t.items():
+        assert np.array_equal(cupy.asnumpy(t), want[key])
+
+
+def _verify_on_gpu(rank, world):
+    import torch
+
+    from refit_engine import RefitError, ShardedTensors
+    from refit_engine.refit import CudaRefitRunner
+    torch.cuda.set_device(0)
+    full = torch.randn(256, 64).to(torch.bfloat16).cuda()
+    src, dst = ShardedTensors(), ShardedTensors()
+    src.add("w", full.clone(), full.shape)
+    out = torch.zeros_like(full)
+    dst.add("w", out, full.shape)
+    plan = refit_engine.plan(src, dst)
+    refit_engine.execute(plan, verify=True)
+    real = CudaRefitRunner.run
+
+    def corrupting(self, *a, **k):
+        real(self, *a, **k)
+        out.view(torch.uint8)[17] ^= 1
+    CudaRefitRunner.run = corrupting
+    try:
+        refit_engine.execute(plan, verify=True)
+        return "no error"
+    except RefitError as exc:
+        return exc.tensor
+    finally:
+        CudaRefitRunner.run = real
+
+
+def test_verify_on_gpu_reports_the_tensor():
+    from multiproc import run_world
+    assert run_world(_verify_on_gpu, 1) == ["w"]

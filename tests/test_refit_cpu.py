@@ -130,3 +130,23 @@ def test_verify_reports_corrupted_tensor_by_name():
     assert results[0] == results[1]  # every rank raises the same error
     tensor, ranks = results[0]
     assert tensor in SHAPES and ranks == [0, 1]
+
+
+def test_zero_copy_messages_chosen_per_side():
+    """A message that is one contiguous piece goes straight from / into the tensor; others
+    stay in staging. Pure NumPy: the selection logic of the NCCL executor."""
+    from refit_engine.executors.cuda import _messages
+    from refit_engine.planner import MSG, SEG, SEGMENT_FIELDS
+    segs = np.zeros((3, len(SEGMENT_FIELDS)), dtype=np.int64)
+    # peer 5: one contiguous segment; peer 6: two segments (one message, packed).
+    for i, (peer, rows, pitch) in enumerate([(5, 4, 64), (6, 1, 64), (6, 2, 128)]):
+        segs[i, [SEG["peer"], SEG["rows"], SEG["row_bytes"], SEG["src_pitch"], SEG["dst_pitch"]]] = \
+            (peer, rows, 64, pitch, 64)
+    msgs = np.array([[5, 0, 0, 256], [6, 0, 256, 192]], dtype=np.int64)
+    tensor_addr = np.array([1000, 2000, 3000], dtype=np.int64)
+    rows, keep = _messages(msgs, 0, segs, tensor_addr, None, "src", 1 << 20, {5: 1, 6: 2}, True)
+    assert rows.tolist() == [[1, 1000, 256], [2, (1 << 20) + 256, 192]]
+    assert keep.tolist() == [False, True, True]
+    rows, keep = _messages(msgs, 0, segs, tensor_addr, None, "src", 1 << 20, {5: 1, 6: 2}, False)
+    assert keep.all() and rows[0, 1] == 1 << 20
+    assert MSG["bytes"] == 3
