@@ -85,12 +85,11 @@ def run_rank(rank: int, world: int, args) -> dict | None:
         cfg = KimiK2Config(**args.model)  # published sizes; --model may lower num_layers etc.
     else:
         cfg = KimiK2Config.toy(**{**DEFAULT_TOY, **args.model})
-    backend = dist.get_backend()
     device = "cpu"
-    if backend == "nccl":
+    if "nccl" in dist.get_backend():
         import torch
         device = f"cuda:{torch.cuda.current_device()}"
-    method = "nccl" if backend == "nccl" else "gloo"
+    method = "nccl" if device != "cpu" else "gloo"
     src_spec, dst_spec = parse_layout_spec(args.src), parse_layout_spec(args.dst)
     if args.non_collocated:
         half = world // 2
@@ -186,6 +185,9 @@ def init_from_env(backend: str, timeout: float) -> None:
     import torch.distributed as dist
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+        # NCCL for CUDA tensors (megatron-core's refit), gloo for the small CPU collectives
+        # (layout gathering, timing reductions).
+        backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
 
 

@@ -250,7 +250,7 @@ def _check_still_valid(plan: Plan) -> None:
     import torch
     import torch.distributed as dist
     reason = _stale_reason(plan) if plan.current else None
-    on_gpu = dist.get_backend(plan.group) == "nccl"
+    on_gpu = "gloo" not in dist.get_backend(plan.group)  # pure NCCL groups reduce CUDA tensors
     flag = torch.tensor([1 if reason else 0], dtype=torch.int32,
                         device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=plan.group)
