@@ -161,7 +161,8 @@ def run_rank(rank: int, world: int, args) -> dict | None:
     total = {k: _sum_over_ranks(stats[k]) for k in ("bytes_local", "bytes_sent")}
     per_rank = [None] * world
     dist.all_gather_object(per_rank, {k: stats[k] for k in ("rank", "bytes_local", "bytes_sent",
-                                                            "bytes_received", "per_peer")})
+                                                            "bytes_received", "per_peer",
+                                                            "buckets")})
     if rank != 0:
         return None
     return {"config": {"src": src_spec, "dst": dst_spec, "mode": mode, "world": world,

@@ -103,7 +103,7 @@ def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topol
     check_fits(cfg, src, dst, topo, collocated, headroom)
     world = max(src.offset + src.world, dst.offset + dst.world)
     src_layout, dst_layout = kimi_k2_layout(cfg, src), kimi_k2_layout(cfg, dst)
-    plans = Planner(src_layout, dst_layout, bucket_bytes).plan_all()
+    plans = Planner(src_layout, dst_layout, bucket_bytes, topo.gpus_per_node).plan_all()
     src_w, dst_w = _weights_per_rank(src_layout, world), _weights_per_rank(dst_layout, world)
     ranks = []
     from refit_engine.planner import MSG
@@ -120,7 +120,10 @@ def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topol
                     where = "intra" if topo.node_of(int(peer)) == topo.node_of(r) else "inter"
                     setattr(figs, f"{kind}_{where}", getattr(figs, f"{kind}_{where}") + int(nbytes))
         ranks.append(figs)
+    from refit_engine.cost import predict
+    buckets = {r: p.num_buckets for r, p in plans.items()}
     return {"ranks": ranks, "floor": floor(ranks, topo), "topology": topo,
+            "predicted": predict(ranks, topo, buckets),
             "fits": max(f.total_bytes for f in ranks) <= topo.memory_gib * headroom * GIB}
 
 
@@ -160,6 +163,8 @@ def report(result: dict) -> str:
         f"{'local copy (max)':<34}{max(f.local_bytes for f in ranks) / GIB:>10.2f}",
         f"{'sent over NVLink (rank ' + str(busiest.rank) + ')':<34}{busiest.sent_intra / GIB:>10.2f}",
         f"{'sent over network (rank ' + str(busiest.rank) + ')':<34}{busiest.sent_inter / GIB:>10.2f}",
+        f"predicted: {result['predicted']['seconds'] * 1e3:.2f} ms (rank "
+        f"{result['predicted']['rank']}, {result['predicted']['term']})",
         f"floor: {fl['seconds'] * 1e3:.2f} ms (rank {fl['rank']}, {fl['term']}) on {topo.name}: "
         f"NVLink {topo.intra_node_gbps:g} GB/s, network {topo.inter_node_gbps:g} GB/s, copy "
         f"{topo.copy_gbps:g} GB/s",
@@ -197,6 +202,7 @@ def main(argv=None) -> int:
     if args.json:
         worst = max(result["ranks"], key=lambda f: f.total_bytes)
         print(json.dumps({"fits": result["fits"], "floor_s": result["floor"]["seconds"],
+                          "predicted_s": result["predicted"]["seconds"],
                           "max_gpu_gib": worst.total_bytes / GIB, "topology": asdict(topo)}))
     else:
         print(f"Kimi K2 ({cfg.num_layers} layers) source {args.src} -> destination {args.dst} "

@@ -98,9 +98,13 @@ class Planner:
     Raises RefitError (naming tensor, ranks, reason) when the layouts cannot be refit.
     """
 
-    def __init__(self, src: Layout, dst: Layout, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def __init__(self, src: Layout, dst: Layout, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 ranks_per_node: int = 0):
+        """ranks_per_node > 0 makes the source choice link-aware: among remote replicas, one on
+        the destination's node (NVLink) before one across the network."""
         self.src, self.dst, self.bucket_bytes = src, dst, int(bucket_bytes)
-        self._core = _core.Planner(*src.tables(), *dst.tables(), self.bucket_bytes)
+        self._core = _core.Planner(*src.tables(), *dst.tables(), self.bucket_bytes,
+                                   int(ranks_per_node))
 
     @property
     def ranks(self) -> list[int]:
@@ -114,9 +118,9 @@ class Planner:
 
 
 def compile_plans(src: Layout, dst: Layout, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                  ranks=None) -> dict[int, RankPlan]:
+                  ranks=None, ranks_per_node: int = 0) -> dict[int, RankPlan]:
     """Plans of `ranks` (default: every rank of either side), keyed by rank."""
-    planner = Planner(src, dst, bucket_bytes)
+    planner = Planner(src, dst, bucket_bytes, ranks_per_node)
     if ranks is None:
         return planner.plan_all()
     return {int(r): planner.plan_rank(r) for r in ranks}

@@ -153,11 +153,13 @@ def _check_ranks(gathered, group, mode: str) -> None:
 
 def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
          timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None,
-         mode: str = "auto") -> Plan:
+         mode: str = "auto", ranks_per_node: int | None = None) -> Plan:
     """Gather every rank's layouts over `group`, validate, compile this rank's plan and bind it.
 
     mode: "collocated" (both models on the same ranks), "non-collocated" (disjoint ranks) or
-    "auto" (whatever the models say). Raises RefitError on every rank, before any byte moves,
+    "auto" (whatever the models say). ranks_per_node: consecutive ranks sharing a node, for the
+    link-aware choice among source replicas (default: $LOCAL_WORLD_SIZE as torchrun sets it,
+    else 0: no node preference). Raises RefitError on every rank, before any byte moves,
     if any rank's input is bad, and when ranks disagree on the plan.
     """
     if mode not in ("auto", "collocated", "non-collocated"):
@@ -178,12 +180,15 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     _check_ranks(gathered, group, mode)
     src_layout = build_layout([(r, s) for r, _, s, _, _ in gathered])
     dst_layout = build_layout([(r, d) for r, _, _, d, _ in gathered])
-    rank_plan = Planner(src_layout, dst_layout, bucket_bytes).plan_rank(rank)
+    if ranks_per_node is None:
+        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+    rank_plan = Planner(src_layout, dst_layout, bucket_bytes, ranks_per_node).plan_rank(rank)
 
     # Bind tensors and check them; then check that every rank compiled the same plan: a cheap
     # fingerprint of the inputs and options every plan is derived from.
     layouts_digest = hashlib.blake2b(
-        repr((src_layout.tables()[1:], dst_layout.tables()[1:], int(bucket_bytes))).encode(),
+        repr((src_layout.tables()[1:], dst_layout.tables()[1:], int(bucket_bytes),
+              int(ranks_per_node))).encode(),
         digest_size=8).hexdigest()
     try:
         src_tensors, src_addr, src_devices = _bind(src_layout, src_local, rank, "source")

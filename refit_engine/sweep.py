@@ -83,7 +83,8 @@ def summary_text(run_id: str, results: list[dict], nodes: str, ranks: int, backe
                   f"Min refit time:  {min(t):.2f} ms",
                   f"Max refit time:  {max(t):.2f} ms"]
         if r.get("floor_ms") is not None:
-            lines.append(f"Floor: {r['floor_ms']:.2f} ms ({r['floor_term']}); efficiency "
+            lines.append(f"Predicted: {r['predicted_ms']:.2f} ms ({r['predicted_term']}); "
+                         f"floor: {r['floor_ms']:.2f} ms ({r['floor_term']}); efficiency "
                          f"{r['efficiency']:.0%}")
         if r.get("megatron_ms"):
             m = r["megatron_ms"]
@@ -126,8 +127,8 @@ def plot(results: list[dict], path: Path) -> Path | None:
     return path
 
 
-def floor_of(result: dict, gpus_per_node: int, topo_name: str) -> dict:
-    """The floor of a measured configuration from its per-rank bytes and the topology."""
+def floor_of(result: dict, gpus_per_node: int, topo_name: str) -> tuple[dict, dict]:
+    """(floor, predicted time) of a measured configuration from its per-rank bytes."""
     from refit_engine.memory import RankFigures, floor
     from refit_engine.topology import preset
     world = result["config"]["world"]
@@ -142,7 +143,9 @@ def floor_of(result: dict, gpus_per_node: int, topo_name: str) -> dict:
             f.__dict__[f"sent_{where}"] += b["sent"]
             f.__dict__[f"received_{where}"] += b["received"]
         figs.append(f)
-    return floor(figs, topo)
+    from refit_engine.cost import predict
+    buckets = {s["rank"]: s.get("buckets", 1) for s in result["per_rank"]}
+    return floor(figs, topo), predict(figs, topo, buckets)
 
 
 def main(argv=None) -> int:
@@ -271,9 +274,11 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
                 model=args.model_overrides, full_size=args.full_size)
             result = bench.run_rank(rank, world, opts)
             if rank == 0:
-                fl = floor_of(result, gpus_per_node, args.gpu if args.backend == "nccl" else "cpu")
+                fl, pred = floor_of(result, gpus_per_node,
+                                    args.gpu if args.backend == "nccl" else "cpu")
                 med = statistics.median(result["ours_ms"])
                 result.update(floor_ms=fl["seconds"] * 1e3, floor_term=fl["term"],
+                              predicted_ms=pred["seconds"] * 1e3, predicted_term=pred["term"],
                               efficiency=fl["seconds"] * 1e3 / med if med else None)
                 bench.log(rank, f"median {med:.2f} ms, floor {result['floor_ms']:.2f} ms "
                                 f"({fl['term']})")

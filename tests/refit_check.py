@@ -11,13 +11,13 @@ from refit_engine.reference import materialize, random_globals, run_reference
 POISONS = (0xA5, 0x5A)
 
 
-def check_refit(src, dst, bucket_bytes=1 << 20, seed=0):
+def check_refit(src, dst, bucket_bytes=1 << 20, seed=0, ranks_per_node=0):
     """Refit fresh random globals from `src` to `dst` with the reference executor.
 
     The destination is poisoned first, with two different poisons on two runs, so an element
     the plan never writes cannot match the expected value by chance. Returns the plans.
     """
-    plans = compile_plans(src, dst, bucket_bytes=bucket_bytes)
+    plans = compile_plans(src, dst, bucket_bytes=bucket_bytes, ranks_per_node=ranks_per_node)
     check_pairing(plans, bucket_bytes)
     rng = np.random.default_rng(seed)
     for poison in POISONS:

@@ -234,3 +234,25 @@ def test_random_layouts_refit_exactly(src, dst, collocated, dtype, rows_mul, col
     planner = Planner(src_layout, dst_layout, bucket_bytes=bucket)
     for rank in (min(plans), max(plans)):
         assert planner.plan_rank(rank).fingerprint() == plans[rank].fingerprint()
+
+
+def test_link_aware_choice_prefers_replicas_on_the_destination_node():
+    # Experts with two replicas (expert-DP 2) on 8 ranks in nodes of 4; the destination spreads
+    # them over all ranks (EP 8). A replica on the receiver's node beats one across the network.
+    def experts(ep, world=8):
+        grid = ParallelGrid(world, ep=ep)
+        layout = Layout()
+        for e in range(8):
+            layout.place(f"e{e}", (8, 8), "bfloat16",
+                         [(r, part) for r, part, _ in grid.expert_holders(e, 8)])
+        return layout
+    src, dst = experts(4), experts(8)
+    for rpn, expect_network in ((4, 0), (0, None)):
+        plans = check_refit(src, dst, ranks_per_node=rpn)
+        network = sum(int(m[MSG["bytes"]]) for r, p in plans.items() for m in p.recv_messages
+                      if int(m[MSG["peer"]]) // 4 != r // 4)
+        if expect_network is not None:
+            assert network == expect_network
+        else:
+            round_robin = network
+    assert round_robin > 0  # without node awareness some experts cross the network

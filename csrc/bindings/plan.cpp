@@ -98,17 +98,20 @@ void bind_plan(py::module_& m) {
         .def(py::init([](std::vector<std::string> src_names, const Table& src_tensors,
                          const Table& src_buffers, const Table& src_pieces,
                          std::vector<std::string> dst_names, const Table& dst_tensors,
-                         const Table& dst_buffers, const Table& dst_pieces, int64_t bucket_bytes) {
+                         const Table& dst_buffers, const Table& dst_pieces, int64_t bucket_bytes,
+                         int64_t ranks_per_node) {
                  Side src = make_side(std::move(src_names), src_tensors, src_buffers, src_pieces);
                  Side dst = make_side(std::move(dst_names), dst_tensors, dst_buffers, dst_pieces);
                  PlanOptions options;
                  options.bucket_bytes = bucket_bytes;
+                 options.ranks_per_node = ranks_per_node;
                  py::gil_scoped_release release;
                  return new Planner(std::move(src), std::move(dst), options);
              }),
              py::arg("src_names"), py::arg("src_tensors"), py::arg("src_buffers"),
              py::arg("src_pieces"), py::arg("dst_names"), py::arg("dst_tensors"),
-             py::arg("dst_buffers"), py::arg("dst_pieces"), py::arg("bucket_bytes"))
+             py::arg("dst_buffers"), py::arg("dst_pieces"), py::arg("bucket_bytes"),
+             py::arg("ranks_per_node") = 0)
         .def_property_readonly("ranks", &Planner::ranks)
         .def(
             "plan_rank",

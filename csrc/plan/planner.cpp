@@ -354,14 +354,30 @@ void Planner::for_each_transfer(int64_t t, Emit&& emit) const {
             Box box = intersect(want, group.box);
             if (box.empty()) continue;
             const int64_t* replicas = group_pieces_.data() + group.first;
+            auto rank_of = [&](int64_t k) { return src_.buffers[src_.pieces[replicas[k]].buffer].rank; };
             int64_t chosen = -1;
             for (int64_t k = 0; k < group.count; ++k) {  // local replica first
-                if (src_.buffers[src_.pieces[replicas[k]].buffer].rank == dst_rank) {
+                if (rank_of(k) == dst_rank) {
                     chosen = replicas[k];
                     break;
                 }
             }
-            if (chosen < 0) chosen = replicas[(asked[g - g0]++ + t) % group.count];
+            if (chosen < 0) {
+                // Next replica in turn, among those on the destination's node if there are any.
+                const int64_t turn = asked[g - g0]++ + t;
+                int64_t same_node = 0;
+                if (options_.ranks_per_node > 0) {
+                    const int64_t node = dst_rank / options_.ranks_per_node;
+                    for (int64_t k = 0; k < group.count; ++k) {
+                        same_node += rank_of(k) / options_.ranks_per_node == node;
+                    }
+                    for (int64_t k = 0, seen = 0; k < group.count && same_node > 0; ++k) {
+                        if (rank_of(k) / options_.ranks_per_node != node) continue;
+                        if (seen++ == turn % same_node) chosen = replicas[k];
+                    }
+                }
+                if (chosen < 0) chosen = replicas[turn % group.count];
+            }
             emit(Transfer{t, chosen, p, src_.buffers[src_.pieces[chosen].buffer].rank, dst_rank,
                           box});
         }

@@ -100,6 +100,10 @@ struct PlanOptions {
     // then within a row) so no message exceeds it; staging per bucket is at most this
     // times the number of peers.
     int64_t bucket_bytes = int64_t(64) << 20;
+    // Ranks per node (consecutive ranks share a node). When > 0, a source replica on the
+    // destination's node is preferred over one across the network (NVLink over the NIC);
+    // 0 treats every remote replica alike (round-robin among them).
+    int64_t ranks_per_node = 0;
 };
 
 }  // namespace refit
