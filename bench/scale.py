@@ -1,0 +1,126 @@
+"""Cluster-scale planning: full-size Kimi K2 on 128, 512 and 2048 GPUs (CPU only).
+
+For layouts typical of training (source) and inference (destination) at each size: time and
+memory of one rank's plan and of the whole cluster's plan (one thread), and for the source
+choice, link-aware (a replica on the receiver's node first) against round-robin: busiest link
+bytes (network and NVLink, either direction), the lower bound (bytes that must cross the
+network spread perfectly over the ranks, or the busiest receiver's, whichever is larger), and
+the cost model's predicted refit time on H100 nodes of 8 GPUs. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import environment, save_json  # noqa: E402
+
+from refit_engine import _core  # noqa: E402
+from refit_engine.cost import predict  # noqa: E402
+from refit_engine.grid import ParallelGrid  # noqa: E402
+from refit_engine.memory import RankFigures, floor  # noqa: E402
+from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_tables  # noqa: E402
+from refit_engine.planner import DEFAULT_BUCKET_BYTES, MSG, RankPlan  # noqa: E402
+from refit_engine.topology import preset  # noqa: E402
+
+# (GPUs, source TP/EP, destination TP/EP): expert-DP replicas on the source side, as training
+# keeps them; the destination spreads experts as far as 384 experts and the GPU count allow.
+SCALES = [(128, (8, 64), (4, 128)), (512, (8, 64), (4, 128)), (2048, (8, 128), (4, 128))]
+
+
+def link_figures(plans: dict, topo) -> list[RankFigures]:
+    figs = []
+    for r, p in plans.items():
+        f = RankFigures(r, 0, 0, 0, p.bytes_local, 0, 0, 0, 0, len(p.send_messages))
+        for kind, msgs in (("sent", p.send_messages), ("received", p.recv_messages)):
+            for peer, nbytes in zip(msgs[:, MSG["peer"]], msgs[:, MSG["bytes"]]):
+                where = "intra" if topo.node_of(int(peer)) == topo.node_of(r) else "inter"
+                setattr(f, f"{kind}_{where}", getattr(f, f"{kind}_{where}") + int(nbytes))
+        figs.append(f)
+    return figs
+
+
+def busiest(figs, kind):
+    return max(max(getattr(f, f"sent_{kind}"), getattr(f, f"received_{kind}")) for f in figs)
+
+
+def run(gpus, src_spec, dst_spec, cfg, per_node):
+    topo = preset("h100", gpus)
+    t0 = time.perf_counter()
+    src = kimi_k2_tables(cfg, ParallelGrid(gpus, tp=src_spec[0], ep=src_spec[1]))
+    dst = kimi_k2_tables(cfg, ParallelGrid(gpus, tp=dst_spec[0], ep=dst_spec[1]))
+    tables_s = time.perf_counter() - t0
+    row = {"gpus": gpus, "source": f"TP{src_spec[0]}/EP{src_spec[1]}",
+           "destination": f"TP{dst_spec[0]}/EP{dst_spec[1]}", "tables_s": tables_s,
+           "pieces": int(len(src[3]) + len(dst[3]))}
+    for choice, rpn in (("link_aware", per_node), ("round_robin", 0)):
+        t0 = time.perf_counter()
+        planner = _core.Planner(*src, *dst, DEFAULT_BUCKET_BYTES, rpn)
+        validate_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        one = RankPlan.from_core(planner.plan_rank(0))
+        rank_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plans = {p["rank"]: RankPlan.from_core(p) for p in planner.plan_all()}
+        cluster_s = time.perf_counter() - t0
+        figs = link_figures(plans, topo)
+        must_cross = sum(f.sent_inter for f in figs)  # link-aware: only what has no replica near
+        row[choice] = {
+            "validate_index_s": validate_s, "rank_plan_s": rank_s, "rank_total_s": validate_s + rank_s,
+            "cluster_plan_s": cluster_s, "cluster_total_s": validate_s + cluster_s,
+            "rank0_plan_bytes": one.nbytes, "cluster_plan_bytes": sum(p.nbytes for p in plans.values()),
+            "busiest_network_bytes": busiest(figs, "inter"), "busiest_nvlink_bytes": busiest(figs, "intra"),
+            "network_bytes_total": must_cross,
+            "busiest_receiver_network_bytes": max(f.received_inter for f in figs),
+            "predicted_s": predict(figs, topo, {r: p.num_buckets for r, p in plans.items()})["seconds"],
+            "floor_s": floor(figs, topo)["seconds"]}
+        del plans, planner
+    la = row["link_aware"]
+    lower = max(la["network_bytes_total"] / gpus, la["busiest_receiver_network_bytes"])
+    row["network_lower_bound_bytes"] = lower
+    row["busiest_over_lower_bound"] = la["busiest_network_bytes"] / lower if lower else 1.0
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpus", default="128,512,2048")
+    parser.add_argument("--layers", type=int, default=61)
+    args = parser.parse_args(argv)
+    cfg = KimiK2Config(num_layers=args.layers)
+    wanted = {int(g) for g in args.gpus.split(",")}
+    rows = []
+    for gpus, s, d in SCALES:
+        if gpus in wanted:
+            print(f"[scale] {gpus} GPUs: TP{s[0]}/EP{s[1]} -> TP{d[0]}/EP{d[1]} ...", flush=True)
+            rows.append(run(gpus, s, d, cfg, 8))
+    print()
+    print(f"{'GPUs':>5} {'config':<22}{'rank s':>8}{'cluster s':>10}{'rank KiB':>9}{'clust MiB':>10}"
+          f"{'net busiest GiB (LA/RR)':>25}{'LB GiB':>8}{'pred ms (LA/RR)':>17}")
+    for r in rows:
+        la, rr = r["link_aware"], r["round_robin"]
+        print(f"{r['gpus']:>5} {r['source'] + '->' + r['destination']:<22}{la['rank_total_s']:>8.3f}"
+              f"{la['cluster_total_s']:>10.2f}{la['rank0_plan_bytes'] / 1024:>9.0f}"
+              f"{la['cluster_plan_bytes'] / 2**20:>10.0f}"
+              f"{la['busiest_network_bytes'] / 2**30:>12.2f} / {rr['busiest_network_bytes'] / 2**30:<10.2f}"
+              f"{r['network_lower_bound_bytes'] / 2**30:>8.2f}"
+              f"{la['predicted_s'] * 1e3:>8.0f} / {rr['predicted_s'] * 1e3:<8.0f}")
+    payload = {"bench": "scale", "env": environment(), "layers": args.layers, "rows": rows}
+    path = save_json("scale", payload)
+    print(f"raw results: {path}")
+    print(json.dumps({f"{r['gpus']}": {
+        "rank_s": r["link_aware"]["rank_total_s"], "cluster_s": r["link_aware"]["cluster_total_s"],
+        "busiest_over_lower_bound": r["busiest_over_lower_bound"],
+        "busiest_link_aware_gib": r["link_aware"]["busiest_network_bytes"] / 2**30,
+        "busiest_round_robin_gib": r["round_robin"]["busiest_network_bytes"] / 2**30,
+        "predicted_ms": r["link_aware"]["predicted_s"] * 1e3} for r in rows}))
+
+
+if __name__ == "__main__":
+    main()
