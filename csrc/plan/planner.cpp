@@ -212,6 +212,7 @@ void Planner::index_source_replicas() {
             size_t j = i;
             while (j < pieces.size() && piece_box(src_.pieces[pieces[j]], ndim).same_as(box)) {
                 group_pieces_.push_back(pieces[j]);
+                group_ranks_.push_back(src_.buffers[src_.pieces[pieces[j]].buffer].rank);
                 ++j;
             }
             groups_.push_back({box, int64_t(group_pieces_.size() - (j - i)), int64_t(j - i)});
@@ -353,30 +354,27 @@ void Planner::for_each_transfer(int64_t t, Emit&& emit) const {
             const ReplicaGroup& group = groups_[g];
             Box box = intersect(want, group.box);
             if (box.empty()) continue;
+            // Replicas are sorted by rank, so the local one and those on the destination's node
+            // are found by binary search: groups of DP replicas run to hundreds of ranks.
             const int64_t* replicas = group_pieces_.data() + group.first;
-            auto rank_of = [&](int64_t k) { return src_.buffers[src_.pieces[replicas[k]].buffer].rank; };
+            const int64_t* ranks = group_ranks_.data() + group.first;
+            const int64_t* end = ranks + group.count;
+            const int64_t* local = std::lower_bound(ranks, end, dst_rank);
             int64_t chosen = -1;
-            for (int64_t k = 0; k < group.count; ++k) {  // local replica first
-                if (rank_of(k) == dst_rank) {
-                    chosen = replicas[k];
-                    break;
-                }
-            }
-            if (chosen < 0) {
+            if (local != end && *local == dst_rank) {
+                chosen = replicas[local - ranks];
+            } else {
                 // Next replica in turn, among those on the destination's node if there are any.
                 const int64_t turn = asked[g - g0]++ + t;
-                int64_t same_node = 0;
+                const int64_t* lo = ranks;
+                const int64_t* hi = end;
                 if (options_.ranks_per_node > 0) {
                     const int64_t node = dst_rank / options_.ranks_per_node;
-                    for (int64_t k = 0; k < group.count; ++k) {
-                        same_node += rank_of(k) / options_.ranks_per_node == node;
-                    }
-                    for (int64_t k = 0, seen = 0; k < group.count && same_node > 0; ++k) {
-                        if (rank_of(k) / options_.ranks_per_node != node) continue;
-                        if (seen++ == turn % same_node) chosen = replicas[k];
-                    }
+                    const int64_t* a = std::lower_bound(ranks, end, node * options_.ranks_per_node);
+                    const int64_t* b = std::lower_bound(a, end, (node + 1) * options_.ranks_per_node);
+                    if (a != b) lo = a, hi = b;
                 }
-                if (chosen < 0) chosen = replicas[turn % group.count];
+                chosen = replicas[(lo - ranks) + turn % (hi - lo)];
             }
             emit(Transfer{t, chosen, p, src_.buffers[src_.pieces[chosen].buffer].rank, dst_rank,
                           box});

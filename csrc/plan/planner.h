@@ -77,6 +77,7 @@ class Planner {
     std::vector<int64_t> group_first_;         // CSR of replica groups by source tensor
     std::vector<ReplicaGroup> groups_;
     std::vector<int64_t> group_pieces_;        // source pieces, sorted by rank within a group
+    std::vector<int64_t> group_ranks_;         // the rank of each of group_pieces_
     std::vector<int64_t> dst_of_src_;          // source tensor -> destination tensor
     std::vector<int64_t> ranks_;
 };
