@@ -127,14 +127,9 @@ def plot(results: list[dict], path: Path) -> Path | None:
     return path
 
 
-def floor_of(result: dict, gpus_per_node: int, topo_name: str) -> tuple[dict, dict]:
+def floor_of(result: dict, topo) -> tuple[dict, dict]:
     """(floor, predicted time) of a measured configuration from its per-rank bytes."""
     from refit_engine.memory import RankFigures, floor
-    from refit_engine.topology import preset
-    world = result["config"]["world"]
-    topo = preset(topo_name, world)
-    from dataclasses import replace
-    topo = replace(topo, gpus_per_node=gpus_per_node, nodes=max(1, world // gpus_per_node))
     figs = []
     for s in result["per_rank"]:
         f = RankFigures(s["rank"], 0, 0, 0, s["bytes_local"], 0, 0, 0, 0, 0)
@@ -250,6 +245,16 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
     nodes = os.environ.get("SLURM_JOB_NUM_NODES", str(max(1, world // max(1, gpus_per_node))))
     cfg = KimiK2Config(**args.model_overrides) if args.full_size else \
         KimiK2Config.toy(**{**bench.DEFAULT_TOY, **args.model_overrides})
+    from dataclasses import replace
+
+    from refit_engine.topology import measure, preset
+    base = preset(args.gpu if args.backend == "nccl" else "cpu", world)
+    base = replace(base, gpus_per_node=gpus_per_node, nodes=max(1, world // gpus_per_node))
+    topo = measure(base)  # the links and copies of this machine, for floors and predictions
+    bench.log(rank, f"measured: copy {topo.copy_gbps:.0f} GB/s, same-node link "
+                    f"{topo.intra_node_gbps:.1f} GB/s, cross-node link "
+                    f"{topo.inter_node_gbps:.1f} GB/s" + (" (preset: one node)" if world <=
+                                                          gpus_per_node else ""))
     results = []
     for i, c in enumerate(configs):
         method = c["method"] or args.backend
@@ -274,8 +279,7 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
                 model=args.model_overrides, full_size=args.full_size)
             result = bench.run_rank(rank, world, opts)
             if rank == 0:
-                fl, pred = floor_of(result, gpus_per_node,
-                                    args.gpu if args.backend == "nccl" else "cpu")
+                fl, pred = floor_of(result, topo)
                 med = statistics.median(result["ours_ms"])
                 result.update(floor_ms=fl["seconds"] * 1e3, floor_term=fl["term"],
                               predicted_ms=pred["seconds"] * 1e3, predicted_term=pred["term"],
@@ -299,7 +303,7 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
     summary.write_text(summary_text(args.run_id, results, nodes, world, args.backend) + "\n")
     (logs / f"{args.run_id}_results.json").write_text(json.dumps(
         {"run_id": args.run_id, "world": world, "nodes": nodes, "backend": args.backend,
-         "results": results}, indent=1, default=str))
+         "topology": topo.__dict__, "results": results}, indent=1, default=str))
     png = plot(results, logs / f"{args.run_id}_refit_times.png")
     print(summary.read_text())
     print(f"[sweep] summary {summary}; figures {logs / (args.run_id + '_results.json')}"

@@ -50,3 +50,62 @@ def preset(name: str, gpus: int | None = None) -> Topology:
     except KeyError:
         raise ValueError(f"unknown topology '{name}' (known: {', '.join(PRESETS)})") from None
     return topo.with_world(gpus) if gpus else topo
+
+
+def measure(base: Topology, group=None, nbytes: int = 64 << 20, repeats: int = 5) -> Topology:
+    """`base` with bandwidths measured here: a large copy on this rank's device, and
+    send/recv between rank 0 and rank 1 (same node) and rank 0 and the first rank of the next
+    node (when there is one), over the refit's transport (gloo for CPU tensors, NCCL through
+    torch for CUDA). Collective over `group`; every rank returns the same Topology."""
+    import statistics
+    import time
+
+    import torch
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size(group)
+    cuda = "nccl" in dist.get_backend(group) and torch.cuda.is_available()
+    device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+
+    def timed(fn):
+        samples = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    b = torch.empty_like(a)
+    copy_gbps = 2 * nbytes / timed(lambda: b.copy_(a)) / 1e9
+
+    def pair_gbps(peer: int) -> float | None:
+        if peer >= world:
+            return None
+        seconds = 0.0
+        if rank in (0, peer):
+            other = peer if rank == 0 else 0
+
+            def ping():  # one message each way, so both directions are measured
+                if rank == 0:
+                    dist.send(a, other, group=group)
+                    dist.recv(b, other, group=group)
+                else:
+                    dist.recv(b, other, group=group)
+                    dist.send(a, other, group=group)
+            seconds = timed(ping)
+        t = torch.tensor([seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return 2 * nbytes / float(t.item()) / 1e9 if t.item() > 0 else None
+
+    intra = pair_gbps(1) if base.gpus_per_node > 1 else None
+    inter = pair_gbps(base.gpus_per_node)
+    copies = torch.tensor([copy_gbps], dtype=torch.float64, device=device)
+    dist.all_reduce(copies, op=dist.ReduceOp.MIN, group=group)
+    return replace(base, copy_gbps=float(copies.item()),
+                   intra_node_gbps=intra or base.intra_node_gbps,
+                   inter_node_gbps=inter or base.inter_node_gbps,
+                   name=f"{base.name}, measured")

@@ -39,3 +39,17 @@ def test_floor_and_prediction_terms():
     assert predict([f], topo, {0: 10})["seconds"] == pytest.approx(p["seconds"])
     # One GPU playing every rank: three passes over remote bytes when staged.
     assert predict_loopback(0, 10**9, 2000.0, staged=True) == pytest.approx(3e-3)
+
+
+def _measure_worker(rank, world):
+    from refit_engine.topology import measure
+    topo = measure(preset("cpu", world).__class__(1, world, name="cpu"), nbytes=1 << 20, repeats=2)
+    return topo.copy_gbps, topo.intra_node_gbps, topo.inter_node_gbps
+
+
+def test_measure_topology_is_collective_and_positive():
+    from multiproc import run_world
+    results = run_world(_measure_worker, 2)
+    assert results[0] == results[1]
+    copy, intra, inter = results[0]
+    assert copy > 0 and intra > 0 and inter == 50.0  # one node: no cross-node pair to measure
