@@ -29,8 +29,6 @@ def copy_ceiling(nbytes: int = 4 << 30, iters: int = 20) -> dict:
     a = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     t = time_cuda(lambda: b.copy_(a), iters)
-    del a, b
-    torch.cuda.empty_cache()
     return {"bytes": nbytes, **t, "gbps_rw": 2 * nbytes / t["median_ms"] / 1e6}
 
 

@@ -22,7 +22,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +95,7 @@ def main(argv=None):
         results[mode]["buckets"] = refit.executor.num_buckets
         print(f"[loopback] {mode}: plain {t_plain['median_ms']:.2f} ms, graph "
               f"{results[mode]['graph']['median_ms']:.2f} ms", flush=True)
-        del refit
+        refit = None  # free its staging before the next executor allocates its own
         torch.cuda.empty_cache()
 
     print()
@@ -128,7 +127,6 @@ def _check_sample(src, dst, src_t, dst_t):
     import torch
 
     from refit_engine.layouts import MAX_DIMS
-    pieces = dst.pieces()
     names = [n for n in (m.name for m in dst.tensors)
              if "linear_q_up_proj.weight" in n or "experts.3.linear_fc1" in n
              or "word_embeddings" in n][:4]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 import torch.distributed as dist
 
 from refit_engine.errors import RefitError
@@ -145,7 +144,7 @@ def swap_model_weights(src_model, target_model, refit_method="gloo", group=None,
     plan = getattr(holder, "_refit_engine_plan", None)
     if plan is None:
         plan = refit_engine.plan(src_model, target_model, group=group, **plan_kwargs)
-        setattr(holder, "_refit_engine_plan", plan)
+        holder._refit_engine_plan = plan
     return refit_engine.execute(plan)
 
 

@@ -135,7 +135,7 @@ def _group_ranks(group) -> list[int]:
 def _check_ranks(gathered, group, mode: str) -> None:
     """Models on ranks the group has, and the collocated / non-collocated promise kept."""
     members = set(_group_ranks(group))
-    for rank, _, src, dst, claimed in gathered:
+    for rank, _, _, _, claimed in gathered:
         outside = sorted(set(claimed) - members)
         if outside:
             raise RefitError(f"rank {rank}'s model has process groups spanning ranks {outside} "

@@ -4,7 +4,6 @@ moves, with the destination left bit-identical. Also: a dead peer mid-refit, rep
 import os
 import resource
 
-import numpy as np
 import pytest
 import torch
 

@@ -126,7 +126,7 @@ def test_graph_replay_picks_up_new_source_values():
 
 def _nccl_one_rank(rank, world):
     import torch
-    from refit_engine import ShardedTensors, Split
+    from refit_engine import ShardedTensors
     torch.cuda.set_device(0)
     g = torch.Generator().manual_seed(0)
     full = torch.randn(64, 48, generator=g).to(torch.bfloat16)

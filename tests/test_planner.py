@@ -1,6 +1,5 @@
 """The plan compiler: validation errors, determinism, buckets, and random layouts (hypothesis)."""
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
