@@ -120,6 +120,11 @@ def run_rank(rank: int, world: int, args) -> dict | None:
     for _ in range(args.warmup):
         stats = refit_engine.execute(plan)
     ours = _timed_refits(rank, lambda: refit_engine.execute(plan), args.iters, "refit_engine")
+    ours_graph = None
+    if device != "cpu":  # the same refit captured once as a CUDA graph, then replayed
+        refit_engine.execute(plan, graph=True)
+        ours_graph = _timed_refits(rank, lambda: refit_engine.execute(plan, graph=True),
+                                   args.iters, "refit_engine (CUDA graph)")
     stats = refit_engine.execute(plan)
     if getattr(args, "full_size", False):
         # Full size: per-piece checksums of sent vs landed bytes (gathering the model is out).
@@ -167,7 +172,7 @@ def run_rank(rank: int, world: int, args) -> dict | None:
         return None
     return {"config": {"src": src_spec, "dst": dst_spec, "mode": mode, "world": world,
                        "method": method, "model": cfg.__dict__}, "per_rank": per_rank,
-            "plan_s": plan_s, "ours_ms": ours, "megatron_ms": megatron,
+            "plan_s": plan_s, "ours_ms": ours, "ours_graph_ms": ours_graph, "megatron_ms": megatron,
             "megatron_exact": megatron_exact if megatron else None,
             "exact": exact, "bytes": total, "buckets": stats["buckets"]}
 

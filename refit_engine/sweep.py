@@ -82,6 +82,10 @@ def summary_text(run_id: str, results: list[dict], nodes: str, ranks: int, backe
         lines += [f"Mean refit time: {statistics.mean(t):.2f} ms",
                   f"Min refit time:  {min(t):.2f} ms",
                   f"Max refit time:  {max(t):.2f} ms"]
+        if r.get("ours_graph_ms"):
+            g = r["ours_graph_ms"]
+            lines.append(f"CUDA graph replay: mean {statistics.mean(g):.2f} ms, min {min(g):.2f} "
+                         f"ms, max {max(g):.2f} ms")
         if r.get("floor_ms") is not None:
             lines.append(f"Predicted: {r['predicted_ms']:.2f} ms ({r['predicted_term']}); "
                          f"floor: {r['floor_ms']:.2f} ms ({r['floor_term']}); efficiency "

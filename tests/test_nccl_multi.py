@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch")
 
 from multiproc import run_world  # noqa: E402
 
-pytestmark = pytest.mark.gpu_2
 
 
 def _gpus():
@@ -31,13 +30,14 @@ CASES = [  # (name, source grid kwargs, destination grid kwargs, non-collocated)
 ]
 
 
-def _refit_cases(rank, world):
+def _refit_cases(rank, world, device="cuda"):
     import refit_engine
     from refit_engine.grid import ParallelGrid
     from refit_engine.local import from_layout
     from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout
     from refit_engine.reference import materialize, random_globals
-    torch.cuda.set_device(rank)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
     cfg = KimiK2Config.toy()
     out = {}
     for name, s, d, separate in CASES:
@@ -48,15 +48,16 @@ def _refit_cases(rank, world):
         dst = kimi_k2_layout(cfg, ParallelGrid(half, offset=half if separate else 0, **d))
         g = random_globals(src, np.random.default_rng(len(out)))
         mine = {r for r in (rank,)}
-        src_t = {k[1]: torch.from_numpy(v).cuda() for k, v in materialize(src, g, ranks=mine).items()}
-        dst_t = {k[1]: torch.from_numpy(v).cuda()
+        src_t = {k[1]: torch.from_numpy(v).to(device)
+                 for k, v in materialize(src, g, ranks=mine).items()}
+        dst_t = {k[1]: torch.from_numpy(v).to(device)
                  for k, v in materialize(dst, poison=0xA5, ranks=mine).items()}
         plan = refit_engine.plan(from_layout(src, rank, src_t) if src_t else None,
                                  from_layout(dst, rank, dst_t) if dst_t else None,
                                  bucket_bytes=1 << 16, timeout_s=60)
         want = materialize(dst, g, ranks=mine)
         ok = True
-        for graph in (False, True, True):
+        for graph in (False, True, True) if device == "cuda" else (False, False):
             for t in dst_t.values():
                 t.fill_(0x5A if graph else 0x3C)
             refit_engine.execute(plan, graph=graph)
@@ -65,6 +66,14 @@ def _refit_cases(rank, world):
     return out
 
 
+def test_same_cases_on_cpu_gloo():
+    """The multi-GPU cases' logic, on CPU tensors over gloo (runs everywhere)."""
+    results = run_world(_refit_cases, 4, "cpu", timeout=300)
+    for rank, r in enumerate(results):
+        assert r and all(r.values()), (rank, r)
+
+
+@pytest.mark.gpu_2
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_multi_gpu_refits_bit_exact():
     world = min(_gpus(), 8)
@@ -96,6 +105,7 @@ def _dead_rank(rank, world):
     return time.perf_counter() - t0, isinstance(plan.executor, CudaRefitRunner)
 
 
+@pytest.mark.gpu_2
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_dead_rank_aborts_nccl_within_timeout():
     world = min(_gpus(), 4)
