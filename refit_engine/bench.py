@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 from refit_engine.grid import parse_layout_spec
 
@@ -72,7 +73,9 @@ def _timed_refits(rank, fn, iters: int, label: str) -> list[float]:
     return times
 
 
-def run_rank(rank: int, world: int, args) -> dict | None:
+def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
+    """One configuration on this rank (collective). `topo`: the measured topology for the
+    floor and the prediction (measured here when not given). Rank 0 returns the figures."""
     import torch.distributed as dist
 
     import refit_engine
@@ -91,6 +94,11 @@ def run_rank(rank: int, world: int, args) -> dict | None:
         device = f"cuda:{torch.cuda.current_device()}"
     method = "nccl" if device != "cpu" else "gloo"
     src_spec, dst_spec = parse_layout_spec(args.src), parse_layout_spec(args.dst)
+    if topo is None:
+        from refit_engine.topology import measure, preset
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        base = preset("h100" if device != "cpu" else "cpu", world)
+        topo = measure(replace(base, gpus_per_node=per_node, nodes=max(1, world // per_node)))
     if args.non_collocated:
         half = world // 2
         src_ranks, dst_ranks = tuple(range(half)), tuple(range(half, world))
@@ -170,7 +178,19 @@ def run_rank(rank: int, world: int, args) -> dict | None:
                                                             "buckets")})
     if rank != 0:
         return None
-    return {"config": {"src": src_spec, "dst": dst_spec, "mode": mode, "world": world,
+    from refit_engine.cost import figures_from_stats, predict
+    from refit_engine.memory import floor
+    figs = figures_from_stats(per_rank, topo)
+    fl = floor(figs, topo)
+    pred = predict(figs, topo, {s["rank"]: s["buckets"] for s in per_rank})
+    med = statistics.median(ours)
+    log(rank, f"median {med:.2f} ms; predicted {pred['seconds'] * 1e3:.2f} ms "
+              f"({pred['term']}); floor {fl['seconds'] * 1e3:.2f} ms ({fl['term']})")
+    return {"floor_ms": fl["seconds"] * 1e3, "floor_term": fl["term"],
+            "predicted_ms": pred["seconds"] * 1e3, "predicted_term": pred["term"],
+            "efficiency": fl["seconds"] * 1e3 / med if med else None,
+            "topology": topo.__dict__,
+            "config": {"src": src_spec, "dst": dst_spec, "mode": mode, "world": world,
                        "method": method, "model": cfg.__dict__}, "per_rank": per_rank,
             "plan_s": plan_s, "ours_ms": ours, "ours_graph_ms": ours_graph, "megatron_ms": megatron,
             "megatron_exact": megatron_exact if megatron else None,
@@ -225,7 +245,11 @@ def summary(result: dict) -> str:
              f"  [source {describe_layout(cfg['src'])}, destination {describe_layout(cfg['dst'])}]",
              f"Mean refit time: {statistics.mean(ours):.2f} ms",
              f"Min refit time:  {min(ours):.2f} ms",
-             f"Max refit time:  {max(ours):.2f} ms"]
+             f"Max refit time:  {max(ours):.2f} ms",
+             f"Predicted: {result['predicted_ms']:.2f} ms ({result['predicted_term']}); floor: "
+             f"{result['floor_ms']:.2f} ms ({result['floor_term']}) with copy "
+             f"{result['topology']['copy_gbps']:.0f} GB/s, link "
+             f"{result['topology']['intra_node_gbps']:.1f} GB/s measured"]
     if result["megatron_ms"]:
         m = result["megatron_ms"]
         lines += [f"megatron-core refit (gloo): mean {statistics.mean(m):.2f} ms, "
@@ -298,7 +322,8 @@ def main(argv=None) -> int:
             "megatron_identical": result["megatron_exact"], "plan_s": result["plan_s"],
             "config": f"{describe_layout(result['config']['src'])} -> "
                       f"{describe_layout(result['config']['dst'])} ({result['config']['mode']})",
-            "bytes_local": result["bytes"]["bytes_local"], "bytes_sent": result["bytes"]["bytes_sent"]}
+            "bytes_local": result["bytes"]["bytes_local"], "bytes_sent": result["bytes"]["bytes_sent"],
+            "predicted_ms": result["predicted_ms"], "floor_ms": result["floor_ms"]}
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=1)

@@ -131,22 +131,6 @@ def plot(results: list[dict], path: Path) -> Path | None:
     return path
 
 
-def floor_of(result: dict, topo) -> tuple[dict, dict]:
-    """(floor, predicted time) of a measured configuration from its per-rank bytes."""
-    from refit_engine.memory import RankFigures, floor
-    figs = []
-    for s in result["per_rank"]:
-        f = RankFigures(s["rank"], 0, 0, 0, s["bytes_local"], 0, 0, 0, 0, 0)
-        for peer, b in s["per_peer"].items():
-            where = "intra" if topo.node_of(int(peer)) == topo.node_of(s["rank"]) else "inter"
-            f.__dict__[f"sent_{where}"] += b["sent"]
-            f.__dict__[f"received_{where}"] += b["received"]
-        figs.append(f)
-    from refit_engine.cost import predict
-    buckets = {s["rank"]: s.get("buckets", 1) for s in result["per_rank"]}
-    return floor(figs, topo), predict(figs, topo, buckets)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Kimi K2 refit sweep")
     parser.add_argument("--configs", default=os.environ.get(
@@ -281,15 +265,7 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
                 non_collocated=not collocated, iters=args.iters, warmup=args.warmup,
                 bucket_mib=args.bucket_mib, no_megatron=not args.compare_megatron,
                 model=args.model_overrides, full_size=args.full_size)
-            result = bench.run_rank(rank, world, opts)
-            if rank == 0:
-                fl, pred = floor_of(result, topo)
-                med = statistics.median(result["ours_ms"])
-                result.update(floor_ms=fl["seconds"] * 1e3, floor_term=fl["term"],
-                              predicted_ms=pred["seconds"] * 1e3, predicted_term=pred["term"],
-                              efficiency=fl["seconds"] * 1e3 / med if med else None)
-                bench.log(rank, f"median {med:.2f} ms, floor {result['floor_ms']:.2f} ms "
-                                f"({fl['term']})")
+            result = bench.run_rank(rank, world, opts, topo)
         except RefitError as exc:  # e.g. does not fit: report and go on with the next one
             bench.log(rank, f"skipped: {exc}")
             result = {"config": {"src": {"tp": c["src_tp"]}, "dst": {"tp": c["dst_tp"]},
