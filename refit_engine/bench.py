@@ -81,7 +81,8 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
     import refit_engine
     from refit_engine.models.kimi_k2 import KimiK2Config
     from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
-                                                      build_process_groups, megatron_refit)
+                                                      build_process_groups)
+    from refit_engine.models.megatron_refit import megatron_refit
     from refit_engine.verify import check_exact
 
     if getattr(args, "full_size", False):

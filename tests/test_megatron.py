@@ -27,7 +27,8 @@ def _cases_worker(rank, world, cases, with_megatron):
     import refit_engine
     from refit_engine.models.kimi_k2 import KimiK2Config
     from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
-                                                      build_process_groups, megatron_refit)
+                                                      build_process_groups)
+    from refit_engine.models.megatron_refit import megatron_refit
     from refit_engine.verify import check_exact
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = KimiK2Config.toy(num_layers=3, num_experts=8)
@@ -77,7 +78,7 @@ def test_toy_kimi_k2_refits_bit_exact():
 
 def test_megatron_refit_matches_ours():
     # Layouts megatron-core 0.16 refits correctly (expert TP = TP with EP1: see
-    # megatron_builder.megatron_refit's checks): a TP change and a PP change, collocated.
+    # megatron_refit.megatron_refit's checks): a TP change and a PP change, collocated.
     cases = [("TP2/ETP2->TP1", dict(tp=2, etp=2), dict(tp=1), False),
              ("TP2/ETP2/PP2->TP2/ETP2", dict(tp=2, etp=2, pp=2), dict(tp=2, etp=2), False)]
     reports = run_world(_cases_worker, 4, cases, True, timeout=600)
