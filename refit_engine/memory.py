@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bucket-mib", type=int, default=DEFAULT_BUCKET_BYTES >> 20)
     parser.add_argument("--headroom", type=float, default=0.9)
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--per-rank", action="store_true",
+                        help="also print every rank's memory and bytes moved")
     args = parser.parse_args(argv)
     overrides = {k: int(v) for k, _, v in (i.partition("=") for i in args.model.split(",") if i)}
     cfg = KimiK2Config(num_layers=args.layers, **overrides)
@@ -208,7 +210,22 @@ def main(argv=None) -> int:
         print(f"Kimi K2 ({cfg.num_layers} layers) source {args.src} -> destination {args.dst} "
               f"on {total} GPUs ({'non-collocated' if args.non_collocated else 'collocated'})")
         print(report(result))
+        if args.per_rank:
+            print(per_rank_table(result["ranks"]))
     return 0 if result["fits"] else 2
+
+
+def per_rank_table(ranks: list[RankFigures]) -> str:
+    head = (f"{'rank':>5}{'source GiB':>11}{'dest GiB':>10}{'staging GiB':>12}{'total GiB':>10}"
+            f"{'local GiB':>10}{'NVLink out':>11}{'NVLink in':>10}{'net out':>9}{'net in':>8}")
+    rows = [head]
+    for f in ranks:
+        rows.append(f"{f.rank:>5}{f.src_bytes / GIB:>11.2f}{f.dst_bytes / GIB:>10.2f}"
+                    f"{f.staging_bytes / GIB:>12.2f}{f.total_bytes / GIB:>10.2f}"
+                    f"{f.local_bytes / GIB:>10.2f}{f.sent_intra / GIB:>11.2f}"
+                    f"{f.received_intra / GIB:>10.2f}{f.sent_inter / GIB:>9.2f}"
+                    f"{f.received_inter / GIB:>8.2f}")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

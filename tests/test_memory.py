@@ -53,3 +53,10 @@ def test_measure_topology_is_collective_and_positive():
     assert results[0] == results[1]
     copy, intra, inter = results[0]
     assert copy > 0 and intra > 0 and inter == 50.0  # one node: no cross-node pair to measure
+
+
+def test_dry_run_cli_per_rank(capsys):
+    assert main(["--gpus", "8", "--src", "tp=4,ep=4", "--dst", "tp=2,ep=8", "--layers", "3",
+                 "--per-rank"]) == 0
+    out = capsys.readouterr().out
+    assert "floor:" in out and "predicted:" in out and out.count("\n") > 16
