@@ -4,6 +4,7 @@
 #   bash tests/slurm/cluster.sh stop DIR
 # Prints the SLURM_CONF to export. Needs root (apt-get, daemons).
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"   # the daemons live in sbin, not always on a CI PATH
 cmd=${1:?start|stop}; dir=${2:?state directory}
 mkdir -p "$dir"
 conf="$dir/slurm.conf"
