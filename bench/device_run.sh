@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests, GPU benchmarks. Logs and JSON go to $OUT.
-# Usage (device tool): bash bench/device_run.sh [tests|kernels|loopback|all]
+# Usage (device tool): bash bench/device_run.sh [tests|kernels|loopback|sweep|multi|all]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,5 +30,15 @@ if [[ $what == all || $what == sweep ]]; then
   torchrun --standalone --nproc_per_node=1 -m refit_engine.sweep --backend nccl --gpu h100 \
     --configs "1:1:collocated:nccl" --compare-megatron --iters 5 --warmup 2 \
     --output-dir "$OUT/sweep" --run-id gpu1 2>&1 | tee "$OUT/sweep.log" | grep -v -i warn | tail -25 || rc=1
+fi
+if [[ $what == multi ]]; then
+  # Multi-GPU kinds (the multi-GPU issue): NCCL tests one process per GPU, then the
+  # head-to-head sweep against megatron-core's NCCL refit on every GPU of the host.
+  gpus=$(nvidia-smi -L | wc -l)
+  python3 -m pytest -q -x tests/test_nccl_multi.py 2>&1 | tee "$OUT/tests_multi.log" | tail -15 || rc=1
+  torchrun --standalone --nproc_per_node="$gpus" -m refit_engine.sweep --backend nccl --gpu h200 \
+    --full-size --model "num_layers=${NUM_LAYERS:-4},num_experts=${NUM_EXPERTS:-64}" \
+    --configs "${CONFIGS:-8:4 8:2 8:1 4:2 4:1}" --compare-megatron --iters 5 --warmup 2 \
+    --output-dir "$OUT/multi" --run-id multi 2>&1 | tee "$OUT/multi.log" | grep -v -i warn | tail -40 || rc=1
 fi
 exit $rc
