@@ -120,3 +120,33 @@ def test_canonical_names_follow_megatron_rank_order():
         want = {e for e in range(8) if any(r == rank for r, _, _ in
                                              grid.expert_holders(e, 8, stage))}
         assert experts == want, (rank, experts, want)
+
+
+def _standard_attention_worker(rank, world):
+    import warnings
+
+    import refit_engine
+    from refit_engine.models.kimi_k2 import KimiK2Config
+    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+                                                      build_process_groups)
+    from refit_engine.models.megatron_refit import megatron_refit
+    from refit_engine.verify import check_exact
+    warnings.filterwarnings("ignore", category=UserWarning)
+    cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
+    gqa = dict(multi_latent_attention=False, num_query_groups=2)  # fused linear_qkv, GQA
+    s, d = ParallelLayout(tp=2, etp=2), ParallelLayout(tp=1)
+    sp, dp = build_process_groups(s), build_process_groups(d)
+    src, dst = build_kimi_k2(cfg, s, sp, seed=1, **gqa), build_kimi_k2(cfg, d, dp, seed=2, **gqa)
+    plan = refit_engine.plan(src, dst)
+    refit_engine.execute(plan)
+    ours = check_exact(plan)
+    for t in dst[0].parameters():
+        t.data.zero_()
+    megatron_refit(src, dst, sp, dp, method="gloo")
+    return ours, [k for k in check_exact(plan) if not k.endswith("expert_bias")], \
+        any("linear_qkv" in n for n, _ in src[0].named_parameters())
+
+
+def test_standard_attention_gqa_refits_like_megatron():
+    for ours, megatron, has_qkv in run_world(_standard_attention_worker, 2):
+        assert has_qkv and ours == [] and megatron == []
