@@ -33,8 +33,20 @@ const int64_t* rows_of(const Table& table, int cols, const char* what, int64_t& 
     return table.data();
 }
 
-Side make_side(std::vector<std::string> names, const Table& tensors, const Table& buffers,
-               const Table& pieces) {
+// A (n, cols) C-contiguous int64 array, used in place (no conversion, so no hidden copy whose
+// memory could vanish under the Planner's views; the Planner keeps the arrays alive).
+const int64_t* table_rows(const py::array& table, int cols, const char* what, int64_t& n) {
+    if (!py::isinstance<py::array_t<int64_t>>(table) || table.ndim() != 2 ||
+        table.shape(1) != cols || !(table.flags() & py::array::c_style)) {
+        throw PlanError("*", {}, std::string(what) + " table must be a C-contiguous int64 array "
+                                 "of shape (n, " + std::to_string(cols) + ")");
+    }
+    n = table.shape(0);
+    return static_cast<const int64_t*>(table.data());
+}
+
+Side make_side(std::vector<std::string> names, const Table& tensors, const py::array& buffers,
+               const py::array& pieces) {
     Side side;
     side.names = std::move(names);
     int64_t n = 0;
@@ -52,14 +64,13 @@ Side make_side(std::vector<std::string> names, const Table& tensors, const Table
         }
         for (int d = 0; d < kMaxDims; ++d) t.shape[d] = row[3 + d];
     }
-    row = rows_of(buffers, kBufferCols, "buffer", n);
-    side.buffers.resize(n);
-    for (int64_t i = 0; i < n; ++i, row += kBufferCols) side.buffers[i] = {row[0], row[1], row[2]};
-    // Piece is the row layout of the piece table, so the rows copy over in one go.
+    // Buffer and Piece are the row layouts of their tables: view the rows in place.
+    static_assert(sizeof(Buffer) == kBufferCols * sizeof(int64_t), "Buffer must match a row");
     static_assert(sizeof(Piece) == kPieceCols * sizeof(int64_t), "Piece must match a table row");
-    row = rows_of(pieces, kPieceCols, "piece", n);
-    const Piece* first = reinterpret_cast<const Piece*>(row);
-    side.pieces.assign(first, first + n);
+    row = table_rows(buffers, kBufferCols, "buffer", n);
+    side.buffers = View<Buffer>(reinterpret_cast<const Buffer*>(row), size_t(n));
+    row = table_rows(pieces, kPieceCols, "piece", n);
+    side.pieces = View<Piece>(reinterpret_cast<const Piece*>(row), size_t(n));
     return side;
 }
 
@@ -96,10 +107,10 @@ void bind_plan(py::module_& m) {
 
     py::class_<Planner>(m, "Planner", "Validated, indexed layouts of both sides; compiles plans.")
         .def(py::init([](std::vector<std::string> src_names, const Table& src_tensors,
-                         const Table& src_buffers, const Table& src_pieces,
+                         const py::array& src_buffers, const py::array& src_pieces,
                          std::vector<std::string> dst_names, const Table& dst_tensors,
-                         const Table& dst_buffers, const Table& dst_pieces, int64_t bucket_bytes,
-                         int64_t ranks_per_node) {
+                         const py::array& dst_buffers, const py::array& dst_pieces,
+                         int64_t bucket_bytes, int64_t ranks_per_node) {
                  Side src = make_side(std::move(src_names), src_tensors, src_buffers, src_pieces);
                  Side dst = make_side(std::move(dst_names), dst_tensors, dst_buffers, dst_pieces);
                  PlanOptions options;
@@ -111,7 +122,10 @@ void bind_plan(py::module_& m) {
              py::arg("src_names"), py::arg("src_tensors"), py::arg("src_buffers"),
              py::arg("src_pieces"), py::arg("dst_names"), py::arg("dst_tensors"),
              py::arg("dst_buffers"), py::arg("dst_pieces"), py::arg("bucket_bytes"),
-             py::arg("ranks_per_node") = 0)
+             py::arg("ranks_per_node") = 0,
+             // The Planner reads the buffer and piece tables in place: keep them alive.
+             py::keep_alive<1, 4>(), py::keep_alive<1, 5>(), py::keep_alive<1, 8>(),
+             py::keep_alive<1, 9>())
         .def_property_readonly("ranks", &Planner::ranks)
         .def(
             "plan_rank",

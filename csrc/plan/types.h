@@ -26,7 +26,7 @@ struct TensorSpec {
     Index shape{};
 };
 
-struct Buffer {
+struct Buffer {  // the row layout of the buffer table: rank, numel, itemsize
     int64_t rank = 0;
     int64_t numel = 0;
     int64_t itemsize = 0;
@@ -44,11 +44,30 @@ struct Piece {
     Index local_stride{};
 };
 
+// A read-only view of `size()` items. A Side's big tables (millions of pieces at cluster scale)
+// are read where the caller keeps them (NumPy arrays from Python) instead of being copied.
+template <typename T>
+class View {
+   public:
+    View() = default;
+    View(const T* data, size_t size) : data_(data), size_(size) {}
+    explicit View(const std::vector<T>& v) : data_(v.data()), size_(v.size()) {}
+    size_t size() const { return size_; }
+    bool empty() const { return size_ == 0; }
+    const T& operator[](size_t i) const { return data_[i]; }
+    const T* begin() const { return data_; }
+    const T* end() const { return data_ + size_; }
+
+   private:
+    const T* data_ = nullptr;
+    size_t size_ = 0;
+};
+
 struct Side {
     std::vector<std::string> names;
     std::vector<TensorSpec> tensors;
-    std::vector<Buffer> buffers;
-    std::vector<Piece> pieces;
+    View<Buffer> buffers;  // views: into the caller's memory, which must outlive the Planner
+    View<Piece> pieces;
 };
 
 // One pitched 2-D copy: `rows` rows of `row_bytes`, rows `*_pitch` bytes apart.
