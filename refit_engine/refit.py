@@ -186,10 +186,14 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
 
     # Bind tensors and check them; then check that every rank compiled the same plan: a cheap
     # fingerprint of the inputs and options every plan is derived from.
-    layouts_digest = hashlib.blake2b(
-        repr((src_layout.tables()[1:], dst_layout.tables()[1:], int(bucket_bytes),
-              int(ranks_per_node))).encode(),
-        digest_size=8).hexdigest()
+    digest = hashlib.blake2b(digest_size=8)
+    for layout in (src_layout, dst_layout):
+        names, *tables = layout.tables()
+        digest.update("\0".join(names).encode())
+        for table in tables:  # every byte: a repr would elide the middle of large arrays
+            digest.update(np.ascontiguousarray(table).tobytes())
+    digest.update(f"{int(bucket_bytes)}/{int(ranks_per_node)}".encode())
+    layouts_digest = digest.hexdigest()
     try:
         src_tensors, src_addr, src_devices = _bind(src_layout, src_local, rank, "source")
         dst_tensors, dst_addr, dst_devices = _bind(dst_layout, dst_local, rank, "destination")
