@@ -63,6 +63,14 @@ class ParallelGrid:
         return [(self.offset + stage * per_stage + (edp * self.ep + ep_index) * self.etp + etp, etp, local)
                 for edp in range(self.edp) for etp in range(self.etp)]
 
+    def stage_of_layer(self, num_layers: int, layer: int) -> int:
+        """The pipeline stage holding global layer `layer` (inverse of `stage_layers`)."""
+        base, extra = divmod(num_layers, self.pp)
+        boundary = extra * (base + 1)  # the first `extra` stages hold one layer more
+        if layer < boundary:
+            return layer // (base + 1)
+        return extra + (layer - boundary) // base
+
     def stage_layers(self, num_layers: int, stage: int) -> range:
         """Global layer indices held by pipeline stage `stage` (as even as possible, earlier
         stages take the remainder)."""

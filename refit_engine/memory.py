@@ -55,12 +55,8 @@ def _weights_per_rank(layout: Layout, world: int) -> list[int]:
 def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid) -> float:
     """Largest per-GPU weight bytes of one model, from parameter counts alone (no layout),
     so hopeless configurations are refused in milliseconds."""
-    from refit_engine.models.kimi_k2 import kimi_k2_parameters
+    from refit_engine.models.kimi_k2 import kimi_k2_parameters, stage_of
     per_stage = [0.0] * grid.pp
-    stage_of_layer = {}
-    for stage in range(grid.pp):
-        for layer in grid.stage_layers(cfg.num_layers, stage):
-            stage_of_layer[layer] = stage
     for p in kimi_k2_parameters(cfg):
         n = dtypes.itemsize(p.dtype)
         for s in p.shape:
@@ -69,8 +65,7 @@ def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid) -> float:
             n /= grid.ep * grid.etp
         elif p.split:
             n /= grid.tp
-        stage = stage_of_layer.get(p.layer, 0 if p.name.startswith("embedding") else grid.pp - 1)
-        per_stage[stage] += n
+        per_stage[stage_of(cfg, grid, p)] += n
     return max(per_stage) / GIB
 
 

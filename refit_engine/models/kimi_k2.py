@@ -110,11 +110,11 @@ def parameter_count(cfg: KimiK2Config) -> int:
     return total
 
 
-def _stage_of(cfg: KimiK2Config, grid: ParallelGrid, param: Param) -> int:
+def stage_of(cfg: KimiK2Config, grid: ParallelGrid, param: Param) -> int:
+    """The pipeline stage holding `param`: its layer's, the first for the embedding, the last
+    for the final norm and the output layer."""
     if param.layer is not None:
-        for stage in range(grid.pp):
-            if param.layer in grid.stage_layers(cfg.num_layers, stage):
-                return stage
+        return grid.stage_of_layer(cfg.num_layers, param.layer)
     return 0 if param.name.startswith("embedding") else grid.pp - 1
 
 
@@ -129,7 +129,7 @@ def kimi_k2_layout(cfg: KimiK2Config, grid: ParallelGrid, grouped_experts: bool 
     dense_holders = [grid.dense_holders(stage) for stage in range(grid.pp)]
     per_rank = cfg.num_experts // grid.ep if cfg.num_experts % grid.ep == 0 else 0
     for param in kimi_k2_parameters(cfg):
-        stage = _stage_of(cfg, grid, param)
+        stage = stage_of(cfg, grid, param)
         if param.expert is None:
             parts = grid.tp
             split = Split(param.split[0], parts, stride=param.split[1]) \
@@ -171,7 +171,7 @@ def kimi_k2_tables(cfg: KimiK2Config, grid: ParallelGrid):
         row = [ndim, itemsize, dtypes.dtype_code(param.dtype)] + list(param.shape) + \
             [0] * (MAX_DIMS - ndim)
         tensor_rows.append(row)
-        stage = _stage_of(cfg, grid, param)
+        stage = stage_of(cfg, grid, param)
         if param.expert is None:
             holders, parts_n = dense[stage], grid.tp
         else:
