@@ -119,6 +119,22 @@ class Split:
         return tuple(local)
 
 
+def part_pieces(name: str, shape: Sequence[int], split: Split | None, part: int,
+                strides: Sequence[int], offset: int = 0, ranks: Iterable[int] = ()):
+    """(start, extent, local offset) of every box of `name` that part `part` holds, the part
+    stored contiguously from element `offset` of a local tensor with element `strides`
+    (the whole tensor when `split` is None)."""
+    shape = tuple(shape)
+    if split is None:
+        return [((0,) * len(shape), shape, offset)]
+    out = []
+    for global_start, local_start, size in split.boxes(name, shape, part, ranks):
+        start, extent = [0] * len(shape), list(shape)
+        start[split.dim], extent[split.dim] = global_start, size
+        out.append((tuple(start), tuple(extent), offset + local_start * strides[split.dim]))
+    return out
+
+
 def row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -205,15 +221,9 @@ class Layout:
         strides = row_major_strides(local_shape)
         for rank, part in holders:
             self.add_buffer(rank, key, buffer_shape or local_shape, dtype)
-            if split is None:
-                self.add_piece(name, rank, key, (0,) * len(shape), shape, offset, strides)
-                continue
-            for global_start, local_start, size in split.boxes(name, shape, part, ranks):
-                start = [0] * len(shape)
-                extent = list(shape)
-                start[split.dim], extent[split.dim] = global_start, size
-                self.add_piece(name, rank, key, start, extent,
-                               offset + local_start * strides[split.dim], strides)
+            for start, extent, local_offset in part_pieces(name, shape, split, part, strides,
+                                                           offset, ranks):
+                self.add_piece(name, rank, key, start, extent, local_offset, strides)
 
     # -- reading --------------------------------------------------------------------------
 

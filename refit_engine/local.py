@@ -17,7 +17,7 @@ from typing import Sequence
 
 from refit_engine import arrays
 from refit_engine.errors import RefitError
-from refit_engine.layouts import Layout, Split, row_major_strides
+from refit_engine.layouts import Layout, Split, part_pieces, row_major_strides
 
 
 @dataclass(frozen=True)
@@ -81,16 +81,8 @@ class ShardedTensors:
         local_shape = tuple(part_shape) if part_shape is not None else (
             split.local_shape(name, global_shape) if split else global_shape)
         strides = row_major_strides(local_shape)
-        if split is None:
-            boxes = [((0,) * len(global_shape), global_shape, offset)]
-        else:
-            boxes = []
-            for g_start, l_start, size in split.boxes(name, global_shape, part):
-                start = [0] * len(global_shape)
-                extent = list(global_shape)
-                start[split.dim], extent[split.dim] = g_start, size
-                boxes.append((tuple(start), tuple(extent), offset + l_start * strides[split.dim]))
-        for start, extent, local_offset in boxes:
+        for start, extent, local_offset in part_pieces(name, global_shape, split, part, strides,
+                                                       offset):
             self.entries.append(Entry(name, global_shape, info.dtype, key, info.shape, start,
                                       extent, local_offset, strides))
 
