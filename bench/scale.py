@@ -24,9 +24,9 @@ from timing import environment, save_json  # noqa: E402
 from refit_engine import _core  # noqa: E402
 from refit_engine.cost import predict  # noqa: E402
 from refit_engine.grid import ParallelGrid  # noqa: E402
-from refit_engine.memory import RankFigures, floor  # noqa: E402
+from refit_engine.memory import floor, rank_figures  # noqa: E402
 from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_tables  # noqa: E402
-from refit_engine.planner import DEFAULT_BUCKET_BYTES, MSG, RankPlan  # noqa: E402
+from refit_engine.planner import DEFAULT_BUCKET_BYTES, RankPlan  # noqa: E402
 from refit_engine.topology import preset  # noqa: E402
 
 # (GPUs, source TP/EP, destination TP/EP): expert-DP replicas on the source side, as training
@@ -34,16 +34,9 @@ from refit_engine.topology import preset  # noqa: E402
 SCALES = [(128, (8, 64), (4, 128)), (512, (8, 64), (4, 128)), (2048, (8, 128), (4, 128))]
 
 
-def link_figures(plans: dict, topo) -> list[RankFigures]:
-    figs = []
-    for r, p in plans.items():
-        f = RankFigures(r, 0, 0, 0, p.bytes_local, 0, 0, 0, 0, len(p.send_messages))
-        for kind, msgs in (("sent", p.send_messages), ("received", p.recv_messages)):
-            for peer, nbytes in zip(msgs[:, MSG["peer"]], msgs[:, MSG["bytes"]]):
-                where = "intra" if topo.node_of(int(peer)) == topo.node_of(r) else "inter"
-                setattr(f, f"{kind}_{where}", getattr(f, f"{kind}_{where}") + int(nbytes))
-        figs.append(f)
-    return figs
+def link_figures(plans: dict, topo) -> list:
+    return [rank_figures(r, p.bytes_local, p.bytes_per_peer(), topo,
+                         messages=len(p.send_messages)) for r, p in plans.items()]
 
 
 def busiest(figs, kind):

@@ -179,9 +179,9 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
                                                             "buckets")})
     if rank != 0:
         return None
-    from refit_engine.cost import figures_from_stats, predict
-    from refit_engine.memory import floor
-    figs = figures_from_stats(per_rank, topo)
+    from refit_engine.cost import predict
+    from refit_engine.memory import floor, rank_figures
+    figs = [rank_figures(s["rank"], s["bytes_local"], s["per_peer"], topo) for s in per_rank]
     fl = floor(figs, topo)
     pred = predict(figs, topo, {s["rank"]: s["buckets"] for s in per_rank})
     med = statistics.median(ours)

@@ -48,15 +48,3 @@ def predict_loopback(bytes_local: int, bytes_remote: int, copy_gbps: float, stag
     passes = 3 if staged else 1
     return 2 * (bytes_local + passes * bytes_remote) / (copy_gbps * 1e9)
 
-
-def figures_from_stats(per_rank: list[dict], topo: Topology) -> list[RankFigures]:
-    """RankFigures from execute()'s statistics of every rank (bytes per peer)."""
-    figs = []
-    for s in per_rank:
-        f = RankFigures(s["rank"], 0, 0, 0, s["bytes_local"], 0, 0, 0, 0, 0)
-        for peer, b in s["per_peer"].items():
-            where = "intra" if topo.node_of(int(peer)) == topo.node_of(s["rank"]) else "inter"
-            setattr(f, f"sent_{where}", getattr(f, f"sent_{where}") + b["sent"])
-            setattr(f, f"received_{where}", getattr(f, f"received_{where}") + b["received"])
-        figs.append(f)
-    return figs

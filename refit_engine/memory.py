@@ -30,19 +30,32 @@ GIB = 2**30
 @dataclass
 class RankFigures:
     rank: int
-    src_bytes: int
-    dst_bytes: int
-    staging_bytes: int
-    local_bytes: int
-    sent_intra: int
-    sent_inter: int
-    received_intra: int
-    received_inter: int
-    messages: int
+    src_bytes: int = 0
+    dst_bytes: int = 0
+    staging_bytes: int = 0
+    local_bytes: int = 0
+    sent_intra: int = 0
+    sent_inter: int = 0
+    received_intra: int = 0
+    received_inter: int = 0
+    messages: int = 0
 
     @property
     def total_bytes(self) -> int:
         return self.src_bytes + self.dst_bytes + self.staging_bytes
+
+
+def rank_figures(rank: int, bytes_local: int, per_peer: dict, topo: Topology,
+                 **fields) -> RankFigures:
+    """A rank's bytes split by link: peers on its node over NVLink, the others over the
+    network. per_peer: {peer: {"sent": bytes, "received": bytes}}, as RankPlan.bytes_per_peer()
+    and execute()'s statistics give it."""
+    f = RankFigures(rank, local_bytes=bytes_local, **fields)
+    for peer, b in per_peer.items():
+        where = "intra" if topo.node_of(int(peer)) == topo.node_of(rank) else "inter"
+        setattr(f, f"sent_{where}", getattr(f, f"sent_{where}") + b["sent"])
+        setattr(f, f"received_{where}", getattr(f, f"received_{where}") + b["received"])
+    return f
 
 
 def _weights_per_rank(layout: Layout, world: int) -> list[int]:
@@ -101,20 +114,15 @@ def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topol
     plans = Planner(src_layout, dst_layout, bucket_bytes, topo.gpus_per_node).plan_all()
     src_w, dst_w = _weights_per_rank(src_layout, world), _weights_per_rank(dst_layout, world)
     ranks = []
-    from refit_engine.planner import MSG
     for r in range(world):
         p = plans.get(r)
-        figs = RankFigures(r, src_w[r], dst_w[r], 0, 0, 0, 0, 0, 0, 0)
-        if p is not None:
-            figs.staging_bytes = 2 * (max(p.send_staging_bytes, default=0)
-                                      + max(p.recv_staging_bytes, default=0))
-            figs.local_bytes = p.bytes_local
-            figs.messages = len(p.send_messages) + len(p.recv_messages)
-            for kind, msgs in (("sent", p.send_messages), ("received", p.recv_messages)):
-                for peer, nbytes in zip(msgs[:, MSG["peer"]], msgs[:, MSG["bytes"]]):
-                    where = "intra" if topo.node_of(int(peer)) == topo.node_of(r) else "inter"
-                    setattr(figs, f"{kind}_{where}", getattr(figs, f"{kind}_{where}") + int(nbytes))
-        ranks.append(figs)
+        if p is None:
+            ranks.append(RankFigures(r, src_bytes=src_w[r], dst_bytes=dst_w[r]))
+            continue
+        staging = 2 * (max(p.send_staging_bytes, default=0) + max(p.recv_staging_bytes, default=0))
+        ranks.append(rank_figures(r, p.bytes_local, p.bytes_per_peer(), topo, src_bytes=src_w[r],
+                                  dst_bytes=dst_w[r], staging_bytes=staging,
+                                  messages=len(p.send_messages) + len(p.recv_messages)))
     from refit_engine.cost import predict
     buckets = {r: p.num_buckets for r, p in plans.items()}
     return {"ranks": ranks, "floor": floor(ranks, topo), "topology": topo,
