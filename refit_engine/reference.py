@@ -127,9 +127,8 @@ def materialize(layout: Layout, globals_: Mapping[str, np.ndarray] | None = None
         if ranks is not None and b.rank not in ranks:
             continue
         bits = dtypes.numpy_bits_dtype(b.dtype)
-        buffers[(b.rank, b.key)] = np.full(b.shape, poison, dtype=np.uint8).view(bits) \
-            if bits.itemsize == 1 else np.frombuffer(bytes([poison]) * (b.numel * bits.itemsize),
-                                                      dtype=bits).reshape(b.shape).copy()
+        raw = np.full(b.numel * bits.itemsize, poison, dtype=np.uint8)  # every byte poisoned
+        buffers[(b.rank, b.key)] = raw.view(bits).reshape(b.shape)
     if globals_ is not None:
         for name, index, local in _piece_views(layout, buffers, ranks):
             local[...] = globals_[name][index]
