@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from refit_engine import arrays
+from refit_engine import arrays, dtypes
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout, Split, part_pieces, row_major_strides
 
@@ -85,6 +85,26 @@ class ShardedTensors:
                                                        offset):
             self.entries.append(Entry(name, global_shape, info.dtype, key, info.shape, start,
                                       extent, local_offset, strides))
+
+
+def checked_info(meta, tensor, side: str, device: str | None = None) -> arrays.ArrayInfo:
+    """The tensor bound to local tensor `meta` (a layouts.BufferMeta), checked: storage, one
+    contiguous block of the declared size (and on `device`, when given)."""
+    info = arrays.info(tensor)
+    expected = meta.numel * dtypes.itemsize(meta.dtype)
+    problem = None
+    if info.device == "meta":
+        problem = "is a meta tensor (no storage)"
+    elif not info.contiguous:
+        problem = "is not contiguous"
+    elif info.nbytes != expected:
+        problem = f"has {info.nbytes} bytes, expected {expected}"
+    elif device is not None and info.device != device:
+        problem = f"is on {info.device}, expected {device}"
+    if problem:
+        raise RefitError(f"{side} local tensor '{meta.key}' {problem}", tensor=meta.key,
+                         ranks=[meta.rank])
+    return info
 
 
 def build_layout(per_rank: Sequence[tuple[int, list[Entry]]]) -> Layout:

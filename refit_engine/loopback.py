@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from refit_engine import arrays, dtypes
 from refit_engine.errors import RefitError
 from refit_engine.executors.cuda import (build_direct_loopback_executor,
                                          build_loopback_executor, require_cuda)
 from refit_engine.layouts import Layout
+from refit_engine.local import checked_info
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
 from refit_engine.refit import CudaRefitRunner
 
@@ -28,13 +28,7 @@ def _bases(layout: Layout, tensors: dict, side: str, device: str) -> dict:
         if tensor is None:
             raise RefitError(f"no {side} tensor bound for local tensor '{meta.key}'",
                              tensor=meta.key, ranks=[meta.rank])
-        info = arrays.info(tensor)
-        if info.device != device or not info.contiguous or \
-                info.nbytes != meta.numel * dtypes.itemsize(meta.dtype):
-            raise RefitError(f"{side} tensor must be a contiguous {meta.shape} tensor on {device}, "
-                             f"got {info.shape} on {info.device}", tensor=meta.key,
-                             ranks=[meta.rank])
-        out[meta.rank][index] = info.address
+        out[meta.rank][index] = checked_info(meta, tensor, side, device).address
     return out
 
 

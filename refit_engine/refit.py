@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refit_engine import arrays, dtypes
+from refit_engine import arrays
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout
-from refit_engine.local import ShardedTensors, build_layout
+from refit_engine.local import ShardedTensors, build_layout, checked_info
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner, RankPlan
 
 # Seconds any wait of a refit may take before it raises (override per plan or with
@@ -95,19 +95,8 @@ def _bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
     addresses = np.zeros(len(layout.buffers), dtype=np.int64)
     bound, devices = {}, set()
     for index in layout.buffers_of(rank):
-        meta = layout.buffers[index]
-        tensor = local.tensors[meta.key]
-        info = arrays.info(tensor)
-        problem = None
-        if info.device == "meta":
-            problem = "is a meta tensor (no storage)"
-        elif not info.contiguous:
-            problem = "is not contiguous"
-        elif info.nbytes != meta.numel * dtypes.itemsize(meta.dtype):
-            problem = f"has {info.nbytes} bytes, expected {meta.numel * dtypes.itemsize(meta.dtype)}"
-        if problem:
-            raise RefitError(f"{side} local tensor '{meta.key}' {problem}", tensor=meta.key,
-                             ranks=[rank])
+        tensor = local.tensors[layout.buffers[index].key]
+        info = checked_info(layout.buffers[index], tensor, side)
         bound[index] = tensor
         addresses[index] = info.address
         devices.add(info.device)
