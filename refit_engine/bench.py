@@ -172,13 +172,13 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
             log(rank, f"megatron-core refit failed: {type(exc).__name__}: {exc}")
             megatron, megatron_exact = None, False
 
-    total = {k: _sum_over_ranks(stats[k]) for k in ("bytes_local", "bytes_sent")}
     per_rank = [None] * world
     dist.all_gather_object(per_rank, {k: stats[k] for k in ("rank", "bytes_local", "bytes_sent",
                                                             "bytes_received", "per_peer",
                                                             "buckets")})
     if rank != 0:
         return None
+    total = {k: sum(s[k] for s in per_rank) for k in ("bytes_local", "bytes_sent")}
     from refit_engine.cost import predict
     from refit_engine.memory import floor, rank_figures
     figs = [rank_figures(s["rank"], s["bytes_local"], s["per_peer"], topo) for s in per_rank]
@@ -196,14 +196,6 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
             "plan_s": plan_s, "ours_ms": ours, "ours_graph_ms": ours_graph, "megatron_ms": megatron,
             "megatron_exact": megatron_exact if megatron else None,
             "exact": exact, "bytes": total, "buckets": stats["buckets"]}
-
-
-def _sum_over_ranks(value: int) -> int:
-    import torch
-    import torch.distributed as dist
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t)
-    return int(t.item())
 
 
 def init_from_env(backend: str, timeout: float) -> None:
