@@ -29,6 +29,14 @@ DEFAULT_TOY = dict(num_layers=4, hidden=256, num_heads=8, q_lora_rank=64, kv_lor
                    num_experts=16, moe_ffn=128, router_topk=2, shared_expert_ffn=128, vocab=4096)
 
 
+def model_config(full_size: bool, overrides: dict):
+    """Kimi K2 at published sizes (overrides may lower num_layers etc.), or the toy model."""
+    from refit_engine.models.kimi_k2 import KimiK2Config
+    if full_size:
+        return KimiK2Config(**overrides)
+    return KimiK2Config.toy(**{**DEFAULT_TOY, **overrides})
+
+
 def describe_layout(d: dict) -> str:
     return "/".join(f"{k.upper()}{v}" for k, v in d.items() if v > 1 or k == "tp")
 
@@ -79,16 +87,12 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
     import torch.distributed as dist
 
     import refit_engine
-    from refit_engine.models.kimi_k2 import KimiK2Config
     from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
                                                       build_process_groups)
     from refit_engine.models.megatron_refit import megatron_refit
     from refit_engine.verify import check_exact
 
-    if getattr(args, "full_size", False):
-        cfg = KimiK2Config(**args.model)  # published sizes; --model may lower num_layers etc.
-    else:
-        cfg = KimiK2Config.toy(**{**DEFAULT_TOY, **args.model})
+    cfg = model_config(getattr(args, "full_size", False), args.model)
     device = "cpu"
     if "nccl" in dist.get_backend():
         import torch

@@ -183,13 +183,11 @@ def check_only(args, configs) -> int:
     """Before any job step: every configuration must fit (weights + staging on the GPU)."""
     from refit_engine.grid import ParallelGrid
     from refit_engine.memory import weights_per_gpu_gib
-    from refit_engine.models.kimi_k2 import KimiK2Config
     from refit_engine.topology import preset
     if args.backend != "nccl":
         print("[sweep] memory check skipped: CPU backend")
         return 0
-    cfg = KimiK2Config(**args.model_overrides) if args.full_size else \
-        KimiK2Config.toy(**{**bench.DEFAULT_TOY, **args.model_overrides})
+    cfg = bench.model_config(args.full_size, args.model_overrides)
     gpus = args.gpus or args.world
     topo = preset(args.gpu, gpus)
     failed = 0
@@ -224,15 +222,13 @@ def parse_grid_extra(tp: int, extra: str, world: int, offset: int):
 
 
 def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
-    from refit_engine.models.kimi_k2 import KimiK2Config
     logs = Path(args.output_dir) / "logs"
     if rank == 0:
         logs.mkdir(parents=True, exist_ok=True)
     gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get(
         "SLURM_NTASKS_PER_NODE", world)))
     nodes = os.environ.get("SLURM_JOB_NUM_NODES", str(max(1, world // max(1, gpus_per_node))))
-    cfg = KimiK2Config(**args.model_overrides) if args.full_size else \
-        KimiK2Config.toy(**{**bench.DEFAULT_TOY, **args.model_overrides})
+    cfg = bench.model_config(args.full_size, args.model_overrides)
     from dataclasses import replace
 
     from refit_engine.topology import measure, preset
