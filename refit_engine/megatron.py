@@ -29,7 +29,9 @@ from refit_engine.local import ShardedTensors
 
 _LAYER = re.compile(r"^(?P<pre>(?:.*\.)?decoder\.layers\.)(?P<i>\d+)\.")
 _SEQUENTIAL_EXPERT = re.compile(r"\.experts\.local_experts\.(?P<k>\d+)\.")
-_GROUPED_EXPERT = re.compile(r"\.experts\.(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)(?P<k>\d+)$")
+# TE grouped expert weights (`linear_fc1.weight3`): the only expert names megatron-core's own
+# refit maps to global experts.
+GROUPED_EXPERT = re.compile(r"\.experts\.(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)(?P<k>\d+)$")
 _LEGACY_GROUPED = re.compile(r"\.experts\.weight[12]$")
 
 
@@ -75,7 +77,7 @@ def canonical_name(name: str, layers: dict[int, tuple[int, list[int]]]) -> str:
         return name
     layer, experts = layers.get(int(m["i"]), (int(m["i"]), []))
     name = f"{m['pre']}{layer}." + name[m.end():]
-    e = _SEQUENTIAL_EXPERT.search(name) or _GROUPED_EXPERT.search(name)
+    e = _SEQUENTIAL_EXPERT.search(name) or GROUPED_EXPERT.search(name)
     if e:
         expert = experts[int(e["k"])]
         tail = name[e.end():] if "fc" not in e.groupdict() else f"{e['fc']}.{e['kind']}"
@@ -113,7 +115,7 @@ def describe(model) -> ShardedTensors:
             if is_param and getattr(tensor, "tensor_model_parallel", False):
                 # Routed experts split over the expert-TP group. Known by name: megatron marks
                 # them allreduce=False only when EP > 1.
-                is_expert = bool(_SEQUENTIAL_EXPERT.search(name) or _GROUPED_EXPERT.search(name))
+                is_expert = bool(_SEQUENTIAL_EXPERT.search(name) or GROUPED_EXPERT.search(name))
                 parts, part = _group_part(expert_tp if is_expert else tp)
                 if parts > 1:
                     split = Split(int(tensor.partition_dim), parts,

@@ -18,7 +18,6 @@ megatron plans.
 from __future__ import annotations
 
 import inspect
-import re
 import types
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from refit_engine.megatron import GROUPED_EXPERT
 from refit_engine.models.megatron_builder import (_patch_megatron_for_cpu,
                                                   megatron_version)
 
@@ -62,8 +62,6 @@ def _stand_ins(state: dict, src, dst):
     return state["stand_ins"]
 
 
-# TE grouped expert weights (`linear_fc1.weight3`): what megatron maps to global experts.
-_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc\d+)\.(weight|bias)(\d+)$")
 
 
 def _all_ranks_agree(local_ok: bool) -> bool:
@@ -80,7 +78,7 @@ def _side_facts(model, pgs) -> dict | None:
     return dict(tp=pgs.tp.size(), pp=pgs.pp.size(), ep=pgs.ep.size(), etp=pgs.expt_tp.size(),
                 experts=model.config.num_moe_experts,
                 sequential=any(".local_experts." in n for n in names),
-                grouped=any(_GROUPED_EXPERT.search(n) for n in names),
+                grouped=any(GROUPED_EXPERT.search(n) for n in names),
                 ranks=[dist.get_rank()])
 
 
