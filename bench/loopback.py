@@ -136,7 +136,8 @@ def _check_sample(src, dst, src_t, dst_t):
         full = torch.empty(meta.shape, dtype=torch.int16, device="cuda")
         for side, tensors, out in ((src, src_t, "fill"), (dst, dst_t, "check")):
             t_index = side._tensor_index[name]
-            for row in side.pieces()[side.pieces()[:, 0] == t_index]:
+            placements = side.placements()
+            for row in placements[placements[:, 0] == t_index]:
                 buf = side.buffers[int(row[1])]
                 nd = len(meta.shape)
                 start, extent = row[3:3 + nd], row[3 + MAX_DIMS:3 + MAX_DIMS + nd]

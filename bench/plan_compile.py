@@ -53,7 +53,8 @@ def measure_ours(cfg, src_tp, dst_tp, repeats):
     return {
         "layout_build_s": layout_s,
         "tensors": len(src.tensors),
-        "pieces": int(len(src.pieces()) + len(dst.pieces())),
+        "pieces": int(len(src.tables()[3]) + len(dst.tables()[3])),
+        "placements": int(len(src.placements()) + len(dst.placements())),
         "ours_rank_s": rank["median"], "ours_rank": rank,
         "ours_cluster_s": cluster["median"], "ours_cluster": cluster,
         "rank0_plan_bytes": one.nbytes,

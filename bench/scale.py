@@ -51,7 +51,8 @@ def run(gpus, src_spec, dst_spec, cfg, per_node):
     tables_s = time.perf_counter() - t0
     row = {"gpus": gpus, "source": f"TP{src_spec[0]}/EP{src_spec[1]}",
            "destination": f"TP{dst_spec[0]}/EP{dst_spec[1]}", "tables_s": tables_s,
-           "pieces": int(len(src[3]) + len(dst[3]))}
+           "pieces": int(len(src[3]) + len(dst[3])), "placements": int(len(src[4]) + len(dst[4])),
+           "tables_bytes": int(sum(a.nbytes for side in (src, dst) for a in side[1:]))}
     for choice, rpn in (("link_aware", per_node), ("round_robin", 0)):
         t0 = time.perf_counter()
         planner = _core.Planner(*src, *dst, DEFAULT_BUCKET_BYTES, rpn)

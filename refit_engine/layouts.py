@@ -1,12 +1,17 @@
 """Layouts: which rank holds which box of which global tensor, and where in its local tensor.
 
-One `Layout` describes one model (one side of a refit) on every rank. It holds three tables:
+One `Layout` describes one model (one side of a refit) on every rank. It holds four tables:
 
 - tensors: logical tensors, by canonical name (the same on both sides: global layer and global
   expert indices), with global shape and dtype;
 - buffers: the local tensors ranks hold, by (rank, key), with local shape and dtype;
-- pieces: "rank R holds box [start, start + extent) of tensor T at element `local_offset` of
-  buffer B, with element strides `local_strides`".
+- pieces: "these ranks each hold box [start, start + extent) of tensor T, at element
+  `local_offset` of their own buffer, with element strides `local_strides`";
+- holders: each piece's buffers, in ascending rank.
+
+A placement is one holder's copy of a piece (rank R holds the box in buffer B): DP replicas are
+many placements but one piece, which keeps cluster-scale tables small (`placements()` lists
+them one by one, for the reference executor and tests).
 
 Every parallel layout reduces to pieces, built here by `Layout.place` from a `Split`:
 
@@ -35,12 +40,11 @@ from refit_engine.errors import RefitError
 MAX_DIMS = 4
 TENSOR_COLUMNS = ("ndim", "itemsize", "dtype_code") + tuple(f"shape{d}" for d in range(MAX_DIMS))
 BUFFER_COLUMNS = ("rank", "numel", "itemsize")
-PIECE_COLUMNS = (
-    ("tensor", "buffer", "local_offset")
-    + tuple(f"start{d}" for d in range(MAX_DIMS))
-    + tuple(f"extent{d}" for d in range(MAX_DIMS))
-    + tuple(f"stride{d}" for d in range(MAX_DIMS))
-)
+BOX_COLUMNS = (tuple(f"start{d}" for d in range(MAX_DIMS))
+               + tuple(f"extent{d}" for d in range(MAX_DIMS))
+               + tuple(f"stride{d}" for d in range(MAX_DIMS)))
+PIECE_COLUMNS = ("tensor", "holders_first", "holders_count", "local_offset") + BOX_COLUMNS
+PLACEMENT_COLUMNS = ("tensor", "buffer", "local_offset") + BOX_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,12 @@ class Layout:
         self.buffers: list[BufferMeta] = []
         self._tensor_index: dict[str, int] = {}
         self._buffer_index: dict[tuple[int, str], int] = {}
+        # Pieces: (tensor, local_offset, start.., extent.., strides..) and {rank: buffer} of
+        # their holders; _piece_index finds the pieces a new placement may join.
         self._pieces: list[tuple[int, ...]] = []
+        self._holders: list[dict[int, int]] = []
+        self._piece_index: dict[tuple[int, ...], list[int]] = {}
+        self._num_placements = 0
         self._tables = None
 
     # -- building -------------------------------------------------------------------------
@@ -197,8 +206,19 @@ class Layout:
                              tensor=name, ranks=[rank])
         strides = tuple(local_strides) if local_strides is not None else row_major_strides(extent)
         pad = (0,) * (MAX_DIMS - ndim)
-        self._pieces.append((tensor, buffer, int(local_offset)) + tuple(start) + pad
-                            + tuple(extent) + pad + tuple(strides) + pad)
+        row = ((tensor, int(local_offset)) + tuple(int(v) for v in start) + pad
+               + tuple(int(v) for v in extent) + pad + tuple(int(v) for v in strides) + pad)
+        # Join the first piece with this box and placement that this rank does not hold yet
+        # (a rank holding the same box twice gets a second piece).
+        candidates = self._piece_index.setdefault(row, [])
+        piece = next((p for p in candidates if rank not in self._holders[p]), None)
+        if piece is None:
+            piece = len(self._pieces)
+            candidates.append(piece)
+            self._pieces.append(row)
+            self._holders.append({})
+        self._holders[piece][int(rank)] = buffer
+        self._num_placements += 1
         self._tables = None
 
     def place(self, name: str, shape: Sequence[int], dtype, holders: Iterable[tuple[int, int]],
@@ -241,7 +261,8 @@ class Layout:
         return [i for i, b in enumerate(self.buffers) if b.rank == rank]
 
     def tables(self):
-        """(names, tensors, buffers, pieces): the int64 tables the planner reads."""
+        """(names, tensors, buffers, pieces, holders): the int64 tables the planner reads
+        (columns: TENSOR_COLUMNS, BUFFER_COLUMNS, PIECE_COLUMNS; holders is flat)."""
         if self._tables is None:
             tensors = np.zeros((len(self.tensors), len(TENSOR_COLUMNS)), dtype=np.int64)
             for i, t in enumerate(self.tensors):
@@ -249,13 +270,36 @@ class Layout:
                 tensors[i, 3:3 + len(t.shape)] = t.shape
             buffers = np.array([(b.rank, b.numel, dtypes.itemsize(b.dtype)) for b in self.buffers],
                                dtype=np.int64).reshape(-1, len(BUFFER_COLUMNS))
-            pieces = np.array(self._pieces, dtype=np.int64).reshape(-1, len(PIECE_COLUMNS))
-            self._tables = ([t.name for t in self.tensors], tensors, buffers, pieces)
+            pieces = np.zeros((len(self._pieces), len(PIECE_COLUMNS)), dtype=np.int64)
+            holders, first = [], 0
+            for i, (row, by_rank) in enumerate(zip(self._pieces, self._holders)):
+                pieces[i] = (row[0], first, len(by_rank)) + row[1:]
+                holders.extend(by_rank[r] for r in sorted(by_rank))
+                first += len(by_rank)
+            self._tables = ([t.name for t in self.tensors], tensors, buffers, pieces,
+                            np.array(holders, dtype=np.int64))
         return self._tables
 
-    def pieces(self) -> np.ndarray:
-        return self.tables()[3]
+    def placements(self) -> np.ndarray:
+        """One row per holder of every piece (columns: PLACEMENT_COLUMNS)."""
+        _, _, _, pieces, holders = self.tables()
+        return expand_placements(pieces, holders)
 
     def __repr__(self) -> str:
         return (f"Layout({len(self.tensors)} tensors, {len(self.buffers)} local tensors on "
-                f"{len(self.ranks)} ranks, {len(self._pieces)} pieces)")
+                f"{len(self.ranks)} ranks, {len(self._pieces)} pieces, "
+                f"{self._num_placements} placements)")
+
+
+def expand_placements(pieces: np.ndarray, holders: np.ndarray) -> np.ndarray:
+    """Planner tables (pieces, holders) as one row per holder of each piece, in piece order
+    (columns: PLACEMENT_COLUMNS)."""
+    counts = pieces[:, 2]
+    which = np.repeat(np.arange(len(pieces)), counts)
+    # Position of each placement in its piece's run of holders.
+    within = np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out = np.empty((len(which), len(PLACEMENT_COLUMNS)), dtype=np.int64)
+    out[:, 0] = pieces[which, 0]
+    out[:, 1] = holders[pieces[which, 1] + within]
+    out[:, 2:] = pieces[which, 3:]
+    return out

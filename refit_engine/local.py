@@ -124,8 +124,7 @@ def from_layout(layout: Layout, rank: int, tensors: dict) -> ShardedTensors:
     inverse of `build_layout`, for layouts described centrally (tests, synthetic models)."""
     from refit_engine.layouts import MAX_DIMS
     local = ShardedTensors()
-    pieces = layout.pieces()
-    for row in pieces:
+    for row in layout.placements():
         buffer = layout.buffers[int(row[1])]
         if buffer.rank != rank:
             continue

@@ -91,8 +91,7 @@ def run_reference(plans: Mapping[int, RankPlan], src: Layout, dst: Layout,
 
 def _piece_views(layout: Layout, buffers: Buffers, ranks=None):
     """Yields (tensor name, global index tuple, local strided view) for every piece (of `ranks`)."""
-    pieces = layout.pieces()
-    for row in pieces:
+    for row in layout.placements():
         tensor, buffer, offset = (int(v) for v in row[:3])
         meta, buf = layout.tensors[tensor], layout.buffers[buffer]
         if ranks is not None and buf.rank not in ranks:

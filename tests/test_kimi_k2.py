@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from refit_engine.grid import ParallelGrid
+from refit_engine.layouts import expand_placements
 from refit_engine.models.kimi_k2 import (KimiK2Config, kimi_k2_layout, kimi_k2_tables,
                                          parameter_count)
 
@@ -17,7 +18,13 @@ def test_published_size():
                                   ParallelGrid(4, tp=1, ep=4, offset=4)])
 def test_vectorized_tables_equal_layout_tables(grid):
     cfg = KimiK2Config.toy()
-    names, tensors, buffers, pieces = kimi_k2_layout(cfg, grid).tables()
-    n2, t2, b2, p2 = kimi_k2_tables(cfg, grid)
-    assert names == n2 and np.array_equal(tensors, t2)
-    assert np.array_equal(buffers, b2) and np.array_equal(pieces, p2)
+    layout = kimi_k2_layout(cfg, grid)
+    names, tensors, buffers, pieces, holders = layout.tables()
+    n2, t2, b2, p2, h2 = kimi_k2_tables(cfg, grid)
+    assert names == n2 and np.array_equal(tensors, t2) and np.array_equal(buffers, b2)
+    # The same placements (pieces may share runs of holders differently), and each replica
+    # set one piece.
+    def rows(placements):
+        return sorted(map(tuple, placements.tolist()))
+    assert rows(layout.placements()) == rows(expand_placements(p2, h2))
+    assert len(p2) == len(pieces)

@@ -137,6 +137,35 @@ def test_non_contiguous_last_dim_rejected():
         Planner(tp_layout(1, 1, shape=(4, 4), dtype="float32"), dst)
 
 
+def test_replicas_are_one_piece_with_rank_sorted_holders():
+    layout = Layout()
+    layout.place("w", (8, 4), "float32", [(3, 0), (1, 0), (2, 0)])  # three DP replicas
+    layout.add_buffer(1, "again", (8, 4), "float32")  # rank 1 holds the box a second time
+    layout.add_piece("w", 1, "again", (0, 0), (8, 4))
+    _, _, buffers, pieces, holders = layout.tables()
+    assert len(pieces) == 2 and list(pieces[:, 2]) == [3, 1]
+    assert [int(buffers[b, 0]) for b in holders] == [1, 2, 3, 1]
+    assert len(layout.placements()) == 4
+    check_refit(layout, tp_layout(4, 2, shape=(8, 4), dtype="float32"))
+
+
+def test_holders_out_of_rank_order():
+    from refit_engine import _core
+    src, dst = tp_layout(2, 1), tp_layout(2, 1)
+    names, tensors, buffers, pieces, holders = src.tables()
+    swapped = holders[::-1].copy()  # ranks 1, 0
+    with pytest.raises(RefitError, match=r"'w'.*\[0, 1\].*out of rank order or one rank twice"):
+        _core.Planner(names, tensors, buffers, pieces, swapped, *dst.tables(), 1 << 20, 0)
+    twice = holders.copy()
+    twice[:] = holders[0]
+    with pytest.raises(RefitError, match="out of rank order or one rank twice"):
+        _core.Planner(names, tensors, buffers, pieces, twice, *dst.tables(), 1 << 20, 0)
+    bad = pieces.copy()
+    bad[0, 2] = len(holders) + 1
+    with pytest.raises(RefitError, match="holders .* that do not exist"):
+        _core.Planner(names, tensors, buffers, bad, holders, *dst.tables(), 1 << 20, 0)
+
+
 def test_bad_bucket_budget():
     with pytest.raises(RefitError, match="bucket_bytes must be positive"):
         Planner(tp_layout(2, 2), tp_layout(2, 1), bucket_bytes=0)
@@ -223,15 +252,18 @@ def build(cfg, model, offset):
 @given(src=side(), dst=side(), collocated=st.booleans(),
        dtype=st.sampled_from(["bfloat16", "float32", "uint8", "float64"]),
        rows_mul=st.integers(1, 3), cols=st.sampled_from([8, 16, 24]),
-       bucket=st.sampled_from([64, 1000, 1 << 20]), seed=st.integers(0, 2**31))
-def test_random_layouts_refit_exactly(src, dst, collocated, dtype, rows_mul, cols, bucket, seed):
+       bucket=st.sampled_from([64, 1000, 1 << 20]), seed=st.integers(0, 2**31),
+       ranks_per_node=st.sampled_from([0, 2, 4]))
+def test_random_layouts_refit_exactly(src, dst, collocated, dtype, rows_mul, cols, bucket, seed,
+                                      ranks_per_node):
     model = dict(layers=2, experts=4, dtype=dtype, rows=16 * rows_mul, cols=cols)
     src_layout = build(src, model, 0)
     dst_layout = build(dst, model, 0 if collocated else src["world"])
-    plans = check_refit(src_layout, dst_layout, bucket_bytes=bucket, seed=seed)
-    # Same plan on every rank and every run.
-    planner = Planner(src_layout, dst_layout, bucket_bytes=bucket)
-    for rank in (min(plans), max(plans)):
+    plans = check_refit(src_layout, dst_layout, bucket_bytes=bucket, seed=seed,
+                        ranks_per_node=ranks_per_node)
+    # One rank's plan (its own search of the transfers) is that rank's part of the cluster plan.
+    planner = Planner(src_layout, dst_layout, bucket_bytes=bucket, ranks_per_node=ranks_per_node)
+    for rank in plans:
         assert planner.plan_rank(rank).fingerprint() == plans[rank].fingerprint()
 
 

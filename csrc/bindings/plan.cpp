@@ -1,6 +1,7 @@
 // Bindings of the plan compiler. Layout tables cross as int64 NumPy arrays (one row per
-// tensor, buffer or piece; column order documented in refit_engine/layouts.py), plans come
-// back as int64 arrays with the fields of Segment and Message as columns.
+// tensor, buffer or piece, and a flat array of holders; column order documented in
+// refit_engine/layouts.py), plans come back as int64 arrays with the fields of Segment and
+// Message as columns.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -22,7 +23,8 @@ using Table = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 constexpr int kTensorCols = 3 + kMaxDims;     // ndim, itemsize, dtype_code, shape...
 constexpr int kBufferCols = 3;                // rank, numel, itemsize
-constexpr int kPieceCols = 3 + 3 * kMaxDims;  // tensor, buffer, local_offset, start, extent, stride
+constexpr int kPieceCols = 4 + 3 * kMaxDims;  // tensor, holders first/count, local_offset,
+                                              // start, extent, stride
 
 const int64_t* rows_of(const Table& table, int cols, const char* what, int64_t& n) {
     if (table.ndim() != 2 || table.shape(1) != cols) {
@@ -45,8 +47,18 @@ const int64_t* table_rows(const py::array& table, int cols, const char* what, in
     return static_cast<const int64_t*>(table.data());
 }
 
+// A C-contiguous 1-D int64 array, used in place like table_rows.
+const int64_t* flat_items(const py::array& array, const char* what, int64_t& n) {
+    if (!py::isinstance<py::array_t<int64_t>>(array) || array.ndim() != 1 ||
+        !(array.flags() & py::array::c_style)) {
+        throw PlanError("*", {}, std::string(what) + " must be a C-contiguous 1-D int64 array");
+    }
+    n = array.shape(0);
+    return static_cast<const int64_t*>(array.data());
+}
+
 Side make_side(std::vector<std::string> names, const Table& tensors, const py::array& buffers,
-               const py::array& pieces) {
+               const py::array& pieces, const py::array& holders) {
     Side side;
     side.names = std::move(names);
     int64_t n = 0;
@@ -71,6 +83,8 @@ Side make_side(std::vector<std::string> names, const Table& tensors, const py::a
     side.buffers = View<Buffer>(reinterpret_cast<const Buffer*>(row), size_t(n));
     row = table_rows(pieces, kPieceCols, "piece", n);
     side.pieces = View<Piece>(reinterpret_cast<const Piece*>(row), size_t(n));
+    row = flat_items(holders, "holders", n);
+    side.holders = View<int64_t>(row, size_t(n));
     return side;
 }
 
@@ -108,11 +122,14 @@ void bind_plan(py::module_& m) {
     py::class_<Planner>(m, "Planner", "Validated, indexed layouts of both sides; compiles plans.")
         .def(py::init([](std::vector<std::string> src_names, const Table& src_tensors,
                          const py::array& src_buffers, const py::array& src_pieces,
-                         std::vector<std::string> dst_names, const Table& dst_tensors,
-                         const py::array& dst_buffers, const py::array& dst_pieces,
+                         const py::array& src_holders, std::vector<std::string> dst_names,
+                         const Table& dst_tensors, const py::array& dst_buffers,
+                         const py::array& dst_pieces, const py::array& dst_holders,
                          int64_t bucket_bytes, int64_t ranks_per_node) {
-                 Side src = make_side(std::move(src_names), src_tensors, src_buffers, src_pieces);
-                 Side dst = make_side(std::move(dst_names), dst_tensors, dst_buffers, dst_pieces);
+                 Side src = make_side(std::move(src_names), src_tensors, src_buffers, src_pieces,
+                                      src_holders);
+                 Side dst = make_side(std::move(dst_names), dst_tensors, dst_buffers, dst_pieces,
+                                      dst_holders);
                  PlanOptions options;
                  options.bucket_bytes = bucket_bytes;
                  options.ranks_per_node = ranks_per_node;
@@ -120,12 +137,12 @@ void bind_plan(py::module_& m) {
                  return new Planner(std::move(src), std::move(dst), options);
              }),
              py::arg("src_names"), py::arg("src_tensors"), py::arg("src_buffers"),
-             py::arg("src_pieces"), py::arg("dst_names"), py::arg("dst_tensors"),
-             py::arg("dst_buffers"), py::arg("dst_pieces"), py::arg("bucket_bytes"),
-             py::arg("ranks_per_node") = 0,
-             // The Planner reads the buffer and piece tables in place: keep them alive.
-             py::keep_alive<1, 4>(), py::keep_alive<1, 5>(), py::keep_alive<1, 8>(),
-             py::keep_alive<1, 9>())
+             py::arg("src_pieces"), py::arg("src_holders"), py::arg("dst_names"),
+             py::arg("dst_tensors"), py::arg("dst_buffers"), py::arg("dst_pieces"),
+             py::arg("dst_holders"), py::arg("bucket_bytes"), py::arg("ranks_per_node") = 0,
+             // The Planner reads the buffer, piece and holder tables in place: keep them alive.
+             py::keep_alive<1, 4>(), py::keep_alive<1, 5>(), py::keep_alive<1, 6>(),
+             py::keep_alive<1, 9>(), py::keep_alive<1, 10>(), py::keep_alive<1, 11>())
         .def_property_readonly("ranks", &Planner::ranks)
         .def(
             "plan_rank",

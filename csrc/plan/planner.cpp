@@ -54,8 +54,12 @@ Planner::Planner(Side src, Side dst, PlanOptions options)
                                      std::to_string(options_.bucket_bytes));
     }
     check_tensors();
-    check_pieces(src_, "source");
-    check_pieces(dst_, "destination");
+    std::vector<uint8_t> holds;  // by rank: ranks are small dense integers
+    DestinationFill fill;
+    check_buffers(src_, "source", holds, nullptr);
+    check_buffers(dst_, "destination", holds, &fill);
+    check_pieces(src_, "source", nullptr);
+    check_pieces(dst_, "destination", &fill);
     bucket_by_key(
         dst_.pieces.size(), dst_.tensors.size(), [&](int64_t i) { return dst_.pieces[i].tensor; },
         dst_piece_first_, dst_piece_order_);
@@ -63,14 +67,17 @@ Planner::Planner(Side src, Side dst, PlanOptions options)
         src_.pieces.size(), src_.tensors.size(), [&](int64_t i) { return src_.pieces[i].tensor; },
         src_piece_first_, src_piece_order_);
     index_source_replicas();
-    check_destination_buffers();
-    index_ranks();
+    check_destination_buffers(fill);
+    index_ranks(holds);
 }
 
 std::vector<int64_t> Planner::holder_ranks(const Side& side, int64_t tensor) const {
     std::vector<int64_t> ranks;
     for (const Piece& piece : side.pieces) {
-        if (piece.tensor == tensor) ranks.push_back(side.buffers[piece.buffer].rank);
+        if (piece.tensor != tensor) continue;
+        for (int64_t i = 0; i < piece.holders_count; ++i) {
+            ranks.push_back(side.buffers[side.holders[piece.holders_first + i]].rank);
+        }
     }
     return sorted_unique(std::move(ranks));
 }
@@ -134,49 +141,93 @@ void Planner::check_tensors() {
     }
 }
 
-void Planner::check_pieces(const Side& side, const char* side_name) {
-    const std::string where = side_name;
-    for (const Buffer& buffer : side.buffers) {
-        if (buffer.rank < 0 || buffer.numel < 0 || buffer.itemsize <= 0) {
-            throw PlanError("*", {buffer.rank}, where + " buffer has a negative rank or size");
-        }
+void Planner::check_buffers(const Side& side, const char* side_name, std::vector<uint8_t>& holds,
+                            DestinationFill* fill) {
+    if (fill) {
+        fill->missing.resize(side.buffers.size());
+        fill->uses.assign(side.buffers.size(), 0);
     }
+    for (size_t b = 0; b < side.buffers.size(); ++b) {
+        const Buffer& buffer = side.buffers[b];
+        if (buffer.rank < 0 || buffer.numel < 0 || buffer.itemsize <= 0) {
+            throw PlanError("*", {buffer.rank},
+                            std::string(side_name) + " buffer has a negative rank or size");
+        }
+        if (buffer.rank >= int64_t(holds.size())) holds.resize(buffer.rank + 1, 0);
+        holds[buffer.rank] = 1;
+        if (fill) fill->missing[b] = buffer.numel;
+    }
+}
+
+void Planner::check_pieces(const Side& side, const char* side_name, DestinationFill* fill) {
+    const std::string where = side_name;
+    const int64_t num_holders = int64_t(side.holders.size());
     for (const Piece& piece : side.pieces) {
-        if (piece.tensor < 0 || piece.tensor >= int64_t(side.tensors.size()) ||
-            piece.buffer < 0 || piece.buffer >= int64_t(side.buffers.size())) {
-            throw PlanError("*", {}, where + " piece refers to a tensor or buffer that does not exist");
+        if (piece.tensor < 0 || piece.tensor >= int64_t(side.tensors.size())) {
+            throw PlanError("*", {}, where + " piece refers to a tensor that does not exist");
         }
         const TensorSpec& spec = side.tensors[piece.tensor];
-        const Buffer& buffer = side.buffers[piece.buffer];
         const std::string& name = side.names[piece.tensor];
+        if (piece.holders_count <= 0 || piece.holders_first < 0 ||
+            piece.holders_first > num_holders - piece.holders_count) {
+            throw PlanError(name, {}, where + " piece has no holders or refers to holders [" +
+                                          std::to_string(piece.holders_first) + ", +" +
+                                          std::to_string(piece.holders_count) +
+                                          ") that do not exist");
+        }
+        const int64_t* holders = side.holders.begin() + piece.holders_first;
+        for (int64_t i = 0; i < piece.holders_count; ++i) {
+            if (holders[i] < 0 || holders[i] >= int64_t(side.buffers.size())) {
+                throw PlanError(name, {}, where + " piece refers to a buffer that does not exist");
+            }
+        }
+        const int64_t first_rank = side.buffers[holders[0]].rank;
         const Box box = piece_box(piece, spec.ndim);
         for (int d = 0; d < spec.ndim; ++d) {
             if (piece.start[d] < 0 || piece.extent[d] <= 0 ||
                 piece.start[d] + piece.extent[d] > spec.shape[d]) {
-                throw PlanError(name, {buffer.rank},
+                throw PlanError(name, {first_rank},
                                 where + " piece " + box.str() + " lies outside the global shape " +
                                     index_str(spec.shape, spec.ndim));
             }
         }
-        if (buffer.itemsize != spec.itemsize) {
-            throw PlanError(name, {buffer.rank},
-                            where + " local tensor has element size " +
-                                std::to_string(buffer.itemsize) + " but the tensor has " +
-                                std::to_string(spec.itemsize));
-        }
         const int last = spec.ndim - 1;
         if (last >= 0 && piece.extent[last] > 1 && piece.local_stride[last] != 1) {
-            throw PlanError(name, {buffer.rank},
+            throw PlanError(name, {first_rank},
                             where + " local tensor is not contiguous in its last dimension "
                                     "(stride " + std::to_string(piece.local_stride[last]) + ")");
         }
         const Span hull = footprint_hull(piece, spec.ndim);
-        if (hull.lo < 0 || hull.hi > buffer.numel) {
-            throw PlanError(name, {buffer.rank},
-                            where + " piece " + box.str() + " reaches elements [" +
-                                std::to_string(hull.lo) + ", " + std::to_string(hull.hi) +
-                                ") of a local tensor of " + std::to_string(buffer.numel) +
-                                " elements");
+        const int64_t volume = box.volume();
+        int64_t previous_rank = -1;
+        for (int64_t i = 0; i < piece.holders_count; ++i) {
+            const Buffer& buffer = side.buffers[holders[i]];
+            if (fill) {
+                fill->missing[holders[i]] -= volume;
+                uint8_t& uses = fill->uses[holders[i]];
+                uses += uses < 2;  // 0, 1, or 2 for "several"
+            }
+            if (buffer.itemsize != spec.itemsize) {
+                throw PlanError(name, {buffer.rank},
+                                where + " local tensor has element size " +
+                                    std::to_string(buffer.itemsize) + " but the tensor has " +
+                                    std::to_string(spec.itemsize));
+            }
+            if (hull.lo < 0 || hull.hi > buffer.numel) {
+                throw PlanError(name, {buffer.rank},
+                                where + " piece " + box.str() + " reaches elements [" +
+                                    std::to_string(hull.lo) + ", " + std::to_string(hull.hi) +
+                                    ") of a local tensor of " + std::to_string(buffer.numel) +
+                                    " elements");
+            }
+            // Ascending ranks let a transfer find a holder's own replica and its node's replicas
+            // by merging two sorted lists; a rank twice in one piece is a duplicate piece.
+            if (buffer.rank <= previous_rank) {
+                throw PlanError(name, sorted_unique({previous_rank, buffer.rank}),
+                                where + " piece " + box.str() + " lists its holders out of rank "
+                                        "order or one rank twice");
+            }
+            previous_rank = buffer.rank;
         }
     }
 }
@@ -184,10 +235,17 @@ void Planner::check_pieces(const Side& side, const char* side_name) {
 void Planner::index_source_replicas() {
     group_first_.assign(src_.tensors.size() + 1, 0);
     std::vector<int64_t> pieces;  // scratch, reused for every tensor
+    struct Member {
+        int64_t rank, piece, buffer;
+    };
+    std::vector<Member> members;  // scratch for merging pieces of one box
+    auto rank_of = [&](int64_t piece, int64_t i) {
+        return src_.buffers[src_.holders[src_.pieces[piece].holders_first + i]].rank;
+    };
     for (size_t s = 0; s < src_.tensors.size(); ++s) {
         const TensorSpec& spec = src_.tensors[s];
         const int ndim = spec.ndim;
-        // Sort this tensor's pieces by box, then by rank: equal boxes become one replica group.
+        // Sort this tensor's pieces by box: pieces with equal boxes make one replica group.
         pieces.assign(src_piece_order_.begin() + src_piece_first_[s],
                       src_piece_order_.begin() + src_piece_first_[s + 1]);
         if (pieces.empty()) {
@@ -202,20 +260,34 @@ void Planner::index_source_replicas() {
             for (int d = 0; d < ndim; ++d) {
                 if (x.extent[d] != y.extent[d]) return x.extent[d] < y.extent[d];
             }
-            const int64_t rx = src_.buffers[x.buffer].rank, ry = src_.buffers[y.buffer].rank;
-            return rx != ry ? rx < ry : a < b;
+            return a < b;
         });
         const size_t first_group = groups_.size();
         int64_t covered = 0;
         for (size_t i = 0; i < pieces.size();) {
             const Box box = piece_box(src_.pieces[pieces[i]], ndim);
-            size_t j = i;
-            while (j < pieces.size() && piece_box(src_.pieces[pieces[j]], ndim).same_as(box)) {
-                group_pieces_.push_back(pieces[j]);
-                group_ranks_.push_back(src_.buffers[src_.pieces[pieces[j]].buffer].rank);
-                ++j;
+            size_t j = i + 1;
+            while (j < pieces.size() && piece_box(src_.pieces[pieces[j]], ndim).same_as(box)) ++j;
+            if (j == i + 1) {  // the common case: one piece, its holders already rank-sorted
+                const Piece& piece = src_.pieces[pieces[i]];
+                groups_.push_back({box, pieces[i], piece.holders_first, piece.holders_count});
+            } else {
+                members.clear();
+                for (size_t k = i; k < j; ++k) {
+                    const Piece& piece = src_.pieces[pieces[k]];
+                    for (int64_t h = 0; h < piece.holders_count; ++h) {
+                        members.push_back({rank_of(pieces[k], h), pieces[k],
+                                           src_.holders[piece.holders_first + h]});
+                    }
+                }
+                std::stable_sort(members.begin(), members.end(),
+                                 [](const Member& a, const Member& b) { return a.rank < b.rank; });
+                groups_.push_back({box, -1, int64_t(merged_pieces_.size()), int64_t(members.size())});
+                for (const Member& m : members) {
+                    merged_pieces_.push_back(m.piece);
+                    merged_buffers_.push_back(m.buffer);
+                }
             }
-            groups_.push_back({box, int64_t(group_pieces_.size() - (j - i)), int64_t(j - i)});
             covered += box.volume();
             i = j;
         }
@@ -227,19 +299,16 @@ void Planner::index_source_replicas() {
             for (size_t b = a + 1; b < groups_.size(); ++b) {
                 if (ndim && groups_[b].box.start[0] >= end0) break;
                 if (!intersect(box, groups_[b].box).empty()) {
-                    throw PlanError(
-                        src_.names[s],
-                        sorted_unique({src_.buffers[src_.pieces[group_pieces_[groups_[a].first]].buffer].rank,
-                                       src_.buffers[src_.pieces[group_pieces_[groups_[b].first]].buffer].rank}),
-                        "source pieces " + box.str() + " and " + groups_[b].box.str() +
-                            " overlap without being the same box");
+                    throw PlanError(src_.names[s],
+                                    sorted_unique({member_rank(groups_[a], 0),
+                                                   member_rank(groups_[b], 0)}),
+                                    "source pieces " + box.str() + " and " +
+                                        groups_[b].box.str() + " overlap without being the same box");
                 }
             }
         }
         if (covered != numel(spec)) {
-            std::vector<int64_t> ranks;
-            for (int64_t p : pieces) ranks.push_back(src_.buffers[src_.pieces[p].buffer].rank);
-            throw PlanError(src_.names[s], sorted_unique(ranks),
+            throw PlanError(src_.names[s], holder_ranks(src_, s),
                             "source pieces cover " + std::to_string(covered) + " of " +
                                 std::to_string(numel(spec)) +
                                 " elements (a shard is missing or sizes do not divide)");
@@ -248,36 +317,57 @@ void Planner::index_source_replicas() {
     }
 }
 
-void Planner::check_destination_buffers() {
+void Planner::check_destination_buffers(const DestinationFill& fill) {
     // Every destination element written exactly once: the pieces in each local tensor must be
     // disjoint and fill it. Since source boxes tile each tensor, each piece is then written once.
-    std::vector<int64_t> first, order;
-    bucket_by_key(
-        dst_.pieces.size(), dst_.buffers.size(), [&](int64_t i) { return dst_.pieces[i].buffer; },
-        first, order);
+    // Most local tensors hold one piece, which fills it when the sizes agree (counted while
+    // checking pieces); only those holding several are indexed and compared.
+    const size_t num_buffers = dst_.buffers.size();
+    auto a_tensor_in = [&](size_t b) -> std::string {  // for messages only
+        for (const Piece& piece : dst_.pieces) {
+            const int64_t* holders = dst_.holders.begin() + piece.holders_first;
+            if (std::find(holders, holders + piece.holders_count, int64_t(b)) !=
+                holders + piece.holders_count) {
+                return dst_.names[piece.tensor];
+            }
+        }
+        return "*";
+    };
+    bool any_shared = false;  // a local tensor holding several pieces
+    for (size_t b = 0; b < num_buffers; ++b) {
+        if (fill.missing[b] != 0) {
+            const int64_t numel = dst_.buffers[b].numel;
+            throw PlanError(a_tensor_in(b), {dst_.buffers[b].rank},
+                            "destination local tensor has " + std::to_string(numel) +
+                                " elements but its pieces cover " +
+                                std::to_string(numel - fill.missing[b]) +
+                                ": some elements would never be written");
+        }
+        any_shared |= fill.uses[b] > 1;
+    }
+    if (!any_shared) return;
+    // The pieces of each shared local tensor: (buffer, piece) pairs, grouped by buffer.
+    std::vector<std::pair<int64_t, int64_t>> pairs;
+    for (size_t p = 0; p < dst_.pieces.size(); ++p) {
+        const Piece& piece = dst_.pieces[p];
+        const int64_t* holders = dst_.holders.begin() + piece.holders_first;
+        for (int64_t i = 0; i < piece.holders_count; ++i) {
+            if (fill.uses[holders[i]] > 1) pairs.push_back({holders[i], int64_t(p)});
+        }
+    }
+    std::sort(pairs.begin(), pairs.end());
     struct Placed {
         Span hull;
         int64_t piece;
     };
-    std::vector<Placed> placed;  // reused across buffers: most hold a single piece
-    for (size_t b = 0; b < dst_.buffers.size(); ++b) {
-        const Buffer& buffer = dst_.buffers[b];
+    std::vector<Placed> placed;
+    for (size_t i = 0; i < pairs.size();) {
+        const int64_t b = pairs[i].first;
         placed.clear();
-        int64_t volume = 0;
-        for (int64_t i = first[b]; i < first[b + 1]; ++i) {
-            const Piece& piece = dst_.pieces[order[i]];
-            const int ndim = dst_.tensors[piece.tensor].ndim;
-            placed.push_back({footprint_hull(piece, ndim), order[i]});
-            volume += piece_box(piece, ndim).volume();
-        }
-        if (volume != buffer.numel) {
-            const std::string name = placed.empty()
-                                         ? std::string("*")
-                                         : dst_.names[dst_.pieces[placed[0].piece].tensor];
-            throw PlanError(name, {buffer.rank},
-                            "destination local tensor has " + std::to_string(buffer.numel) +
-                                " elements but its pieces cover " + std::to_string(volume) +
-                                ": some elements would never be written");
+        for (; i < pairs.size() && pairs[i].first == b; ++i) {
+            const Piece& piece = dst_.pieces[pairs[i].second];
+            placed.push_back({footprint_hull(piece, dst_.tensors[piece.tensor].ndim),
+                              pairs[i].second});
         }
         std::sort(placed.begin(), placed.end(),
                   [](const Placed& a, const Placed& b) { return a.hull.lo < b.hull.lo; });
@@ -298,7 +388,8 @@ void Planner::check_destination_buffers() {
                   [](const auto& a, const auto& b) { return a.first.lo < b.first.lo; });
         for (size_t i = 1; i < runs.size(); ++i) {
             if (runs[i].first.lo < runs[i - 1].first.hi) {
-                throw PlanError(dst_.names[dst_.pieces[runs[i].second].tensor], {buffer.rank},
+                throw PlanError(dst_.names[dst_.pieces[runs[i].second].tensor],
+                                {dst_.buffers[b].rank},
                                 "destination pieces of tensors '" +
                                     dst_.names[dst_.pieces[runs[i - 1].second].tensor] + "' and '" +
                                     dst_.names[dst_.pieces[runs[i].second].tensor] +
@@ -308,76 +399,127 @@ void Planner::check_destination_buffers() {
     }
 }
 
-void Planner::index_ranks() {
-    std::vector<bool> holds;  // by rank: ranks are small dense integers
-    for (const Side* side : {&src_, &dst_}) {
-        for (const Buffer& buffer : side->buffers) {
-            if (buffer.rank >= int64_t(holds.size())) holds.resize(buffer.rank + 1, false);
-            holds[buffer.rank] = true;
-        }
-    }
+void Planner::index_ranks(const std::vector<uint8_t>& holds) {
     ranks_.clear();
     for (size_t r = 0; r < holds.size(); ++r) {
-        if (holds[r]) ranks_.push_back(r);
+        if (holds[r]) ranks_.push_back(int64_t(r));
     }
     dst_of_src_.resize(src_.tensors.size());
     for (size_t t = 0; t < src_of_dst_.size(); ++t) dst_of_src_[src_of_dst_[t]] = t;
 }
 
 std::vector<int64_t> Planner::tensors_of_rank(int64_t rank) const {
-    // One pass over both sides' pieces: cheaper than keeping a rank index for every rank.
+    // Holders are rank-sorted within a piece, so each piece is one binary search: cheaper than
+    // keeping a rank index for every rank.
     std::vector<int64_t> tensors;
+    auto holds = [rank](const Side& side, const Piece& piece) {
+        const int64_t* first = side.holders.begin() + piece.holders_first;
+        const int64_t* last = first + piece.holders_count;
+        const int64_t* it = std::lower_bound(first, last, rank, [&](int64_t buffer, int64_t r) {
+            return side.buffers[buffer].rank < r;
+        });
+        return it != last && side.buffers[*it].rank == rank;
+    };
     for (const Piece& piece : src_.pieces) {
-        if (src_.buffers[piece.buffer].rank == rank) tensors.push_back(dst_of_src_[piece.tensor]);
+        if (holds(src_, piece)) tensors.push_back(dst_of_src_[piece.tensor]);
     }
     for (const Piece& piece : dst_.pieces) {
-        if (dst_.buffers[piece.buffer].rank == rank) tensors.push_back(piece.tensor);
+        if (holds(dst_, piece)) tensors.push_back(piece.tensor);
     }
     return sorted_unique(std::move(tensors));
 }
 
+int64_t Planner::first_member_from(const ReplicaGroup& group, int64_t rank) const {
+    int64_t lo = 0, hi = group.count;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (member_rank(group, mid) < rank) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+int64_t Planner::holder_position(const Piece& piece, int64_t rank) const {
+    const int64_t* first = dst_.holders.begin() + piece.holders_first;
+    const int64_t* last = first + piece.holders_count;
+    const int64_t* it = std::lower_bound(
+        first, last, rank, [&](int64_t buffer, int64_t r) { return dst_.buffers[buffer].rank < r; });
+    return it != last && dst_.buffers[*it].rank == rank ? it - first : -1;
+}
+
 template <typename Emit>
-void Planner::for_each_transfer(int64_t t, Emit&& emit) const {
+void Planner::for_each_transfer(int64_t t, int64_t only_rank, Emit&& emit) const {
     const int64_t s = src_of_dst_[t];
     const int ndim = dst_.tensors[t].ndim;
     const int64_t g0 = group_first_[s], g1 = group_first_[s + 1];
-    // How many remote ranks have asked each replica group so far: the next one gets the next
-    // replica. Offset by the tensor index so the first asker is not always served by the
-    // lowest rank.
-    std::vector<int64_t> asked(g1 - g0, 0);
+    const int64_t per_node = options_.ranks_per_node;
+    // The replica serving the holder at `position` of a piece asking a group: its own copy
+    // (`own` < count and of its rank) if it has one; otherwise, taking turns over all holders
+    // that asked the group before it, the next of the replicas on its node [near, far), or of
+    // all replicas when its node has none. Turns are offset by the tensor index so the first
+    // asker is not always served by the lowest rank. Positions count every asker, so the
+    // turn of one holder is known without walking the others.
+    auto pick = [&](const ReplicaGroup& group, int64_t dst_rank, int64_t turn, int64_t own,
+                    int64_t near, int64_t far) {
+        if (own < group.count && member_rank(group, own) == dst_rank) return own;
+        if (near == far) return turn % group.count;
+        return near + turn % (far - near);
+    };
+    std::vector<int64_t> asked(g1 - g0, 0);  // holders that asked each group so far
+    std::vector<bool> has_only(g1 - g0, false);  // whether `only_rank` holds a replica
+    if (only_rank >= 0) {
+        for (int64_t g = g0; g < g1; ++g) {
+            const int64_t m = first_member_from(groups_[g], only_rank);
+            has_only[g - g0] = m < groups_[g].count && member_rank(groups_[g], m) == only_rank;
+        }
+    }
     for (int64_t i = dst_piece_first_[t]; i < dst_piece_first_[t + 1]; ++i) {
-        const int64_t p = dst_piece_order_[i];
-        const Piece& dst_piece = dst_.pieces[p];
-        const int64_t dst_rank = dst_.buffers[dst_piece.buffer].rank;
+        const int64_t q = dst_piece_order_[i];
+        const Piece& dst_piece = dst_.pieces[q];
+        const int64_t* dst_buffers = dst_.holders.begin() + dst_piece.holders_first;
         const Box want = piece_box(dst_piece, ndim);
         for (int64_t g = g0; g < g1; ++g) {
             const ReplicaGroup& group = groups_[g];
-            Box box = intersect(want, group.box);
+            const Box box = intersect(want, group.box);
             if (box.empty()) continue;
-            // Replicas are sorted by rank, so the local one and those on the destination's node
-            // are found by binary search: groups of DP replicas run to hundreds of ranks.
-            const int64_t* replicas = group_pieces_.data() + group.first;
-            const int64_t* ranks = group_ranks_.data() + group.first;
-            const int64_t* end = ranks + group.count;
-            const int64_t* local = std::lower_bound(ranks, end, dst_rank);
-            int64_t chosen = -1;
-            if (local != end && *local == dst_rank) {
-                chosen = replicas[local - ranks];
-            } else {
-                // Next replica in turn, among those on the destination's node if there are any.
-                const int64_t turn = asked[g - g0]++ + t;
-                const int64_t* lo = ranks;
-                const int64_t* hi = end;
-                if (options_.ranks_per_node > 0) {
-                    const int64_t node = dst_rank / options_.ranks_per_node;
-                    const int64_t* a = std::lower_bound(ranks, end, node * options_.ranks_per_node);
-                    const int64_t* b = std::lower_bound(a, end, (node + 1) * options_.ranks_per_node);
-                    if (a != b) lo = a, hi = b;
+            const int64_t base = asked[g - g0] + t;
+            asked[g - g0] += dst_piece.holders_count;
+            auto emit_for = [&](int64_t h, int64_t chosen) {
+                emit(Transfer{t, member_piece(group, chosen), member_buffer(group, chosen), q,
+                              dst_buffers[h], member_rank(group, chosen),
+                              dst_.buffers[dst_buffers[h]].rank, box});
+            };
+            if (only_rank >= 0 && !has_only[g - g0]) {
+                // `only_rank` sends nothing of this group: at most its own request concerns it.
+                const int64_t h = holder_position(dst_piece, only_rank);
+                if (h < 0) continue;
+                int64_t near = 0, far = 0;
+                if (per_node > 0) {
+                    const int64_t node_first = only_rank / per_node * per_node;
+                    near = first_member_from(group, node_first);
+                    far = first_member_from(group, node_first + per_node);
                 }
-                chosen = replicas[(lo - ranks) + turn % (hi - lo)];
+                emit_for(h, pick(group, only_rank, base + h, group.count, near, far));
+                continue;
             }
-            emit(Transfer{t, chosen, p, src_.buffers[src_.pieces[chosen].buffer].rank, dst_rank,
-                          box});
+            // Walk every asking holder. Both lists ascend by rank, so `own` (the first replica
+            // not below the asker) and [near, far) (the replicas on its node) only move forward.
+            int64_t own = 0, near = 0, far = 0;
+            for (int64_t h = 0; h < dst_piece.holders_count; ++h) {
+                const int64_t dst_rank = dst_.buffers[dst_buffers[h]].rank;
+                while (own < group.count && member_rank(group, own) < dst_rank) ++own;
+                if (per_node > 0) {
+                    const int64_t node_first = dst_rank / per_node * per_node;
+                    while (near < group.count && member_rank(group, near) < node_first) ++near;
+                    far = std::max(far, near);
+                    while (far < group.count && member_rank(group, far) < node_first + per_node) ++far;
+                }
+                const int64_t chosen = pick(group, dst_rank, base + h, own, near, far);
+                if (only_rank >= 0 && member_rank(group, chosen) != only_rank &&
+                    dst_rank != only_rank) {
+                    continue;
+                }
+                emit_for(h, chosen);
+            }
         }
     }
 }
@@ -389,8 +531,8 @@ void Planner::add_transfer(const Transfer& x, RankPlan* sender, RankPlan* receiv
     for_each_copy(x.box, src_piece, dst_piece, itemsize,
                   [&](int64_t src_offset, int64_t src_pitch, int64_t dst_offset, int64_t dst_pitch,
                       int64_t rows, int64_t row_bytes) {
-                      Segment seg{x.dst_tensor, 0,         0,          src_piece.buffer,
-                                  src_offset,   src_pitch, dst_piece.buffer, dst_offset,
+                      Segment seg{x.dst_tensor, 0,         0,            x.src_buffer,
+                                  src_offset,   src_pitch, x.dst_buffer, dst_offset,
                                   dst_pitch,    rows,      row_bytes};
                       if (x.src_rank == x.dst_rank) {
                           seg.peer = x.dst_rank;
@@ -523,8 +665,7 @@ RankPlan Planner::plan_rank(int64_t rank) const {
     RankPlan plan;
     plan.rank = rank;
     for (int64_t tensor : tensors_of_rank(rank)) {
-        for_each_transfer(tensor, [&](const Transfer& x) {
-            if (x.src_rank != rank && x.dst_rank != rank) return;
+        for_each_transfer(tensor, rank, [&](const Transfer& x) {
             add_transfer(x, x.src_rank == rank ? &plan : nullptr,
                          x.dst_rank == rank ? &plan : nullptr);
         });
@@ -540,7 +681,7 @@ std::vector<RankPlan> Planner::plan_all() const {
         return &plans[std::lower_bound(ranks_.begin(), ranks_.end(), rank) - ranks_.begin()];
     };
     for (size_t t = 0; t < dst_.tensors.size(); ++t) {
-        for_each_transfer(t, [&](const Transfer& x) {
+        for_each_transfer(t, -1, [&](const Transfer& x) {
             add_transfer(x, slot(x.src_rank), slot(x.dst_rank));
         });
     }

@@ -30,34 +30,69 @@ class Planner {
     const PlanOptions& options() const { return options_; }
 
    private:
-    // Source pieces of one tensor that hold the same box: replicas of each other.
+    // The source replicas of one box of a tensor, in ascending rank: usually the holders of
+    // one piece, read in place; several pieces with the same box are merged into a list.
     struct ReplicaGroup {
         Box box;
-        int64_t first;  // into group_pieces_
+        int64_t piece;   // the piece whose holders these are, or -1 when merged
+        int64_t first;   // into src_.holders (one piece) or merged_* (merged)
         int64_t count;
     };
+    // One box of a destination tensor that one holder of a destination piece gets from one
+    // replica of a source piece.
     struct Transfer {
         int64_t dst_tensor;
         int64_t src_piece;
+        int64_t src_buffer;
         int64_t dst_piece;
+        int64_t dst_buffer;
         int64_t src_rank;
         int64_t dst_rank;
         Box box;
     };
 
+    // What the destination pieces leave unwritten of each local tensor, and how many pieces
+    // each holds (capped at 2), tallied while checking pieces.
+    struct DestinationFill {
+        std::vector<int64_t> missing;  // elements, by buffer
+        std::vector<uint8_t> uses;
+    };
+
     void check_tensors();
-    void check_pieces(const Side& side, const char* side_name);
+    // Marks the ranks holding a buffer in `holds`; starts `fill` when given.
+    void check_buffers(const Side& side, const char* side_name, std::vector<uint8_t>& holds,
+                       DestinationFill* fill);
+    void check_pieces(const Side& side, const char* side_name, DestinationFill* fill);
     void index_source_replicas();
-    void check_destination_buffers();
-    void index_ranks();
+    void check_destination_buffers(const DestinationFill& fill);
+    void index_ranks(const std::vector<uint8_t>& holds);
     // Destination tensors that `rank` holds on either side, ascending.
     std::vector<int64_t> tensors_of_rank(int64_t rank) const;
 
-    // Calls emit(const Transfer&) for every transfer of destination tensor `t`, choosing a
-    // source replica for each: the destination rank's own copy first, otherwise replicas in
-    // turn over the ranks that ask for that box (deterministic, spreads senders' load).
+    int64_t member_piece(const ReplicaGroup& group, int64_t i) const {
+        return group.piece >= 0 ? group.piece : merged_pieces_[group.first + i];
+    }
+    int64_t member_buffer(const ReplicaGroup& group, int64_t i) const {
+        return group.piece >= 0 ? src_.holders[group.first + i] : merged_buffers_[group.first + i];
+    }
+    int64_t member_rank(const ReplicaGroup& group, int64_t i) const {
+        return src_.buffers[member_buffer(group, i)].rank;
+    }
+
+    // The first member of `group` whose rank is not below `rank` (count if none).
+    int64_t first_member_from(const ReplicaGroup& group, int64_t rank) const;
+    // Where `rank` is among the holders of destination piece `piece`, or -1.
+    int64_t holder_position(const Piece& piece, int64_t rank) const;
+
+    // Calls emit(const Transfer&) for every transfer of destination tensor `t` that involves
+    // `only_rank` (every transfer when it is -1), choosing a source replica for each holder of
+    // each destination piece: the holder's own copy first, otherwise replicas in turn, among
+    // those on the holder's node if there are any (deterministic, spreads senders' load, keeps
+    // traffic on NVLink). A holder's turn is its position among all holders asking that
+    // replica group, so one rank's requests are found by binary search; only groups the rank
+    // holds a replica of are walked holder by holder, to find whom it serves.
     template <typename Emit>
-    void for_each_transfer(int64_t t, Emit&& emit) const;
+    void for_each_transfer(int64_t t, int64_t only_rank, Emit&& emit) const;
 
     // Appends the pitched copies of `transfer` to the plan(s) it belongs to.
     void add_transfer(const Transfer& transfer, RankPlan* sender, RankPlan* receiver) const;
@@ -76,8 +111,8 @@ class Planner {
     std::vector<int64_t> src_piece_order_;
     std::vector<int64_t> group_first_;         // CSR of replica groups by source tensor
     std::vector<ReplicaGroup> groups_;
-    std::vector<int64_t> group_pieces_;        // source pieces, sorted by rank within a group
-    std::vector<int64_t> group_ranks_;         // the rank of each of group_pieces_
+    std::vector<int64_t> merged_pieces_;       // members of merged groups: piece and buffer,
+    std::vector<int64_t> merged_buffers_;      // ascending rank within a group
     std::vector<int64_t> dst_of_src_;          // source tensor -> destination tensor
     std::vector<int64_t> ranks_;
 };

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator, NamedTuple
 
 from refit_engine.grid import ParallelGrid
-from refit_engine.layouts import Layout, Split
+from refit_engine.layouts import Layout, Split, part_pieces
 
 
 @dataclass(frozen=True)
@@ -154,23 +154,24 @@ def kimi_k2_layout(cfg: KimiK2Config, grid: ParallelGrid, grouped_experts: bool 
 
 
 def kimi_k2_tables(cfg: KimiK2Config, grid: ParallelGrid):
-    """The planner's tables (names, tensors, buffers, pieces) of `kimi_k2_layout(cfg, grid)`
-    with one local tensor per parameter, built with NumPy per parameter instead of per piece:
-    for cluster-scale plans (2048 ranks: millions of pieces) where a Layout object would be
-    slow and large. tests/test_kimi_k2.py checks it equals the Layout's tables."""
+    """The planner's tables (names, tensors, buffers, pieces, holders) of
+    `kimi_k2_layout(cfg, grid)` with one local tensor per parameter, built with NumPy per
+    parameter instead of per placement: for cluster-scale plans (2048 ranks: millions of
+    placements) where a Layout object would be slow and large. The blocks of one part share
+    one run of holders. tests/test_kimi_k2.py checks it describes the Layout's placements."""
     import numpy as np
 
     from refit_engine import dtypes
     from refit_engine.layouts import MAX_DIMS, PIECE_COLUMNS, row_major_strides
-    names, tensor_rows, buffer_parts, piece_parts = [], [], [], []
-    next_buffer = 0
+    names, tensor_rows, buffer_parts, piece_rows, holder_parts = [], [], [], [], []
+    next_buffer = next_holder = 0
     dense = [np.array(grid.dense_holders(s), dtype=np.int64).reshape(-1, 2) for s in range(grid.pp)]
+    start_col, extent_col, stride_col = 4, 4 + MAX_DIMS, 4 + 2 * MAX_DIMS
     for t, param in enumerate(kimi_k2_parameters(cfg)):
         names.append(param.name)
         ndim, itemsize = len(param.shape), dtypes.itemsize(param.dtype)
-        row = [ndim, itemsize, dtypes.dtype_code(param.dtype)] + list(param.shape) + \
-            [0] * (MAX_DIMS - ndim)
-        tensor_rows.append(row)
+        tensor_rows.append([ndim, itemsize, dtypes.dtype_code(param.dtype)] + list(param.shape)
+                           + [0] * (MAX_DIMS - ndim))
         stage = stage_of(cfg, grid, param)
         if param.expert is None:
             holders, parts_n = dense[stage], grid.tp
@@ -180,34 +181,32 @@ def kimi_k2_tables(cfg: KimiK2Config, grid: ParallelGrid):
         split = Split(param.split[0], parts_n, stride=param.split[1]) \
             if param.split and parts_n > 1 else None
         local_shape = split.local_shape(param.name, param.shape) if split else param.shape
-        numel = int(np.prod(local_shape))
         n = len(holders)
         buffers = np.arange(next_buffer, next_buffer + n, dtype=np.int64)
         next_buffer += n
-        buffer_parts.append(np.stack([holders[:, 0], np.full(n, numel), np.full(n, itemsize)], 1))
+        buffer_parts.append(np.stack([holders[:, 0], np.full(n, int(np.prod(local_shape))),
+                                      np.full(n, itemsize)], 1))
         strides = row_major_strides(local_shape)
-        pieces = []
-        if split is None:
-            p = np.zeros((n, len(PIECE_COLUMNS)), dtype=np.int64)
-            p[:, 0], p[:, 1] = t, buffers
-            p[:, 3 + MAX_DIMS:3 + MAX_DIMS + ndim] = param.shape
-            p[:, 3 + 2 * MAX_DIMS:3 + 2 * MAX_DIMS + ndim] = strides
-            pieces.append(p)
-        else:
-            sizes = split.local_blocks(param.name, param.shape, ())
-            global_base = local_base = 0
-            for b in sizes:  # one piece per holder per block
-                p = np.zeros((n, len(PIECE_COLUMNS)), dtype=np.int64)
-                p[:, 0], p[:, 1] = t, buffers
-                p[:, 2] = local_base * strides[split.dim]
-                p[:, 3 + split.dim] = global_base + holders[:, 1] * b
-                p[:, 3 + MAX_DIMS:3 + MAX_DIMS + ndim] = param.shape
-                p[:, 3 + MAX_DIMS + split.dim] = b
-                p[:, 3 + 2 * MAX_DIMS:3 + 2 * MAX_DIMS + ndim] = strides
-                pieces.append(p)
-                global_base += b * split.parts
-                local_base += b
-        # Pieces in holder order, blocks within a holder, as Layout.place adds them.
-        piece_parts.append(np.stack(pieces, 1).reshape(-1, len(PIECE_COLUMNS)))
-    tensors = np.array(tensor_rows, dtype=np.int64)
-    return names, tensors, np.concatenate(buffer_parts), np.concatenate(piece_parts)
+        base = np.zeros(len(PIECE_COLUMNS), dtype=np.int64)
+        base[0] = t
+        base[extent_col:extent_col + ndim] = param.shape
+        base[stride_col:stride_col + ndim] = strides
+        for part in range(parts_n if split else 1):
+            mine = np.flatnonzero(holders[:, 1] == part) if split else np.arange(n)
+            mine = mine[np.argsort(holders[mine, 0], kind="stable")]  # ascending rank
+            holder_parts.append(buffers[mine])
+            base[1], base[2] = next_holder, len(mine)
+            next_holder += len(mine)
+            if split is None:
+                piece_rows.append(base.copy())
+                continue
+            for start, extent, local_offset in part_pieces(param.name, param.shape, split, part,
+                                                           strides):
+                row = base.copy()
+                row[3] = local_offset
+                row[start_col:start_col + ndim] = start
+                row[extent_col:extent_col + ndim] = extent
+                piece_rows.append(row)
+    return (names, np.array(tensor_rows, dtype=np.int64), np.concatenate(buffer_parts),
+            np.array(piece_rows, dtype=np.int64).reshape(-1, len(PIECE_COLUMNS)),
+            np.concatenate(holder_parts))
