@@ -1,7 +1,10 @@
 """Cluster-scale planning: full-size Kimi K2 on 128, 512 and 2048 GPUs (CPU only).
 
 For layouts typical of training (source) and inference (destination) at each size: time and
-memory of one rank's plan and of the whole cluster's plan (one thread), and for the source
+memory of one rank's plan and of the whole cluster's plan (one thread; one rank's plan is
+validating and indexing both sides' tables, which every rank does, plus compiling its own
+plan: the first run and the median of --repeats, over ranks at the start, middle and end of
+the world), and for the source
 choice, link-aware (a replica on the receiver's node first) against round-robin: busiest link
 bytes (network and NVLink, either direction), the lower bound (bytes that must cross the
 network spread perfectly over the ranks, or the busiest receiver's, whichever is larger), and
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -43,7 +47,7 @@ def busiest(figs, kind):
     return max(max(getattr(f, f"sent_{kind}"), getattr(f, f"received_{kind}")) for f in figs)
 
 
-def run(gpus, src_spec, dst_spec, cfg, per_node):
+def run(gpus, src_spec, dst_spec, cfg, per_node, repeats):
     topo = preset("h100", gpus)
     t0 = time.perf_counter()
     src = kimi_k2_tables(cfg, ParallelGrid(gpus, tp=src_spec[0], ep=src_spec[1]))
@@ -53,20 +57,32 @@ def run(gpus, src_spec, dst_spec, cfg, per_node):
            "destination": f"TP{dst_spec[0]}/EP{dst_spec[1]}", "tables_s": tables_s,
            "pieces": int(len(src[3]) + len(dst[3])), "placements": int(len(src[4]) + len(dst[4])),
            "tables_bytes": int(sum(a.nbytes for side in (src, dst) for a in side[1:]))}
+    sample_ranks = sorted({0, gpus // 2 + 1, gpus - 1})
     for choice, rpn in (("link_aware", per_node), ("round_robin", 0)):
-        t0 = time.perf_counter()
-        planner = _core.Planner(*src, *dst, DEFAULT_BUCKET_BYTES, rpn)
-        validate_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        one = RankPlan.from_core(planner.plan_rank(0))
-        rank_s = time.perf_counter() - t0
+        validate, rank_plans, phases = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            planner = _core.Planner(*src, *dst, DEFAULT_BUCKET_BYTES, rpn)
+            validate.append(time.perf_counter() - t0)
+            phases.append(dict(planner.timings))
+            times = []
+            for rank in sample_ranks:
+                t0 = time.perf_counter()
+                one = RankPlan.from_core(planner.plan_rank(rank))
+                times.append(time.perf_counter() - t0)
+            rank_plans.append(max(times))  # the slowest of the sampled ranks
+        validate_s, rank_s = statistics.median(validate), statistics.median(rank_plans)
         t0 = time.perf_counter()
         plans = {p["rank"]: RankPlan.from_core(p) for p in planner.plan_all()}
         cluster_s = time.perf_counter() - t0
+        one = plans[0]
         figs = link_figures(plans, topo)
         must_cross = sum(f.sent_inter for f in figs)  # link-aware: only what has no replica near
         row[choice] = {
             "validate_index_s": validate_s, "rank_plan_s": rank_s, "rank_total_s": validate_s + rank_s,
+            "rank_total_first_s": validate[0] + rank_plans[0], "validate_runs_s": validate,
+            "rank_plan_runs_s": rank_plans, "sample_ranks": sample_ranks,
+            "validate_phases_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
             "cluster_plan_s": cluster_s, "cluster_total_s": validate_s + cluster_s,
             "rank0_plan_bytes": one.nbytes, "cluster_plan_bytes": sum(p.nbytes for p in plans.values()),
             "busiest_network_bytes": busiest(figs, "inter"), "busiest_nvlink_bytes": busiest(figs, "intra"),
@@ -86,6 +102,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpus", default="128,512,2048")
     parser.add_argument("--layers", type=int, default=61)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     cfg = KimiK2Config(num_layers=args.layers)
     wanted = {int(g) for g in args.gpus.split(",")}
@@ -93,13 +110,14 @@ def main(argv=None):
     for gpus, s, d in SCALES:
         if gpus in wanted:
             print(f"[scale] {gpus} GPUs: TP{s[0]}/EP{s[1]} -> TP{d[0]}/EP{d[1]} ...", flush=True)
-            rows.append(run(gpus, s, d, cfg, 8))
+            rows.append(run(gpus, s, d, cfg, 8, args.repeats))
     print()
-    print(f"{'GPUs':>5} {'config':<22}{'rank s':>8}{'cluster s':>10}{'rank KiB':>9}{'clust MiB':>10}"
+    print(f"{'GPUs':>5} {'config':<22}{'pieces':>8}{'rank s':>8}{'first':>7}{'cluster s':>10}{'rank KiB':>9}{'clust MiB':>10}"
           f"{'net busiest GiB (LA/RR)':>25}{'LB GiB':>8}{'pred ms (LA/RR)':>17}")
     for r in rows:
         la, rr = r["link_aware"], r["round_robin"]
-        print(f"{r['gpus']:>5} {r['source'] + '->' + r['destination']:<22}{la['rank_total_s']:>8.3f}"
+        print(f"{r['gpus']:>5} {r['source'] + '->' + r['destination']:<22}{r['pieces']:>8}"
+              f"{la['rank_total_s']:>8.3f}{la['rank_total_first_s']:>7.3f}"
               f"{la['cluster_total_s']:>10.2f}{la['rank0_plan_bytes'] / 1024:>9.0f}"
               f"{la['cluster_plan_bytes'] / 2**20:>10.0f}"
               f"{la['busiest_network_bytes'] / 2**30:>12.2f} / {rr['busiest_network_bytes'] / 2**30:<10.2f}"
@@ -109,7 +127,8 @@ def main(argv=None):
     path = save_json("scale", payload)
     print(f"raw results: {path}")
     print(json.dumps({f"{r['gpus']}": {
-        "rank_s": r["link_aware"]["rank_total_s"], "cluster_s": r["link_aware"]["cluster_total_s"],
+        "rank_s": r["link_aware"]["rank_total_s"], "rank_first_s": r["link_aware"]["rank_total_first_s"],
+        "cluster_s": r["link_aware"]["cluster_total_s"],
         "busiest_over_lower_bound": r["busiest_over_lower_bound"],
         "busiest_link_aware_gib": r["link_aware"]["busiest_network_bytes"] / 2**30,
         "busiest_round_robin_gib": r["round_robin"]["busiest_network_bytes"] / 2**30,

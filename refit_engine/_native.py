@@ -17,12 +17,13 @@ import sys
 def load_core(package):
     try:
         return importlib.import_module("refit_engine._core")
-    except ImportError:
-        pass
+    except ImportError as exc:
+        first_error = exc
     here = os.path.realpath(package.__path__[0])
     for entry in sys.path:
         candidate = os.path.realpath(os.path.join(entry or os.getcwd(), "refit_engine"))
         if candidate != here and glob.glob(os.path.join(candidate, "_core*")):
             package.__path__.append(candidate)
             return importlib.import_module("refit_engine._core")
-    raise ImportError("refit_engine._core is not built: install the package with `pip install .`")
+    raise ImportError("refit_engine._core is not built or does not load: install the package "
+                      f"with `pip install .` ({first_error})")

@@ -137,6 +137,18 @@ def test_non_contiguous_last_dim_rejected():
         Planner(tp_layout(1, 1, shape=(4, 4), dtype="float32"), dst)
 
 
+@pytest.mark.parametrize("strides", [(0, 1), (2, 1)])
+def test_self_overlapping_piece_rejected(strides):
+    # Rows 0 and 1 of the box would land on the same (or interleaved) elements: fills the
+    # local tensor's size while leaving elements unwritten.
+    dst = Layout()
+    dst.add_tensor("w", (4, 4), "float32")
+    dst.add_buffer(0, "w", (16,), "float32")
+    dst.add_piece("w", 0, "w", (0, 0), (4, 4), local_strides=strides)
+    with pytest.raises(RefitError, match="elements overlap"):
+        Planner(tp_layout(1, 1, shape=(4, 4), dtype="float32"), dst)
+
+
 def test_replicas_are_one_piece_with_rank_sorted_holders():
     layout = Layout()
     layout.place("w", (8, 4), "float32", [(3, 0), (1, 0), (2, 0)])  # three DP replicas

@@ -144,6 +144,8 @@ void bind_plan(py::module_& m) {
              py::keep_alive<1, 4>(), py::keep_alive<1, 5>(), py::keep_alive<1, 6>(),
              py::keep_alive<1, 9>(), py::keep_alive<1, 10>(), py::keep_alive<1, 11>())
         .def_property_readonly("ranks", &Planner::ranks)
+        .def_property_readonly("timings", &Planner::timings,
+                               "(phase, seconds) of validating and indexing, in order.")
         .def(
             "plan_rank",
             [](const Planner& self, int64_t rank) {

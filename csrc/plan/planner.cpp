@@ -1,6 +1,8 @@
 #include "plan/planner.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <numeric>
 #include <sstream>
 #include <string>
@@ -53,13 +55,23 @@ Planner::Planner(Side src, Side dst, PlanOptions options)
         throw PlanError("*", {}, "bucket_bytes must be positive, got " +
                                      std::to_string(options_.bucket_bytes));
     }
+    auto clock = std::chrono::steady_clock::now();
+    auto lap = [&](const char* phase) {
+        const auto now = std::chrono::steady_clock::now();
+        timings_.push_back({phase, std::chrono::duration<double>(now - clock).count()});
+        clock = now;
+    };
     check_tensors();
+    lap("tensors");
     std::vector<uint8_t> holds;  // by rank: ranks are small dense integers
-    DestinationFill fill;
-    check_buffers(src_, "source", holds, nullptr);
-    check_buffers(dst_, "destination", holds, &fill);
-    check_pieces(src_, "source", nullptr);
-    check_pieces(dst_, "destination", &fill);
+    BufferTally src_tally(src_.buffers.size(), false), dst_tally(dst_.buffers.size(), true);
+    check_pieces(src_, "source", src_tally, holds);
+    lap("source pieces");
+    check_pieces(dst_, "destination", dst_tally, holds);
+    lap("destination pieces");
+    check_unused_buffers(src_, "source", src_tally, holds);
+    check_unused_buffers(dst_, "destination", dst_tally, holds);
+    lap("unused buffers");
     bucket_by_key(
         dst_.pieces.size(), dst_.tensors.size(), [&](int64_t i) { return dst_.pieces[i].tensor; },
         dst_piece_first_, dst_piece_order_);
@@ -67,7 +79,9 @@ Planner::Planner(Side src, Side dst, PlanOptions options)
         src_.pieces.size(), src_.tensors.size(), [&](int64_t i) { return src_.pieces[i].tensor; },
         src_piece_first_, src_piece_order_);
     index_source_replicas();
-    check_destination_buffers(fill);
+    lap("source replicas");
+    check_destination_buffers(dst_tally);
+    lap("destination buffers");
     index_ranks(holds);
 }
 
@@ -102,19 +116,25 @@ void Planner::check_tensors() {
     src_of_dst_.resize(dst_.names.size());
     for (size_t t = 0; t < dst_.names.size(); ++t) {
         const std::string& name = dst_.names[t];
-        auto it = src_index.find(name);
-        if (it == src_index.end()) {
+        // Both sides usually list tensors in the same order: try that before hashing.
+        int64_t s = -1;
+        if (t < src_.names.size() && src_.names[t] == name) {
+            s = int64_t(t);
+        } else if (auto it = src_index.find(name); it != src_index.end()) {
+            s = it->second;
+        }
+        if (s < 0) {
             throw PlanError(name, holder_ranks(dst_, t),
                             "destination tensor has no source: missing from the source layout");
         }
-        if (src_used[it->second]) {  // names are unique on the source side, so t is a repeat
+        if (src_used[s]) {  // names are unique on the source side, so t is a repeat
             throw PlanError(name, holder_ranks(dst_, t), "appears twice in the destination layout");
         }
-        const TensorSpec& a = src_.tensors[it->second];
+        const TensorSpec& a = src_.tensors[s];
         const TensorSpec& b = dst_.tensors[t];
         if (a.ndim != b.ndim || !std::equal(a.shape.begin(), a.shape.begin() + a.ndim,
                                             b.shape.begin())) {
-            std::vector<int64_t> ranks = holder_ranks(src_, it->second);
+            std::vector<int64_t> ranks = holder_ranks(src_, s);
             std::vector<int64_t> more = holder_ranks(dst_, t);
             ranks.insert(ranks.end(), more.begin(), more.end());
             throw PlanError(name, sorted_unique(ranks),
@@ -122,7 +142,7 @@ void Planner::check_tensors() {
                                 ", destination " + index_str(b.shape, b.ndim));
         }
         if (a.dtype_code != b.dtype_code || a.itemsize != b.itemsize) {
-            std::vector<int64_t> ranks = holder_ranks(src_, it->second);
+            std::vector<int64_t> ranks = holder_ranks(src_, s);
             std::vector<int64_t> more = holder_ranks(dst_, t);
             ranks.insert(ranks.end(), more.begin(), more.end());
             throw PlanError(name, sorted_unique(ranks),
@@ -130,8 +150,8 @@ void Planner::check_tensors() {
                                 std::to_string(a.dtype_code) + " and " +
                                 std::to_string(b.dtype_code) + ")");
         }
-        src_of_dst_[t] = it->second;
-        src_used[it->second] = true;
+        src_of_dst_[t] = s;
+        src_used[s] = true;
     }
     for (size_t s = 0; s < src_used.size(); ++s) {
         if (!src_used[s]) {
@@ -141,25 +161,60 @@ void Planner::check_tensors() {
     }
 }
 
-void Planner::check_buffers(const Side& side, const char* side_name, std::vector<uint8_t>& holds,
-                            DestinationFill* fill) {
-    if (fill) {
-        fill->missing.resize(side.buffers.size());
-        fill->uses.assign(side.buffers.size(), 0);
-    }
-    for (size_t b = 0; b < side.buffers.size(); ++b) {
-        const Buffer& buffer = side.buffers[b];
-        if (buffer.rank < 0 || buffer.numel < 0 || buffer.itemsize <= 0) {
-            throw PlanError("*", {buffer.rank},
-                            std::string(side_name) + " buffer has a negative rank or size");
-        }
-        if (buffer.rank >= int64_t(holds.size())) holds.resize(buffer.rank + 1, 0);
-        holds[buffer.rank] = 1;
-        if (fill) fill->missing[b] = buffer.numel;
+namespace {
+
+void check_buffer(const Buffer& buffer, const char* side_name) {
+    if (buffer.rank < 0 || buffer.numel < 0 || buffer.itemsize <= 0) {
+        throw PlanError("*", {buffer.rank},
+                        std::string(side_name) + " buffer has a negative rank or size");
     }
 }
 
-void Planner::check_pieces(const Side& side, const char* side_name, DestinationFill* fill) {
+// Whether `piece`'s elements land on distinct buffer elements: taking the dimensions in
+// increasing stride, each stride must step past everything the smaller ones reach. (Sufficient,
+// and what every real layout satisfies; it rejects e.g. a zero stride on a dimension.)
+bool strides_separate_elements(const Piece& piece, int ndim) {
+    std::array<std::pair<int64_t, int64_t>, kMaxDims> dims{};  // (|stride|, extent)
+    int n = 0;
+    for (int d = 0; d < ndim; ++d) {
+        if (piece.extent[d] > 1) dims[n++] = {std::abs(piece.local_stride[d]), piece.extent[d]};
+    }
+    std::sort(dims.begin(), dims.begin() + n);
+    int64_t reach = 0;  // the largest offset the smaller dimensions reach
+    for (int k = 0; k < n; ++k) {
+        if (dims[k].first <= reach) return false;
+        reach += (dims[k].second - 1) * dims[k].first;
+    }
+    return true;
+}
+
+void mark_rank(std::vector<uint8_t>& holds, int64_t rank) {
+    if (rank >= int64_t(holds.size())) holds.resize(rank + 1, 0);
+    holds[rank] = 1;
+}
+
+}  // namespace
+
+void Planner::check_unused_buffers(const Side& side, const char* side_name,
+                                   const BufferTally& tally, std::vector<uint8_t>& holds) const {
+    const bool destination = &side == &dst_;
+    for (size_t b = 0; b < side.buffers.size(); ++b) {
+        if (tally.uses[b]) continue;
+        const Buffer& buffer = side.buffers[b];
+        check_buffer(buffer, side_name);
+        mark_rank(holds, buffer.rank);
+        if (destination && buffer.numel > 0) {
+            throw PlanError("*", {buffer.rank},
+                            "destination local tensor has " + std::to_string(buffer.numel) +
+                                " elements but no piece: they would never be written");
+        }
+    }
+}
+
+void Planner::check_pieces(const Side& side, const char* side_name, BufferTally& tally,
+                           std::vector<uint8_t>& holds) const {
+    // One pass over every holder's buffer row: at cluster scale the buffer table is the
+    // largest thing the planner reads (one row per rank and local tensor).
     const std::string where = side_name;
     const int64_t num_holders = int64_t(side.holders.size());
     for (const Piece& piece : side.pieces) {
@@ -197,16 +252,17 @@ void Planner::check_pieces(const Side& side, const char* side_name, DestinationF
                             where + " local tensor is not contiguous in its last dimension "
                                     "(stride " + std::to_string(piece.local_stride[last]) + ")");
         }
+        if (!strides_separate_elements(piece, spec.ndim)) {
+            throw PlanError(name, {first_rank},
+                            where + " piece " + box.str() + " has local strides under which "
+                                    "its elements overlap");
+        }
         const Span hull = footprint_hull(piece, spec.ndim);
         const int64_t volume = box.volume();
         int64_t previous_rank = -1;
         for (int64_t i = 0; i < piece.holders_count; ++i) {
             const Buffer& buffer = side.buffers[holders[i]];
-            if (fill) {
-                fill->missing[holders[i]] -= volume;
-                uint8_t& uses = fill->uses[holders[i]];
-                uses += uses < 2;  // 0, 1, or 2 for "several"
-            }
+            check_buffer(buffer, side_name);
             if (buffer.itemsize != spec.itemsize) {
                 throw PlanError(name, {buffer.rank},
                                 where + " local tensor has element size " +
@@ -228,6 +284,24 @@ void Planner::check_pieces(const Side& side, const char* side_name, DestinationF
                                         "order or one rank twice");
             }
             previous_rank = buffer.rank;
+            mark_rank(holds, buffer.rank);
+            uint8_t& use = tally.uses[holders[i]];
+            if (tally.destination) {
+                // A first piece as large as its local tensor fills it (its elements are distinct
+                // and inside it): any second piece there writes some element twice. Local
+                // tensors whose first piece is smaller are compared piece by piece later.
+                if (!(use & kPieceCount)) {
+                    if (volume != buffer.numel) use |= kPartlyFilled;
+                } else if (!(use & kPartlyFilled)) {
+                    throw PlanError(name, {buffer.rank},
+                                    "destination pieces of tensors '" +
+                                        dst_.names[dst_.pieces[first_piece_in(holders[i])].tensor] +
+                                        "' and '" + name +
+                                        "' overlap in one local tensor: elements would be "
+                                        "written twice");
+                }
+            }
+            if ((use & kPieceCount) < kSeveral) ++use;
         }
     }
 }
@@ -317,84 +391,98 @@ void Planner::index_source_replicas() {
     }
 }
 
-void Planner::check_destination_buffers(const DestinationFill& fill) {
+int64_t Planner::first_piece_in(int64_t buffer) const {
+    for (size_t p = 0; p < dst_.pieces.size(); ++p) {
+        const Piece& piece = dst_.pieces[p];
+        const int64_t* holders = dst_.holders.begin() + piece.holders_first;
+        if (std::find(holders, holders + piece.holders_count, buffer) !=
+            holders + piece.holders_count) {
+            return int64_t(p);
+        }
+    }
+    return -1;
+}
+
+void Planner::check_destination_buffers(const BufferTally& fill) {
     // Every destination element written exactly once: the pieces in each local tensor must be
     // disjoint and fill it. Since source boxes tile each tensor, each piece is then written once.
-    // Most local tensors hold one piece, which fills it when the sizes agree (counted while
-    // checking pieces); only those holding several are indexed and compared.
+    // A local tensor with one piece was settled while checking pieces (filled, or smaller than
+    // its tensor); only those holding several are indexed and compared here.
     const size_t num_buffers = dst_.buffers.size();
-    auto a_tensor_in = [&](size_t b) -> std::string {  // for messages only
-        for (const Piece& piece : dst_.pieces) {
-            const int64_t* holders = dst_.holders.begin() + piece.holders_first;
-            if (std::find(holders, holders + piece.holders_count, int64_t(b)) !=
-                holders + piece.holders_count) {
-                return dst_.names[piece.tensor];
-            }
-        }
-        return "*";
+    auto never_written = [&](int64_t b, int64_t covered) {
+        const int64_t numel = dst_.buffers[b].numel;
+        return PlanError(dst_.names[dst_.pieces[first_piece_in(b)].tensor], {dst_.buffers[b].rank},
+                         "destination local tensor has " + std::to_string(numel) +
+                             " elements but its pieces cover " + std::to_string(covered) +
+                             ": some elements would never be written");
     };
     bool any_shared = false;  // a local tensor holding several pieces
     for (size_t b = 0; b < num_buffers; ++b) {
-        if (fill.missing[b] != 0) {
-            const int64_t numel = dst_.buffers[b].numel;
-            throw PlanError(a_tensor_in(b), {dst_.buffers[b].rank},
-                            "destination local tensor has " + std::to_string(numel) +
-                                " elements but its pieces cover " +
-                                std::to_string(numel - fill.missing[b]) +
-                                ": some elements would never be written");
+        const uint8_t use = fill.uses[b];
+        if ((use & kPieceCount) == 1 && (use & kPartlyFilled)) {
+            const Piece& only = dst_.pieces[first_piece_in(b)];
+            throw never_written(b, piece_box(only, dst_.tensors[only.tensor].ndim).volume());
         }
-        any_shared |= fill.uses[b] > 1;
+        any_shared |= (use & kPieceCount) == kSeveral;
     }
     if (!any_shared) return;
-    // The pieces of each shared local tensor: (buffer, piece) pairs, grouped by buffer.
-    std::vector<std::pair<int64_t, int64_t>> pairs;
+    // The pieces of each shared local tensor, grouped by buffer: (buffer, piece) packed in one
+    // integer, since sorting plain integers is several times faster than sorting pairs.
+    const int piece_bits = std::max(1, int(std::ceil(std::log2(double(dst_.pieces.size()) + 1))));
+    std::vector<uint64_t> pairs;
     for (size_t p = 0; p < dst_.pieces.size(); ++p) {
         const Piece& piece = dst_.pieces[p];
         const int64_t* holders = dst_.holders.begin() + piece.holders_first;
         for (int64_t i = 0; i < piece.holders_count; ++i) {
-            if (fill.uses[holders[i]] > 1) pairs.push_back({holders[i], int64_t(p)});
+            if ((fill.uses[holders[i]] & kPieceCount) == kSeveral) {
+                pairs.push_back(uint64_t(holders[i]) << piece_bits | uint64_t(p));
+            }
         }
     }
     std::sort(pairs.begin(), pairs.end());
-    struct Placed {
-        Span hull;
-        int64_t piece;
-    };
+    const uint64_t piece_mask = (uint64_t(1) << piece_bits) - 1;
     std::vector<Placed> placed;
     for (size_t i = 0; i < pairs.size();) {
-        const int64_t b = pairs[i].first;
+        const int64_t b = int64_t(pairs[i] >> piece_bits);
         placed.clear();
-        for (; i < pairs.size() && pairs[i].first == b; ++i) {
-            const Piece& piece = dst_.pieces[pairs[i].second];
-            placed.push_back({footprint_hull(piece, dst_.tensors[piece.tensor].ndim),
-                              pairs[i].second});
+        int64_t covered = 0;
+        for (; i < pairs.size() && int64_t(pairs[i] >> piece_bits) == b; ++i) {
+            const int64_t p = int64_t(pairs[i] & piece_mask);
+            const Piece& piece = dst_.pieces[p];
+            const int ndim = dst_.tensors[piece.tensor].ndim;
+            placed.push_back({footprint_hull(piece, ndim), p});
+            covered += piece_box(piece, ndim).volume();
         }
-        std::sort(placed.begin(), placed.end(),
-                  [](const Placed& a, const Placed& b) { return a.hull.lo < b.hull.lo; });
-        bool hulls_disjoint = true;
-        for (size_t i = 1; i < placed.size(); ++i) {
-            if (placed[i].hull.lo < placed[i - 1].hull.hi) hulls_disjoint = false;
-        }
-        if (hulls_disjoint) continue;
-        // Interleaved pieces (strided views): compare their contiguous runs exactly.
-        std::vector<std::pair<Span, int64_t>> runs;
-        for (const Placed& p : placed) {
-            const Piece& piece = dst_.pieces[p.piece];
-            for_each_run(piece, dst_.tensors[piece.tensor].ndim, [&](int64_t lo, int64_t len) {
-                runs.push_back({{lo, lo + len}, p.piece});
-            });
-        }
-        std::sort(runs.begin(), runs.end(),
-                  [](const auto& a, const auto& b) { return a.first.lo < b.first.lo; });
-        for (size_t i = 1; i < runs.size(); ++i) {
-            if (runs[i].first.lo < runs[i - 1].first.hi) {
-                throw PlanError(dst_.names[dst_.pieces[runs[i].second].tensor],
-                                {dst_.buffers[b].rank},
-                                "destination pieces of tensors '" +
-                                    dst_.names[dst_.pieces[runs[i - 1].second].tensor] + "' and '" +
-                                    dst_.names[dst_.pieces[runs[i].second].tensor] +
-                                    "' overlap in one local tensor: elements would be written twice");
-            }
+        check_disjoint(b, placed);
+        if (covered != dst_.buffers[b].numel) throw never_written(b, covered);
+    }
+}
+
+void Planner::check_disjoint(int64_t b, std::vector<Placed>& placed) const {
+    std::sort(placed.begin(), placed.end(),
+              [](const Placed& x, const Placed& y) { return x.hull.lo < y.hull.lo; });
+    bool hulls_disjoint = true;
+    for (size_t k = 1; k < placed.size(); ++k) {
+        if (placed[k].hull.lo < placed[k - 1].hull.hi) hulls_disjoint = false;
+    }
+    if (hulls_disjoint) return;
+    // Interleaved pieces (strided views): compare their contiguous runs exactly.
+    std::vector<std::pair<Span, int64_t>> runs;
+    for (const Placed& p : placed) {
+        const Piece& piece = dst_.pieces[p.piece];
+        for_each_run(piece, dst_.tensors[piece.tensor].ndim, [&](int64_t lo, int64_t len) {
+            runs.push_back({{lo, lo + len}, p.piece});
+        });
+    }
+    std::sort(runs.begin(), runs.end(),
+              [](const auto& x, const auto& y) { return x.first.lo < y.first.lo; });
+    for (size_t k = 1; k < runs.size(); ++k) {
+        if (runs[k].first.lo < runs[k - 1].first.hi) {
+            throw PlanError(dst_.names[dst_.pieces[runs[k].second].tensor], {dst_.buffers[b].rank},
+                            "destination pieces of tensors '" +
+                                dst_.names[dst_.pieces[runs[k - 1].second].tensor] + "' and '" +
+                                dst_.names[dst_.pieces[runs[k].second].tensor] +
+                                "' overlap in one local tensor: elements would be written twice");
         }
     }
 }

@@ -6,6 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "plan/geometry.h"
@@ -28,6 +31,8 @@ class Planner {
     const Side& src() const { return src_; }
     const Side& dst() const { return dst_; }
     const PlanOptions& options() const { return options_; }
+    // Seconds the constructor spent in each phase, in order (for benchmarks).
+    const std::vector<std::pair<std::string, double>>& timings() const { return timings_; }
 
    private:
     // The source replicas of one box of a tensor, in ascending rank: usually the holders of
@@ -51,20 +56,34 @@ class Planner {
         Box box;
     };
 
-    // What the destination pieces leave unwritten of each local tensor, and how many pieces
-    // each holds (capped at 2), tallied while checking pieces.
-    struct DestinationFill {
-        std::vector<int64_t> missing;  // elements, by buffer
+    // Per buffer of one side, tallied while checking pieces: how many pieces it holds (the
+    // low bits: 0, 1, or kSeveral) and, on the destination, whether its first piece left
+    // elements unwritten.
+    static constexpr uint8_t kPieceCount = 3, kSeveral = 2, kPartlyFilled = 4;
+    struct BufferTally {
+        BufferTally(size_t n, bool destination) : uses(n, 0), destination(destination) {}
         std::vector<uint8_t> uses;
+        bool destination;
+    };
+    // A destination piece and the span of buffer elements it reaches.
+    struct Placed {
+        Span hull;
+        int64_t piece;
     };
 
     void check_tensors();
-    // Marks the ranks holding a buffer in `holds`; starts `fill` when given.
-    void check_buffers(const Side& side, const char* side_name, std::vector<uint8_t>& holds,
-                       DestinationFill* fill);
-    void check_pieces(const Side& side, const char* side_name, DestinationFill* fill);
+    // Checks every piece and its holders' buffers; marks the holders' ranks in `holds`.
+    void check_pieces(const Side& side, const char* side_name, BufferTally& tally,
+                      std::vector<uint8_t>& holds) const;
+    // Checks the buffers no piece refers to (a destination one would never be written).
+    void check_unused_buffers(const Side& side, const char* side_name, const BufferTally& tally,
+                              std::vector<uint8_t>& holds) const;
     void index_source_replicas();
-    void check_destination_buffers(const DestinationFill& fill);
+    void check_destination_buffers(const BufferTally& fill);
+    // Raises when pieces placed in destination buffer `b` overlap (reorders `placed`).
+    void check_disjoint(int64_t b, std::vector<Placed>& placed) const;
+    // The first destination piece held in `buffer` (for messages), or -1.
+    int64_t first_piece_in(int64_t buffer) const;
     void index_ranks(const std::vector<uint8_t>& holds);
     // Destination tensors that `rank` holds on either side, ascending.
     std::vector<int64_t> tensors_of_rank(int64_t rank) const;
@@ -115,6 +134,7 @@ class Planner {
     std::vector<int64_t> merged_buffers_;      // ascending rank within a group
     std::vector<int64_t> dst_of_src_;          // source tensor -> destination tensor
     std::vector<int64_t> ranks_;
+    std::vector<std::pair<std::string, double>> timings_;
 };
 
 }  // namespace refit
