@@ -6,9 +6,11 @@ Per rank, from what its plan moves (`memory.RankFigures`):
 - transfer: NVLink and the network run side by side, each direction at full duplex; one
   message latency per bucket (a bucket's messages go out together in one NCCL group);
 - pipelining: pack, transfer and unpack (with local copies) overlap across buckets, so the
-  slowest of the three sets the pace, plus one bucket's pack and unpack to fill and drain.
-A refit ends with its slowest rank. The floor (memory.floor) drops the staging copies and the
-latency: it is what no executor can beat.
+  slowest of the three sets the pace, plus one bucket's pack and unpack to fill and drain;
+  where they share the same cores (CPU ranks: `Topology.overlap` False) they add up instead.
+A refit ends with its slowest rank, after the collective check every refit starts with
+(`Topology.check_us`). The floor (memory.floor) drops the staging copies, the latency and the
+check: it is what no executor can beat.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def predict_rank(f: RankFigures, topo: Topology, buckets: int) -> dict:
     transfer += buckets * topo.latency_us * 1e-6
     stages = {"pack": pack, "transfer": transfer, "unpack + local": unpack + local}
     term, pace = max(stages.items(), key=lambda kv: kv[1])
+    if not topo.overlap:
+        return {"seconds": sum(stages.values()), "term": "pack + transfer + unpack", **stages}
     fill_drain = (pack + unpack) / max(buckets, 1)
     return {"seconds": pace + fill_drain, "term": term, **stages}
 
@@ -39,6 +43,7 @@ def predict(ranks: list[RankFigures], topo: Topology, buckets: dict[int, int]) -
         p = predict_rank(f, topo, buckets.get(f.rank, 1))
         if p["seconds"] > worst["seconds"]:
             worst = {"seconds": p["seconds"], "rank": f.rank, "term": p["term"]}
+    worst["seconds"] += topo.check_us * 1e-6
     return worst
 
 

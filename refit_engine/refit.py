@@ -223,9 +223,9 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
         executor = CudaRefitRunner(*build_nccl_executor(rank_plan, src_addr, dst_addr, comm,
                                                         group_rank_of, index), comm, index)
     else:
-        from refit_engine.executors.cpu import GlooExecutor
+        from refit_engine.executors.cpu import GlooExecutor, default_threads
         if threads is None:
-            threads = max(1, min(4, (os.cpu_count() or 1) // max(1, dist.get_world_size(group))))
+            threads = default_threads(dist.get_world_size(group))
         executor = GlooExecutor(rank_plan, src_addr, dst_addr, group, timeout_s, threads)
     current = {}
     for side, layout, local in (("source", src_layout, src_local), ("destination", dst_layout,

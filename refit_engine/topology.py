@@ -2,7 +2,8 @@
 
 Defaults are datasheet-level figures for H100 / H200 SXM nodes (NVLink 4 through NVSwitch,
 8 x 400 Gb/s InfiniBand per node) and device copy bandwidths measured on this project's
-machines; measure your own (NCCL send/recv, a large device copy) and pass them in.
+machines; `measure` takes them on the machine at hand, with every rank busy at once as in a
+refit (so CPU ranks sharing cores and memory see what they get during a refit).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ class Topology:
     copy_gbps: float = 2980.0        # device copy, bytes read + written per second
     memory_gib: float = 80.0         # per GPU
     name: str = "custom"
+    # Whether packing, transfers and unpacking run side by side (GPUs: copy kernels, NVLink
+    # and NICs are separate engines) or take turns on the same cores (CPU ranks, where gloo's
+    # TCP stack and the copies share the processors).
+    overlap: bool = True
+    # Per refit, besides moving bytes: the collective check that no rank's tensors were
+    # replaced since planning (one small all-reduce).
+    check_us: float = 50.0
 
     @property
     def world(self) -> int:
@@ -40,7 +48,7 @@ PRESETS = {
     "h100": Topology(16, 8, 450.0, 50.0, 10.0, 2980.0, 80.0, "H100 SXM (16 x 8)"),
     "h200": Topology(16, 8, 450.0, 50.0, 10.0, 4300.0, 141.0, "H200 SXM (16 x 8)"),
     # CPU / gloo over loopback TCP: a few GB/s between processes, memcpy for local copies.
-    "cpu": Topology(1, 4, 2.0, 2.0, 50.0, 10.0, 16.0, "CPU (gloo)"),
+    "cpu": Topology(1, 4, 2.0, 2.0, 50.0, 10.0, 16.0, "CPU (gloo)", overlap=False),
 }
 
 
@@ -52,60 +60,107 @@ def preset(name: str, gpus: int | None = None) -> Topology:
     return topo.with_world(gpus) if gpus else topo
 
 
-def measure(base: Topology, group=None, nbytes: int = 64 << 20, repeats: int = 5) -> Topology:
-    """`base` with bandwidths measured here: a large copy on this rank's device, and
-    send/recv between rank 0 and rank 1 (same node) and rank 0 and the first rank of the next
-    node (when there is one), over the refit's transport (gloo for CPU tensors, NCCL through
-    torch for CUDA). Collective over `group`; every rank returns the same Topology."""
+def measure(base: Topology, group=None, nbytes: int = 64 << 20, repeats: int = 5,
+            timeout_s: float = 120.0) -> Topology:
+    """`base` with bandwidths and latency measured here, every rank at once: a large copy on
+    each rank's device; full-duplex exchanges (sending and receiving at once, as a refit does)
+    among all ranks of a node and between the first two nodes (rank r and r + gpus_per_node),
+    over the refit's transport (gloo for CPU tensors, NCCL through torch for CUDA); a 1-byte
+    exchange for the per-message latency; the per-refit
+    collective check (a 1-element all-reduce). The slowest rank's
+    figure is kept. Collective over `group`; every rank returns the same Topology."""
+    import datetime
     import statistics
     import time
 
     import torch
     import torch.distributed as dist
-    rank, world = dist.get_rank(), dist.get_world_size(group)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     cuda = "nccl" in dist.get_backend(group) and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+    per_node = max(1, base.gpus_per_node)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     def timed(fn):
         samples = []
         for _ in range(repeats):
-            if cuda:
-                torch.cuda.synchronize()
+            dist.barrier(group=group)  # all ranks start together: contention as in a refit
+            sync()
             t0 = time.perf_counter()
             fn()
-            if cuda:
-                torch.cuda.synchronize()
+            sync()
             samples.append(time.perf_counter() - t0)
         return statistics.median(samples)
 
+    def slowest(seconds: float | None) -> float | None:
+        """The largest of every rank's time (None where no rank measured)."""
+        t = torch.tensor([seconds or 0.0], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return float(t.item()) or None
+
     a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     b = torch.empty_like(a)
-    copy_gbps = 2 * nbytes / timed(lambda: b.copy_(a)) / 1e9
+    if cuda:
+        copy_s = slowest(timed(lambda: b.copy_(a)))
+    else:  # with as many threads as the CPU executor copies with
+        from refit_engine.executors.cpu import default_threads
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(default_threads(world))
+        try:
+            copy_s = slowest(timed(lambda: b.copy_(a)))
+        finally:
+            torch.set_num_threads(torch_threads)
 
-    def pair_gbps(peer: int) -> float | None:
-        if peer >= world:
-            return None
-        seconds = 0.0
-        if rank in (0, peer):
-            other = peer if rank == 0 else 0
+    def exchange_seconds(partners: list[int], size: int) -> float | None:
+        """Time for this rank to send `size` bytes split evenly over `partners` while receiving
+        as much from them, everyone at once as in a refit (ranks without partners time a no-op
+        so the barriers line up); the slowest rank's."""
+        if not partners:
+            timed(lambda: None)
+            return slowest(None)
+        chunk = max(1, size // len(partners))
+        ops = []
+        for i, partner in enumerate(partners):
+            peer = partner if group is None else dist.get_global_rank(group, partner)
+            ops.append(dist.P2POp(dist.isend, a[i * chunk:(i + 1) * chunk], peer, group))
+            ops.append(dist.P2POp(dist.irecv, b[i * chunk:(i + 1) * chunk], peer, group))
 
-            def ping():  # one message each way, so both directions are measured
-                if rank == 0:
-                    dist.send(a, other, group=group)
-                    dist.recv(b, other, group=group)
-                else:
-                    dist.recv(b, other, group=group)
-                    dist.send(a, other, group=group)
-            seconds = timed(ping)
-        t = torch.tensor([seconds], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return 2 * nbytes / float(t.item()) / 1e9 if t.item() > 0 else None
+        def exchange():
+            for work in dist.batch_isend_irecv(ops):
+                if not work.wait(timeout):
+                    raise RuntimeError(f"measuring links: rank {rank} timed out after "
+                                       f"{timeout} exchanging with ranks {partners}")
+        return slowest(timed(exchange))
 
-    intra = pair_gbps(1) if base.gpus_per_node > 1 else None
-    inter = pair_gbps(base.gpus_per_node)
-    copies = torch.tensor([copy_gbps], dtype=torch.float64, device=device)
-    dist.all_reduce(copies, op=dist.ReduceOp.MIN, group=group)
-    return replace(base, copy_gbps=float(copies.item()),
-                   intra_node_gbps=intra or base.intra_node_gbps,
-                   inter_node_gbps=inter or base.inter_node_gbps,
+    node = rank // per_node
+    node_peers = [r for r in range(node * per_node, min(world, (node + 1) * per_node)) if r != rank]
+    across = rank + per_node if node == 0 and rank + per_node < world else \
+        rank - per_node if node == 1 else None
+    intra_s = exchange_seconds(node_peers, nbytes)
+    inter_s = exchange_seconds([across] if across is not None else [], nbytes)
+    chunk = nbytes // max(1, len(node_peers))
+    # Pairs that choose each other: neighbours (0, 1), (2, 3), ... on a node, or across nodes
+    # when nodes have one rank.
+    neighbour = rank ^ 1
+    if per_node > 1:
+        pair = [neighbour] if neighbour in node_peers else []
+    else:
+        pair = [across] if across is not None else []
+    latency_s = exchange_seconds(pair, 1)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def check():  # what execute() does before moving a byte
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        flag.item()
+    check_s = slowest(timed(check))
+    return replace(base, copy_gbps=2 * nbytes / copy_s / 1e9,
+                   intra_node_gbps=chunk * len(node_peers) / intra_s / 1e9 if intra_s
+                   else base.intra_node_gbps,
+                   inter_node_gbps=nbytes / inter_s / 1e9 if inter_s else base.inter_node_gbps,
+                   latency_us=latency_s * 1e6 if latency_s else base.latency_us,
+                   check_us=check_s * 1e6 if check_s else base.check_us,
                    name=f"{base.name}, measured")

@@ -19,6 +19,12 @@ from refit_engine.errors import RefitError
 from refit_engine.planner import MSG, SEG, RankPlan
 
 
+def default_threads(ranks_on_machine: int) -> int:
+    """Copy threads per rank: the machine's cores shared among its ranks, at most 4."""
+    import os
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks_on_machine)))
+
+
 class GlooExecutor:
     def __init__(self, plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
                  group, timeout_s: float, threads: int = 1):
