@@ -88,6 +88,10 @@ def run(gpus, src_spec, dst_spec, cfg, per_node, repeats):
             "busiest_network_bytes": busiest(figs, "inter"), "busiest_nvlink_bytes": busiest(figs, "intra"),
             "network_bytes_total": must_cross,
             "busiest_receiver_network_bytes": max(f.received_inter for f in figs),
+            "busiest_receiver_remote_bytes": max(f.received_inter + f.received_intra for f in figs),
+            "nvlink_sent_mean_bytes": sum(f.sent_intra for f in figs) / len(figs),
+            "busiest_link_s": max(busiest(figs, "intra") / (topo.intra_node_gbps * 1e9),
+                                  busiest(figs, "inter") / (topo.inter_node_gbps * 1e9)),
             "predicted_s": predict(figs, topo, {r: p.num_buckets for r, p in plans.items()})["seconds"],
             "floor_s": floor(figs, topo)["seconds"]}
         del plans, planner
@@ -95,6 +99,12 @@ def run(gpus, src_spec, dst_spec, cfg, per_node, repeats):
     lower = max(la["network_bytes_total"] / gpus, la["busiest_receiver_network_bytes"])
     row["network_lower_bound_bytes"] = lower
     row["busiest_over_lower_bound"] = la["busiest_network_bytes"] / lower if lower else 1.0
+    # In time, over both kinds of link: the network bound above, and every receiver's remote
+    # bytes arriving over NVLink and its NIC at once (whatever the choice of senders).
+    row["link_time_lower_bound_s"] = max(
+        lower / (topo.inter_node_gbps * 1e9),
+        la["busiest_receiver_remote_bytes"] / ((topo.intra_node_gbps + topo.inter_node_gbps) * 1e9))
+    row["busiest_link_time_over_bound"] = la["busiest_link_s"] / row["link_time_lower_bound_s"]
     return row
 
 
@@ -130,6 +140,7 @@ def main(argv=None):
         "rank_s": r["link_aware"]["rank_total_s"], "rank_first_s": r["link_aware"]["rank_total_first_s"],
         "cluster_s": r["link_aware"]["cluster_total_s"],
         "busiest_over_lower_bound": r["busiest_over_lower_bound"],
+        "busiest_link_time_over_bound": r["busiest_link_time_over_bound"],
         "busiest_link_aware_gib": r["link_aware"]["busiest_network_bytes"] / 2**30,
         "busiest_round_robin_gib": r["round_robin"]["busiest_network_bytes"] / 2**30,
         "predicted_ms": r["link_aware"]["predicted_s"] * 1e3} for r in rows}))
