@@ -273,8 +273,18 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
                 log_file.close()
         if rank == 0:
             results.append(result)
-    if rank != 0:
-        return 0
+    code = write_outputs(args, results, logs, nodes, world, topo) if rank == 0 else 0
+    # Every rank waits for rank 0's outputs, then all tear down together: a rank leaving early
+    # let a failure in its exit (seen once: gloo threads at interpreter exit) make srun's
+    # --kill-on-bad-exit stop rank 0 before it had written the plot.
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
+
+
+def write_outputs(args, results: list[dict], logs: Path, nodes, world: int, topo) -> int:
+    """Rank 0: summary, JSON and plot of the sweep; 0 if every configuration was exact."""
     summary = logs / f"{args.run_id}_summary.txt"
     summary.write_text(summary_text(args.run_id, results, nodes, world, args.backend) + "\n")
     (logs / f"{args.run_id}_results.json").write_text(json.dumps(
