@@ -29,6 +29,7 @@ Tables cross into the C++ planner as int64 arrays (see `tables()` for the column
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -45,6 +46,7 @@ BOX_COLUMNS = (tuple(f"start{d}" for d in range(MAX_DIMS))
                + tuple(f"stride{d}" for d in range(MAX_DIMS)))
 PIECE_COLUMNS = ("tensor", "holders_first", "holders_count", "local_offset") + BOX_COLUMNS
 PLACEMENT_COLUMNS = ("tensor", "buffer", "local_offset") + BOX_COLUMNS
+_PADS = [(0,) * n for n in range(MAX_DIMS + 1)]
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class BufferMeta:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -166,10 +168,12 @@ class Layout:
     # -- building -------------------------------------------------------------------------
 
     def add_tensor(self, name: str, shape: Sequence[int], dtype) -> int:
+        index = self._tensor_index.get(name)
+        if index is not None and _same(self.tensors[index], shape, dtype):
+            return index  # the common case when gathering: declared by an earlier rank
         meta = TensorMeta(name, tuple(int(s) for s in shape), dtypes.dtype_name(dtype))
         if len(meta.shape) > MAX_DIMS:
             raise RefitError(f"{len(meta.shape)} dims; at most {MAX_DIMS} are supported", tensor=name)
-        index = self._tensor_index.get(name)
         if index is not None:
             if self.tensors[index] != meta:
                 raise RefitError(f"declared twice with different metadata: {self.tensors[index]} "
@@ -181,8 +185,10 @@ class Layout:
         return len(self.tensors) - 1
 
     def add_buffer(self, rank: int, key: str, shape: Sequence[int], dtype) -> int:
+        index = self._buffer_index.get((int(rank), key))
+        if index is not None and _same(self.buffers[index], shape, dtype):
+            return index
         meta = BufferMeta(int(rank), key, tuple(int(s) for s in shape), dtypes.dtype_name(dtype))
-        index = self._buffer_index.get((meta.rank, key))
         if index is not None:
             if self.buffers[index] != meta:
                 raise RefitError(f"local tensor '{key}' declared twice on rank {rank} with "
@@ -204,12 +210,13 @@ class Layout:
         if len(start) != ndim or len(extent) != ndim:
             raise RefitError(f"piece has {len(start)} dims but the tensor has {ndim}",
                              tensor=name, ranks=[rank])
-        strides = tuple(local_strides) if local_strides is not None else row_major_strides(extent)
-        pad = (0,) * (MAX_DIMS - ndim)
-        row = ((tensor, int(local_offset)) + tuple(int(v) for v in start) + pad
-               + tuple(int(v) for v in extent) + pad + tuple(int(v) for v in strides) + pad)
+        strides = local_strides if local_strides is not None else row_major_strides(extent)
+        pad = _PADS[MAX_DIMS - ndim]
+        row = ((tensor, int(local_offset)) + tuple(map(int, start)) + pad
+               + tuple(map(int, extent)) + pad + tuple(map(int, strides)) + pad)
         # Join the first piece with this box and placement that this rank does not hold yet
         # (a rank holding the same box twice gets a second piece).
+        rank = int(rank)
         candidates = self._piece_index.setdefault(row, [])
         piece = next((p for p in candidates if rank not in self._holders[p]), None)
         if piece is None:
@@ -217,7 +224,7 @@ class Layout:
             candidates.append(piece)
             self._pieces.append(row)
             self._holders.append({})
-        self._holders[piece][int(rank)] = buffer
+        self._holders[piece][rank] = buffer
         self._num_placements += 1
         self._tables = None
 
@@ -289,6 +296,14 @@ class Layout:
         return (f"Layout({len(self.tensors)} tensors, {len(self.buffers)} local tensors on "
                 f"{len(self.ranks)} ranks, {len(self._pieces)} pieces, "
                 f"{self._num_placements} placements)")
+
+
+def _same(meta, shape: Sequence[int], dtype) -> bool:
+    """Whether `meta` (a TensorMeta or BufferMeta) already has this shape and dtype: a cheap
+    test first, for the many repeats of one declaration."""
+    if meta.shape != tuple(shape):
+        return False
+    return meta.dtype == dtype or meta.dtype == dtypes.dtype_name(dtype)
 
 
 def expand_placements(pieces: np.ndarray, holders: np.ndarray) -> np.ndarray:
