@@ -16,11 +16,12 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from refit_engine import dtypes
 from refit_engine.errors import RefitError
 from refit_engine.grid import ParallelGrid, parse_layout_spec
-from refit_engine.layouts import Layout
-from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout
+from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_tables
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
 from refit_engine.topology import Topology, preset
 
@@ -58,11 +59,11 @@ def rank_figures(rank: int, bytes_local: int, per_peer: dict, topo: Topology,
     return f
 
 
-def _weights_per_rank(layout: Layout, world: int) -> list[int]:
-    out = [0] * world
-    for b in layout.buffers:
-        out[b.rank] += b.numel * dtypes.itemsize(b.dtype)
-    return out
+def _weights_per_rank(tables, world: int) -> list[int]:
+    """Bytes of local tensors per rank, from a side's tables (columns: BUFFER_COLUMNS)."""
+    buffers = tables[2]
+    per_rank = np.bincount(buffers[:, 0], weights=buffers[:, 1] * buffers[:, 2], minlength=world)
+    return [int(b) for b in per_rank[:world]]
 
 
 def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid) -> float:
@@ -110,9 +111,10 @@ def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topol
     collocated = src.offset == dst.offset
     check_fits(cfg, src, dst, topo, collocated, headroom)
     world = max(src.offset + src.world, dst.offset + dst.world)
-    src_layout, dst_layout = kimi_k2_layout(cfg, src), kimi_k2_layout(cfg, dst)
-    plans = Planner(src_layout, dst_layout, bucket_bytes, topo.gpus_per_node).plan_all()
-    src_w, dst_w = _weights_per_rank(src_layout, world), _weights_per_rank(dst_layout, world)
+    # The planner's tables built with NumPy: a Layout of 2048 GPUs would take a minute.
+    src_tables, dst_tables = kimi_k2_tables(cfg, src), kimi_k2_tables(cfg, dst)
+    plans = Planner(src_tables, dst_tables, bucket_bytes, topo.gpus_per_node).plan_all()
+    src_w, dst_w = _weights_per_rank(src_tables, world), _weights_per_rank(dst_tables, world)
     ranks = []
     for r in range(world):
         p = plans.get(r)
@@ -154,7 +156,10 @@ def parse_grid(text: str, world: int, offset: int = 0) -> ParallelGrid:
 def report(result: dict) -> str:
     ranks, topo = result["ranks"], result["topology"]
     worst = max(ranks, key=lambda f: f.total_bytes)
-    busiest = max(ranks, key=lambda f: f.sent_intra + f.sent_inter + f.received_intra + f.received_inter)
+
+    def most(what: str, label: str) -> str:  # the largest figure over ranks, and whose it is
+        top = max(ranks, key=lambda f: getattr(f, what))
+        return f"{label + ' (rank ' + str(top.rank) + ')':<34}{getattr(top, what) / GIB:>10.2f}"
     fl = result["floor"]
     lines = [
         f"{'per GPU (max over ranks)':<34}{'GiB':>10}",
@@ -164,8 +169,8 @@ def report(result: dict) -> str:
         f"{'total (rank ' + str(worst.rank) + ')':<34}{worst.total_bytes / GIB:>10.2f}"
         f"   of {topo.memory_gib:.0f} GiB: {'fits' if result['fits'] else 'DOES NOT FIT'}",
         f"{'local copy (max)':<34}{max(f.local_bytes for f in ranks) / GIB:>10.2f}",
-        f"{'sent over NVLink (rank ' + str(busiest.rank) + ')':<34}{busiest.sent_intra / GIB:>10.2f}",
-        f"{'sent over network (rank ' + str(busiest.rank) + ')':<34}{busiest.sent_inter / GIB:>10.2f}",
+        most("sent_intra", "sent over NVLink"), most("received_intra", "received over NVLink"),
+        most("sent_inter", "sent over network"), most("received_inter", "received over network"),
         f"predicted: {result['predicted']['seconds'] * 1e3:.2f} ms (rank "
         f"{result['predicted']['rank']}, {result['predicted']['term']})",
         f"floor: {fl['seconds'] * 1e3:.2f} ms (rank {fl['rank']}, {fl['term']}) on {topo.name}: "

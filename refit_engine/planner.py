@@ -92,18 +92,24 @@ class RankPlan:
         return self._fingerprint
 
 
+def _tables(side) -> tuple:
+    return side.tables() if isinstance(side, Layout) else tuple(side)
+
+
 class Planner:
     """Both sides' layouts, validated and indexed once; compiles rank plans on demand.
 
     Raises RefitError (naming tensor, ranks, reason) when the layouts cannot be refit.
     """
 
-    def __init__(self, src: Layout, dst: Layout, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    def __init__(self, src, dst, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  ranks_per_node: int = 0):
-        """ranks_per_node > 0 makes the source choice link-aware: among remote replicas, one on
+        """src, dst: Layouts, or the tables one would give (`Layout.tables()`; e.g.
+        `kimi_k2_tables` for cluster-scale synthetic layouts, built without Layout objects).
+        ranks_per_node > 0 makes the source choice link-aware: among remote replicas, one on
         the destination's node (NVLink) before one across the network."""
         self.src, self.dst, self.bucket_bytes = src, dst, int(bucket_bytes)
-        self._core = _core.Planner(*src.tables(), *dst.tables(), self.bucket_bytes,
+        self._core = _core.Planner(*_tables(src), *_tables(dst), self.bucket_bytes,
                                    int(ranks_per_node))
 
     @property
