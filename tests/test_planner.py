@@ -178,6 +178,55 @@ def test_holders_out_of_rank_order():
         _core.Planner(names, tensors, buffers, bad, holders, *dst.tables(), 1 << 20, 0)
 
 
+def _raw_planner(src, dst, edit):
+    """A planner from the two layouts' tables after `edit(src_tables, dst_tables)` changed
+    them in place: for inputs no Layout would produce."""
+    from refit_engine import _core
+    src_t = [t.copy() if hasattr(t, "copy") else list(t) for t in src.tables()]
+    dst_t = [t.copy() if hasattr(t, "copy") else list(t) for t in dst.tables()]
+    edit(src_t, dst_t)
+    return _core.Planner(*src_t, *dst_t, 1 << 20, 0)
+
+
+def test_values_that_would_overflow_int64_are_rejected():
+    from refit_engine.layouts import PIECE_COLUMNS
+    col = {c: i for i, c in enumerate(PIECE_COLUMNS)}
+    near_max = 2**63 - 3
+
+    def far_start(side):  # start + extent wraps past int64: must not pass as inside the shape
+        def edit(src_t, dst_t):
+            (src_t if side == "source" else dst_t)[3][0, col["start0"]] = near_max
+        return edit
+    for side in ("source", "destination"):
+        with pytest.raises(RefitError, match=f"{side} piece .* lies outside the global shape"):
+            _raw_planner(tp_layout(1, 1), tp_layout(1, 1), far_start(side))
+
+    def huge_stride(src_t, dst_t):  # (extent - 1) * stride wraps to a small, "valid" hull
+        dst_t[3][0, col["stride0"]] = 2**62 + 1
+    with pytest.raises(RefitError, match="reaching past the range of 64-bit offsets"):
+        _raw_planner(tp_layout(1, 1), tp_layout(1, 1), huge_stride)
+
+    def huge_rank(src_t, dst_t):
+        src_t[2][0, 0] = 2**60
+    with pytest.raises(RefitError, match="rank 1152921504606846976 is out of range"):
+        _raw_planner(tp_layout(1, 1), tp_layout(1, 1), huge_rank)
+
+    def huge_shape(src_t, dst_t):
+        src_t[1][0, 3] = dst_t[1][0, 3] = 2**62
+    with pytest.raises(RefitError, match="too large to address"):
+        _raw_planner(tp_layout(1, 1), tp_layout(1, 1), huge_shape)
+
+
+def test_error_before_pieces_are_checked_survives_bad_holders():
+    # A name mismatch is reported (naming holders' ranks) while a piece's holder run still
+    # points nowhere: the message must not read outside the tables.
+    def edit(src_t, dst_t):
+        dst_t[0] = ["other"]
+        dst_t[3][0, 1] = 1 << 40
+    with pytest.raises(RefitError, match="'other'.*has no source"):
+        _raw_planner(tp_layout(1, 1), tp_layout(1, 1), edit)
+
+
 def test_bad_bucket_budget():
     with pytest.raises(RefitError, match="bucket_bytes must be positive"):
         Planner(tp_layout(2, 2), tp_layout(2, 1), bucket_bytes=0)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <numeric>
 #include <sstream>
@@ -86,11 +87,16 @@ Planner::Planner(Side src, Side dst, PlanOptions options)
 }
 
 std::vector<int64_t> Planner::holder_ranks(const Side& side, int64_t tensor) const {
+    // For messages, possibly before the pieces are validated: skips what does not exist.
     std::vector<int64_t> ranks;
+    const int64_t num_holders = int64_t(side.holders.size());
+    const int64_t num_buffers = int64_t(side.buffers.size());
     for (const Piece& piece : side.pieces) {
-        if (piece.tensor != tensor) continue;
-        for (int64_t i = 0; i < piece.holders_count; ++i) {
-            ranks.push_back(side.buffers[side.holders[piece.holders_first + i]].rank);
+        if (piece.tensor != tensor || piece.holders_first < 0 || piece.holders_count < 0) continue;
+        const int64_t end = std::min(num_holders, piece.holders_first + std::min(piece.holders_count, num_holders));
+        for (int64_t i = piece.holders_first; i < end; ++i) {
+            const int64_t b = side.holders[i];
+            if (b >= 0 && b < num_buffers) ranks.push_back(side.buffers[b].rank);
         }
     }
     return sorted_unique(std::move(ranks));
@@ -102,6 +108,22 @@ void Planner::check_tensors() {
             throw PlanError("*", {}, "layout has " + std::to_string(side->names.size()) +
                                          " names for " + std::to_string(side->tensors.size()) +
                                          " tensors");
+        }
+    }
+    for (const Side* side : {&src_, &dst_}) {
+        for (size_t t = 0; t < side->tensors.size(); ++t) {
+            const TensorSpec& spec = side->tensors[t];
+            int64_t bytes = spec.itemsize;
+            bool fits = spec.itemsize > 0;
+            for (int d = 0; d < spec.ndim && fits; ++d) {
+                fits = spec.shape[d] >= 0 && !__builtin_mul_overflow(bytes, spec.shape[d], &bytes);
+            }
+            if (!fits) {
+                throw PlanError(side->names[t], {},
+                                "global shape " + index_str(spec.shape, spec.ndim) + " of " +
+                                    std::to_string(spec.itemsize) +
+                                    "-byte elements is negative or too large to address");
+            }
         }
     }
     // Views into src_.names, which outlive the map.
@@ -163,11 +185,38 @@ void Planner::check_tensors() {
 
 namespace {
 
+// Ranks are process ranks: dense, and far below this (it bounds the planner's per-rank index).
+constexpr int64_t kMaxRank = int64_t(1) << 24;
+
 void check_buffer(const Buffer& buffer, const char* side_name) {
+    int64_t bytes = 0;
     if (buffer.rank < 0 || buffer.numel < 0 || buffer.itemsize <= 0) {
         throw PlanError("*", {buffer.rank},
                         std::string(side_name) + " buffer has a negative rank or size");
     }
+    if (buffer.rank >= kMaxRank) {
+        throw PlanError("*", {buffer.rank},
+                        std::string(side_name) + " buffer's rank " + std::to_string(buffer.rank) +
+                            " is out of range (at most " + std::to_string(kMaxRank - 1) + ")");
+    }
+    if (__builtin_mul_overflow(buffer.numel, buffer.itemsize, &bytes)) {
+        throw PlanError("*", {buffer.rank},
+                        std::string(side_name) + " buffer of " + std::to_string(buffer.numel) +
+                            " elements is too large to address in bytes");
+    }
+}
+
+// Whether every offset `piece` reaches (local_offset + sum of (extent - 1) * stride, per
+// sign) fits in int64, so the hull and the copies' pitches cannot wrap around.
+bool footprint_in_range(const Piece& piece, int ndim) {
+    int64_t lo = piece.local_offset, hi = piece.local_offset, span = 0;
+    for (int d = 0; d < ndim; ++d) {
+        int64_t reach = 0;
+        if (piece.local_stride[d] == INT64_MIN) return false;  // has no absolute value
+        if (__builtin_mul_overflow(piece.extent[d] - 1, piece.local_stride[d], &reach)) return false;
+        if (__builtin_add_overflow(reach < 0 ? lo : hi, reach, reach < 0 ? &lo : &hi)) return false;
+    }
+    return !__builtin_sub_overflow(hi, lo, &span);  // the sum of |reach| below, too
 }
 
 // Whether `piece`'s elements land on distinct buffer elements: taking the dimensions in
@@ -240,7 +289,7 @@ void Planner::check_pieces(const Side& side, const char* side_name, BufferTally&
         const Box box = piece_box(piece, spec.ndim);
         for (int d = 0; d < spec.ndim; ++d) {
             if (piece.start[d] < 0 || piece.extent[d] <= 0 ||
-                piece.start[d] + piece.extent[d] > spec.shape[d]) {
+                piece.extent[d] > spec.shape[d] - piece.start[d]) {  // no overflow: both >= 0
                 throw PlanError(name, {first_rank},
                                 where + " piece " + box.str() + " lies outside the global shape " +
                                     index_str(spec.shape, spec.ndim));
@@ -251,6 +300,11 @@ void Planner::check_pieces(const Side& side, const char* side_name, BufferTally&
             throw PlanError(name, {first_rank},
                             where + " local tensor is not contiguous in its last dimension "
                                     "(stride " + std::to_string(piece.local_stride[last]) + ")");
+        }
+        if (!footprint_in_range(piece, spec.ndim)) {
+            throw PlanError(name, {first_rank},
+                            where + " piece " + box.str() + " has a local offset or strides "
+                                    "reaching past the range of 64-bit offsets");
         }
         if (!strides_separate_elements(piece, spec.ndim)) {
             throw PlanError(name, {first_rank},
