@@ -227,9 +227,18 @@ def test_error_before_pieces_are_checked_survives_bad_holders():
         _raw_planner(tp_layout(1, 1), tp_layout(1, 1), edit)
 
 
-def test_bad_bucket_budget():
+def test_bad_bucket_budget_and_node_size():
     with pytest.raises(RefitError, match="bucket_bytes must be positive"):
         Planner(tp_layout(2, 2), tp_layout(2, 1), bucket_bytes=0)
+    with pytest.raises(RefitError, match="ranks_per_node must be 0 .* or positive, got -2"):
+        Planner(tp_layout(2, 2), tp_layout(2, 1), ranks_per_node=-2)
+
+
+def test_bad_element_size_in_tables():
+    def edit(src_t, dst_t):
+        src_t[1][0, 1] = 2**33  # would have been truncated to 0 as a 32-bit element size
+    with pytest.raises(RefitError, match="element size 8589934592 is not valid"):
+        _raw_planner(tp_layout(1, 1), tp_layout(1, 1), edit)
 
 
 # -- determinism and buckets ------------------------------------------------------------------

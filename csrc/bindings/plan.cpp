@@ -66,14 +66,17 @@ Side make_side(std::vector<std::string> names, const Table& tensors, const py::a
     side.tensors.resize(n);
     for (int64_t i = 0; i < n; ++i, row += kTensorCols) {
         TensorSpec& t = side.tensors[i];
+        const std::string name = i < int64_t(side.names.size()) ? side.names[i] : "*";
+        if (row[0] < 0 || row[0] > kMaxDims) {
+            throw PlanError(name, {}, "tensors of more than " + std::to_string(kMaxDims) +
+                                          " dimensions are not supported");
+        }
+        if (row[1] <= 0 || row[1] > 64) {  // the widest dtype is 16 bytes
+            throw PlanError(name, {}, "element size " + std::to_string(row[1]) + " is not valid");
+        }
         t.ndim = int32_t(row[0]);
         t.itemsize = int32_t(row[1]);
         t.dtype_code = row[2];
-        if (t.ndim < 0 || t.ndim > kMaxDims) {
-            throw PlanError(i < int64_t(side.names.size()) ? side.names[i] : "*", {},
-                            "tensors of more than " + std::to_string(kMaxDims) +
-                                " dimensions are not supported");
-        }
         for (int d = 0; d < kMaxDims; ++d) t.shape[d] = row[3 + d];
     }
     // Buffer and Piece are the row layouts of their tables: view the rows in place.

@@ -56,6 +56,10 @@ Planner::Planner(Side src, Side dst, PlanOptions options)
         throw PlanError("*", {}, "bucket_bytes must be positive, got " +
                                      std::to_string(options_.bucket_bytes));
     }
+    if (options_.ranks_per_node < 0) {
+        throw PlanError("*", {}, "ranks_per_node must be 0 (no node preference) or positive, got " +
+                                     std::to_string(options_.ranks_per_node));
+    }
     auto clock = std::chrono::steady_clock::now();
     auto lap = [&](const char* phase) {
         const auto now = std::chrono::steady_clock::now();
