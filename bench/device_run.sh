@@ -5,6 +5,9 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 what=${1:-all}
+# Result files are named by commit. The device's copy of the tree may carry a stale .git, so
+# pass the commit in: REFIT_COMMIT=$(git rev-parse --short HEAD) from the checkout.
+[[ -n ${REFIT_COMMIT:-} ]] || echo "warning: REFIT_COMMIT is not set; result files may be named by a stale commit" >&2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
