@@ -11,7 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where raw results go (REFIT_RESULTS_DIR overrides, e.g. for the benchmarks' smoke tests).
+RESULTS_DIR = Path(os.environ.get("REFIT_RESULTS_DIR", Path(__file__).resolve().parent / "results"))
 
 
 def time_host(fn, repeats: int = 5, warmup: int = 1) -> dict:
