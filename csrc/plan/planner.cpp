@@ -69,13 +69,13 @@ Planner::Planner(Side src, Side dst, PlanOptions options)
     check_tensors();
     lap("tensors");
     std::vector<uint8_t> holds;  // by rank: ranks are small dense integers
-    BufferTally src_tally(src_.buffers.size(), false), dst_tally(dst_.buffers.size(), true);
-    check_pieces(src_, "source", src_tally, holds);
+    BufferUses src_uses(src_.buffers.size(), 0), dst_uses(dst_.buffers.size(), 0);
+    check_pieces(src_, "source", src_uses, holds);
     lap("source pieces");
-    check_pieces(dst_, "destination", dst_tally, holds);
+    check_pieces(dst_, "destination", dst_uses, holds);
     lap("destination pieces");
-    check_unused_buffers(src_, "source", src_tally, holds);
-    check_unused_buffers(dst_, "destination", dst_tally, holds);
+    check_unused_buffers(src_, "source", src_uses, holds);
+    check_unused_buffers(dst_, "destination", dst_uses, holds);
     lap("unused buffers");
     bucket_by_key(
         dst_.pieces.size(), dst_.tensors.size(), [&](int64_t i) { return dst_.pieces[i].tensor; },
@@ -85,7 +85,7 @@ Planner::Planner(Side src, Side dst, PlanOptions options)
         src_piece_first_, src_piece_order_);
     index_source_replicas();
     lap("source replicas");
-    check_destination_buffers(dst_tally);
+    check_destination_buffers(dst_uses);
     lap("destination buffers");
     index_ranks(holds);
 }
@@ -257,10 +257,10 @@ void mark_rank(std::vector<uint8_t>& holds, int64_t rank) {
 }  // namespace
 
 void Planner::check_unused_buffers(const Side& side, const char* side_name,
-                                   const BufferTally& tally, std::vector<uint8_t>& holds) const {
+                                   const BufferUses& uses, std::vector<uint8_t>& holds) const {
     const bool destination = &side == &dst_;
     for (size_t b = 0; b < side.buffers.size(); ++b) {
-        if (tally.uses[b]) continue;
+        if (uses[b]) continue;
         const Buffer& buffer = side.buffers[b];
         check_buffer(buffer, side_name);
         mark_rank(holds, buffer.rank);
@@ -272,7 +272,7 @@ void Planner::check_unused_buffers(const Side& side, const char* side_name,
     }
 }
 
-void Planner::check_pieces(const Side& side, const char* side_name, BufferTally& tally,
+void Planner::check_pieces(const Side& side, const char* side_name, BufferUses& uses,
                            std::vector<uint8_t>& holds) const {
     // One pass over every holder's buffer row: at cluster scale the buffer table is the
     // largest thing the planner reads (one row per rank and local tensor).
@@ -351,8 +351,8 @@ void Planner::check_pieces(const Side& side, const char* side_name, BufferTally&
             }
             previous_rank = buffer.rank;
             mark_rank(holds, buffer.rank);
-            uint8_t& use = tally.uses[holders[i]];
-            if (tally.destination) {
+            uint8_t& use = uses[holders[i]];
+            if (&side == &dst_) {
                 // A first piece as large as its local tensor fills it (its elements are distinct
                 // and inside it): any second piece there writes some element twice. Local
                 // tensors whose first piece is smaller are compared piece by piece later.
@@ -469,7 +469,7 @@ int64_t Planner::first_piece_in(int64_t buffer) const {
     return -1;
 }
 
-void Planner::check_destination_buffers(const BufferTally& fill) {
+void Planner::check_destination_buffers(const BufferUses& uses) {
     // Every destination element written exactly once: the pieces in each local tensor must be
     // disjoint and fill it. Since source boxes tile each tensor, each piece is then written once.
     // A local tensor with one piece was settled while checking pieces (filled, or smaller than
@@ -484,7 +484,7 @@ void Planner::check_destination_buffers(const BufferTally& fill) {
     };
     bool any_shared = false;  // a local tensor holding several pieces
     for (size_t b = 0; b < num_buffers; ++b) {
-        const uint8_t use = fill.uses[b];
+        const uint8_t use = uses[b];
         if ((use & kPieceCount) == 1 && (use & kPartlyFilled)) {
             const Piece& only = dst_.pieces[first_piece_in(b)];
             throw never_written(b, piece_box(only, dst_.tensors[only.tensor].ndim).volume());
@@ -500,7 +500,7 @@ void Planner::check_destination_buffers(const BufferTally& fill) {
         const Piece& piece = dst_.pieces[p];
         const int64_t* holders = dst_.holders.begin() + piece.holders_first;
         for (int64_t i = 0; i < piece.holders_count; ++i) {
-            if ((fill.uses[holders[i]] & kPieceCount) == kSeveral) {
+            if ((uses[holders[i]] & kPieceCount) == kSeveral) {
                 pairs.push_back(uint64_t(holders[i]) << piece_bits | uint64_t(p));
             }
         }
@@ -566,19 +566,11 @@ std::vector<int64_t> Planner::tensors_of_rank(int64_t rank) const {
     // Holders are rank-sorted within a piece, so each piece is one binary search: cheaper than
     // keeping a rank index for every rank.
     std::vector<int64_t> tensors;
-    auto holds = [rank](const Side& side, const Piece& piece) {
-        const int64_t* first = side.holders.begin() + piece.holders_first;
-        const int64_t* last = first + piece.holders_count;
-        const int64_t* it = std::lower_bound(first, last, rank, [&](int64_t buffer, int64_t r) {
-            return side.buffers[buffer].rank < r;
-        });
-        return it != last && side.buffers[*it].rank == rank;
-    };
     for (const Piece& piece : src_.pieces) {
-        if (holds(src_, piece)) tensors.push_back(dst_of_src_[piece.tensor]);
+        if (holder_position(src_, piece, rank) >= 0) tensors.push_back(dst_of_src_[piece.tensor]);
     }
     for (const Piece& piece : dst_.pieces) {
-        if (holds(dst_, piece)) tensors.push_back(piece.tensor);
+        if (holder_position(dst_, piece, rank) >= 0) tensors.push_back(piece.tensor);
     }
     return sorted_unique(std::move(tensors));
 }
@@ -592,12 +584,12 @@ int64_t Planner::first_member_from(const ReplicaGroup& group, int64_t rank) cons
     return lo;
 }
 
-int64_t Planner::holder_position(const Piece& piece, int64_t rank) const {
-    const int64_t* first = dst_.holders.begin() + piece.holders_first;
+int64_t Planner::holder_position(const Side& side, const Piece& piece, int64_t rank) const {
+    const int64_t* first = side.holders.begin() + piece.holders_first;
     const int64_t* last = first + piece.holders_count;
     const int64_t* it = std::lower_bound(
-        first, last, rank, [&](int64_t buffer, int64_t r) { return dst_.buffers[buffer].rank < r; });
-    return it != last && dst_.buffers[*it].rank == rank ? it - first : -1;
+        first, last, rank, [&](int64_t buffer, int64_t r) { return side.buffers[buffer].rank < r; });
+    return it != last && side.buffers[*it].rank == rank ? it - first : -1;
 }
 
 template <typename Emit>
@@ -644,7 +636,7 @@ void Planner::for_each_transfer(int64_t t, int64_t only_rank, Emit&& emit) const
             };
             if (only_rank >= 0 && !has_only[g - g0]) {
                 // `only_rank` sends nothing of this group: at most its own request concerns it.
-                const int64_t h = holder_position(dst_piece, only_rank);
+                const int64_t h = holder_position(dst_, dst_piece, only_rank);
                 if (h < 0) continue;
                 int64_t near = 0, far = 0;
                 if (per_node > 0) {

@@ -56,15 +56,11 @@ class Planner {
         Box box;
     };
 
-    // Per buffer of one side, tallied while checking pieces: how many pieces it holds (the
-    // low bits: 0, 1, or kSeveral) and, on the destination, whether its first piece left
+    // Per buffer of one side, tallied while checking pieces ("uses"): how many pieces it holds
+    // (the low bits: 0, 1, or kSeveral) and, on the destination, whether its first piece left
     // elements unwritten.
     static constexpr uint8_t kPieceCount = 3, kSeveral = 2, kPartlyFilled = 4;
-    struct BufferTally {
-        BufferTally(size_t n, bool destination) : uses(n, 0), destination(destination) {}
-        std::vector<uint8_t> uses;
-        bool destination;
-    };
+    using BufferUses = std::vector<uint8_t>;
     // A destination piece and the span of buffer elements it reaches.
     struct Placed {
         Span hull;
@@ -73,13 +69,13 @@ class Planner {
 
     void check_tensors();
     // Checks every piece and its holders' buffers; marks the holders' ranks in `holds`.
-    void check_pieces(const Side& side, const char* side_name, BufferTally& tally,
+    void check_pieces(const Side& side, const char* side_name, BufferUses& uses,
                       std::vector<uint8_t>& holds) const;
     // Checks the buffers no piece refers to (a destination one would never be written).
-    void check_unused_buffers(const Side& side, const char* side_name, const BufferTally& tally,
+    void check_unused_buffers(const Side& side, const char* side_name, const BufferUses& uses,
                               std::vector<uint8_t>& holds) const;
     void index_source_replicas();
-    void check_destination_buffers(const BufferTally& fill);
+    void check_destination_buffers(const BufferUses& uses);
     // Raises when pieces placed in destination buffer `b` overlap (reorders `placed`).
     void check_disjoint(int64_t b, std::vector<Placed>& placed) const;
     // The first destination piece held in `buffer` (for messages), or -1.
@@ -100,8 +96,8 @@ class Planner {
 
     // The first member of `group` whose rank is not below `rank` (count if none).
     int64_t first_member_from(const ReplicaGroup& group, int64_t rank) const;
-    // Where `rank` is among the holders of destination piece `piece`, or -1.
-    int64_t holder_position(const Piece& piece, int64_t rank) const;
+    // Where `rank` is among the holders of `piece` (of `side`), or -1.
+    int64_t holder_position(const Side& side, const Piece& piece, int64_t rank) const;
 
     // Calls emit(const Transfer&) for every transfer of destination tensor `t` that involves
     // `only_rank` (every transfer when it is -1), choosing a source replica for each holder of
