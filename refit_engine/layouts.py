@@ -162,7 +162,6 @@ class Layout:
         self._pieces: list[tuple[int, ...]] = []
         self._holders: list[dict[int, int]] = []
         self._piece_index: dict[tuple[int, ...], list[int]] = {}
-        self._num_placements = 0
         self._tables = None
 
     # -- building -------------------------------------------------------------------------
@@ -225,7 +224,6 @@ class Layout:
             self._pieces.append(row)
             self._holders.append({})
         self._holders[piece][rank] = buffer
-        self._num_placements += 1
         self._tables = None
 
     def place(self, name: str, shape: Sequence[int], dtype, holders: Iterable[tuple[int, int]],
@@ -295,7 +293,7 @@ class Layout:
     def __repr__(self) -> str:
         return (f"Layout({len(self.tensors)} tensors, {len(self.buffers)} local tensors on "
                 f"{len(self.ranks)} ranks, {len(self._pieces)} pieces, "
-                f"{self._num_placements} placements)")
+                f"{sum(map(len, self._holders))} placements)")
 
 
 def _same(meta, shape: Sequence[int], dtype) -> bool:

@@ -66,9 +66,9 @@ def measure(base: Topology, group=None, nbytes: int = 64 << 20, repeats: int = 5
     each rank's device; full-duplex exchanges (sending and receiving at once, as a refit does)
     among all ranks of a node and between the first two nodes (rank r and r + gpus_per_node),
     over the refit's transport (gloo for CPU tensors, NCCL through torch for CUDA); a 1-byte
-    exchange for the per-message latency; the per-refit
-    collective check (a 1-element all-reduce). The slowest rank's
-    figure is kept. Collective over `group`; every rank returns the same Topology."""
+    exchange for the per-message latency; the per-refit collective check (a 1-element
+    all-reduce). The slowest rank's figure is kept. Collective over `group`; every rank
+    returns the same Topology."""
     import datetime
     import statistics
     import time
@@ -104,25 +104,22 @@ def measure(base: Topology, group=None, nbytes: int = 64 << 20, repeats: int = 5
 
     a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     b = torch.empty_like(a)
-    if cuda:
-        copy_s = slowest(timed(lambda: b.copy_(a)))
-    else:  # with as many threads as the CPU executor copies with
+    torch_threads = torch.get_num_threads()
+    if not cuda:  # with as many threads as the CPU executor copies with
         from refit_engine.executors.cpu import default_threads
-        torch_threads = torch.get_num_threads()
         torch.set_num_threads(default_threads(world))
-        try:
-            copy_s = slowest(timed(lambda: b.copy_(a)))
-        finally:
-            torch.set_num_threads(torch_threads)
+    try:
+        copy_s = slowest(timed(lambda: b.copy_(a)))
+    finally:
+        torch.set_num_threads(torch_threads)
 
-    def exchange_seconds(partners: list[int], size: int) -> float | None:
-        """Time for this rank to send `size` bytes split evenly over `partners` while receiving
-        as much from them, everyone at once as in a refit (ranks without partners time a no-op
+    def exchange_seconds(partners: list[int], chunk: int) -> float | None:
+        """Time for this rank to send `chunk` bytes to each of `partners` while receiving as
+        much from each, everyone at once as in a refit (ranks without partners time a no-op
         so the barriers line up); the slowest rank's."""
         if not partners:
             timed(lambda: None)
             return slowest(None)
-        chunk = max(1, size // len(partners))
         ops = []
         for i, partner in enumerate(partners):
             peer = partner if group is None else dist.get_global_rank(group, partner)
@@ -140,9 +137,9 @@ def measure(base: Topology, group=None, nbytes: int = 64 << 20, repeats: int = 5
     node_peers = [r for r in range(node * per_node, min(world, (node + 1) * per_node)) if r != rank]
     across = rank + per_node if node == 0 and rank + per_node < world else \
         rank - per_node if node == 1 else None
-    intra_s = exchange_seconds(node_peers, nbytes)
+    intra_chunk = nbytes // max(1, len(node_peers))  # nbytes in all to the node's ranks
+    intra_s = exchange_seconds(node_peers, intra_chunk)
     inter_s = exchange_seconds([across] if across is not None else [], nbytes)
-    chunk = nbytes // max(1, len(node_peers))
     # Pairs that choose each other: neighbours (0, 1), (2, 3), ... on a node, or across nodes
     # when nodes have one rank.
     neighbour = rank ^ 1
@@ -158,7 +155,7 @@ def measure(base: Topology, group=None, nbytes: int = 64 << 20, repeats: int = 5
         flag.item()
     check_s = slowest(timed(check))
     return replace(base, copy_gbps=2 * nbytes / copy_s / 1e9,
-                   intra_node_gbps=chunk * len(node_peers) / intra_s / 1e9 if intra_s
+                   intra_node_gbps=intra_chunk * len(node_peers) / intra_s / 1e9 if intra_s
                    else base.intra_node_gbps,
                    inter_node_gbps=nbytes / inter_s / 1e9 if inter_s else base.inter_node_gbps,
                    latency_us=latency_s * 1e6 if latency_s else base.latency_us,
