@@ -90,7 +90,11 @@ class ShardedTensors:
 def checked_info(meta, tensor, side: str, device: str | None = None) -> arrays.ArrayInfo:
     """The tensor bound to local tensor `meta` (a layouts.BufferMeta), checked: storage, one
     contiguous block of the declared size (and on `device`, when given)."""
-    info = arrays.info(tensor)
+    try:
+        info = arrays.info(tensor)
+    except (TypeError, ValueError) as exc:
+        raise RefitError(f"{side} local tensor '{meta.key}' cannot be refit: {exc}",
+                         tensor=meta.key, ranks=[meta.rank]) from exc
     expected = meta.numel * dtypes.itemsize(meta.dtype)
     problem = None
     if info.device == "meta":
@@ -111,11 +115,16 @@ def build_layout(per_rank: Sequence[tuple[int, list[Entry]]]) -> Layout:
     """The Layout of one side from every rank's entries, in rank order (same on every rank)."""
     layout = Layout()
     for rank, entries in per_rank:
-        for e in entries:
-            layout.add_tensor(e.name, e.global_shape, e.dtype)
-            layout.add_buffer(rank, e.key, e.local_shape, e.dtype)
-            layout.add_piece(e.name, rank, e.key, e.start, e.extent, e.local_offset,
-                             e.local_strides)
+        try:
+            for e in entries:
+                layout.add_tensor(e.name, e.global_shape, e.dtype)
+                layout.add_buffer(rank, e.key, e.local_shape, e.dtype)
+                layout.add_piece(e.name, rank, e.key, e.start, e.extent, e.local_offset,
+                                 e.local_strides)
+        except RefitError as exc:  # e.g. this rank declares a tensor unlike an earlier rank
+            if exc.ranks:
+                raise
+            raise RefitError(exc.reason, tensor=exc.tensor, ranks=[rank]) from exc
     return layout
 
 

@@ -33,11 +33,13 @@ def describe(model) -> ShardedTensors:
     if model is None:
         return ShardedTensors()
     if isinstance(model, ShardedTensors):
-        if model.errors:
-            raise model.errors[0]
-        return model
-    from refit_engine import megatron  # imports torch and megatron-core only when needed
-    return megatron.describe(model)
+        local = model
+    else:
+        from refit_engine import megatron  # imports torch and megatron-core only when needed
+        local = megatron.describe(model)
+    if local.errors:  # kept by ShardedTensors.add, whoever filled it
+        raise local.errors[0]
+    return local
 
 
 def _gather(obj, group):
@@ -322,6 +324,8 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
     if plan.broken:
         raise RefitError(f"plan is unusable after an earlier failure ({plan.broken}); build a "
                          "new plan", ranks=[plan.rank])
+    if verify and not sync:  # before anything moves: the checksums need the refit finished
+        raise RefitError("verify=True needs sync=True", ranks=[plan.rank])
     if check:
         _check_still_valid(plan)
     t0 = time.perf_counter()
@@ -336,7 +340,5 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
     elapsed = time.perf_counter() - t0
     plan.refits += 1
     if verify:
-        if not sync:
-            raise RefitError("verify=True needs sync=True", ranks=[plan.rank])
         _verify(plan)
     return {**plan.traffic, "elapsed_s": elapsed}

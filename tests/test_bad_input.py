@@ -315,3 +315,36 @@ def test_thousand_refits_exact_with_stable_memory():
     per_rank = run_world(_repeated_worker, 2, 1000, timeout=400)
     for early, late in per_rank:
         assert late - early < 8 * 1024, (early, late)  # KiB of peak RSS growth
+
+
+def test_errors_kept_by_any_describer_are_raised(monkeypatch):
+    # Whatever fills a ShardedTensors (the megatron adapter here) keeps add()'s problems for
+    # plan() to raise on every rank; describe() must raise them for every kind of model.
+    from refit_engine import megatron, refit
+    kept = ShardedTensors()
+    kept.add("w", [1, 2, 3], (3,))  # not an array: recorded, not raised
+    monkeypatch.setattr(megatron, "describe", lambda model: kept)
+    with pytest.raises(RefitError, match="cannot be refit") as info:
+        refit.describe(object())
+    assert info.value.tensor == "w"
+
+
+def test_bound_object_that_is_not_an_array():
+    from refit_engine.layouts import BufferMeta
+    from refit_engine.local import checked_info
+    meta = BufferMeta(3, "w", (4,), "float32")
+    with pytest.raises(RefitError, match="destination local tensor 'w' cannot be refit") as info:
+        checked_info(meta, [0.0] * 4, "destination")
+    assert info.value.tensor == "w" and info.value.ranks == [3]
+
+
+def test_ranks_disagreeing_on_a_tensor_name_the_later_rank():
+    from refit_engine.local import build_layout
+    per_rank = []
+    for rank, shape in ((0, (8, 4)), (1, (8, 8))):
+        local = ShardedTensors()
+        local.add("w", torch.zeros(shape), shape)
+        per_rank.append((rank, local.entries))
+    with pytest.raises(RefitError, match="declared twice with different metadata") as info:
+        build_layout(per_rank)
+    assert info.value.tensor == "w" and info.value.ranks == [1]

@@ -112,6 +112,10 @@ def _verify_worker(rank, world):
     src = local_model(rank, ParallelGrid(2, tp=2), globals_)
     dst = local_model(rank, ParallelGrid(2, tp=1, offset=0), globals_, poison=0.0)
     plan = refit_engine.plan(src, dst)
+    before = {k: t.clone() for k, t in dst.tensors.items()}
+    with pytest.raises(RefitError, match="verify=True needs sync=True"):
+        refit_engine.execute(plan, verify=True, sync=False)  # refused before anything moves
+    assert all(torch.equal(before[k], t) for k, t in dst.tensors.items())
     refit_engine.execute(plan, verify=True)  # clean refit: passes
     if rank == 1:  # corrupt one byte on the wire into rank 1
         real_wait = GlooExecutor._wait
