@@ -49,11 +49,3 @@ def info(array) -> ArrayInfo:
                          bool(array.flags.c_contiguous))
     return ArrayInfo(int(array.ctypes.data), int(array.nbytes), tuple(array.shape),
                      dtypes.dtype_name(array.dtype), "cpu", bool(array.flags.c_contiguous))
-
-
-def byte_view(array):
-    """A flat uint8 view sharing memory (CPU arrays), for staging-free checks and tests."""
-    kind = _kind(array)
-    if kind == "torch":
-        return array.detach().reshape(-1).view(__import__("torch").uint8)
-    return array.reshape(-1).view(np.uint8)

@@ -18,7 +18,7 @@ from refit_engine.executors.cuda import (build_direct_loopback_executor,
 from refit_engine.layouts import Layout
 from refit_engine.local import checked_info
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
-from refit_engine.refit import CudaRefitRunner
+from refit_engine.refit import DEFAULT_TIMEOUT_S, CudaRefitRunner
 
 
 def _bases(layout: Layout, tensors: dict, side: str, device: str) -> dict:
@@ -59,7 +59,8 @@ class LoopbackRefit:
         return {"local": sum(p.bytes_local for p in self.plans.values()),
                 "remote": sum(p.bytes_sent for p in self.plans.values())}
 
-    def run(self, graph: bool = False, stream: int | None = None, timeout_s: float = 300.0,
+    def run(self, graph: bool = False, stream: int | None = None,
+            timeout_s: float = DEFAULT_TIMEOUT_S,
             sync: bool = True) -> None:
         """Enqueue one refit on `stream` (default: torch's current stream); wait if `sync`."""
         self._runner.run(graph, stream, sync, timeout_s)

@@ -26,6 +26,14 @@ MSG = {name: i for i, name in enumerate(MESSAGE_FIELDS)}
 DEFAULT_BUCKET_BYTES = 64 << 20
 
 
+def segments_in_bucket(segments: np.ndarray, bucket: int) -> np.ndarray:
+    return np.ascontiguousarray(segments[segments[:, SEG["bucket"]] == bucket])
+
+
+def messages_in_bucket(messages: np.ndarray, bucket: int) -> np.ndarray:
+    return np.ascontiguousarray(messages[messages[:, MSG["bucket"]] == bucket])
+
+
 def _bytes(segments: np.ndarray) -> int:
     if len(segments) == 0:
         return 0

@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import as_strided
 from refit_engine import dtypes
 from refit_engine.errors import RefitError
 from refit_engine.layouts import MAX_DIMS, Layout
-from refit_engine.planner import MSG, SEG, RankPlan
+from refit_engine.planner import SEG, RankPlan, messages_in_bucket, segments_in_bucket
 
 Buffers = dict  # (rank, key) -> contiguous NumPy array (any dtype; bytes are what count)
 
@@ -62,14 +62,14 @@ def run_reference(plans: Mapping[int, RankPlan], src: Layout, dst: Layout,
         _copy(plan.local, src_flat, dst_flat)
         for bucket, size in enumerate(plan.send_staging_bytes):
             staging = np.zeros(size, dtype=np.uint8)
-            in_bucket = plan.send[plan.send[:, SEG["bucket"]] == bucket]
+            in_bucket = segments_in_bucket(plan.send, bucket)
             _copy(in_bucket, src_flat, {-1: staging})
-            for peer, b, offset, nbytes in plan.send_messages[plan.send_messages[:, MSG["bucket"]] == bucket]:
+            for peer, b, offset, nbytes in messages_in_bucket(plan.send_messages, bucket):
                 wire[(rank, int(peer), int(b))] = staging[offset:offset + nbytes].copy()
     for rank, plan in plans.items():
         for bucket, size in enumerate(plan.recv_staging_bytes):
             staging = np.zeros(size, dtype=np.uint8)
-            for peer, b, offset, nbytes in plan.recv_messages[plan.recv_messages[:, MSG["bucket"]] == bucket]:
+            for peer, b, offset, nbytes in messages_in_bucket(plan.recv_messages, bucket):
                 message = wire.pop((int(peer), rank, int(b)), None)
                 if message is None or message.size != nbytes:
                     raise RefitError(
@@ -78,7 +78,7 @@ def run_reference(plans: Mapping[int, RankPlan], src: Layout, dst: Layout,
                         f"{'no such message' if message is None else f'{message.size} bytes'}",
                         ranks=[rank, int(peer)])
                 staging[offset:offset + nbytes] = message
-            in_bucket = plan.recv[plan.recv[:, SEG["bucket"]] == bucket]
+            in_bucket = segments_in_bucket(plan.recv, bucket)
             _copy(in_bucket, {-1: staging}, dst_flat)
     if wire:
         (sender, receiver, bucket), message = next(iter(wire.items()))

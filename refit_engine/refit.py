@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refit_engine import arrays
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout
 from refit_engine.local import ShardedTensors, build_layout, checked_info
@@ -77,10 +76,7 @@ class Plan:
     refits: int = 0
     # (side, buffer index) -> (owner, address, shape, dtype) as bound: see _stale_reason.
     current: dict = field(repr=False, default_factory=dict)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.rank_plan.fingerprint()
+    check_device: str = "cpu"  # see _check_device
 
     @functools.cached_property
     def traffic(self) -> dict:
@@ -93,16 +89,20 @@ class Plan:
 
 
 def _bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
-    """Buffer index -> tensor for this rank's buffers, checked; the address table; devices."""
+    """Buffer index -> tensor for this rank's buffers, checked; the address table; devices;
+    and what each owned tensor looked like, for `_stale_reason`."""
     addresses = np.zeros(len(layout.buffers), dtype=np.int64)
-    bound, devices = {}, set()
+    bound, devices, current = {}, set(), {}
     for index in layout.buffers_of(rank):
-        tensor = local.tensors[layout.buffers[index].key]
-        info = checked_info(layout.buffers[index], tensor, side)
-        bound[index] = tensor
+        key = layout.buffers[index].key
+        info = checked_info(layout.buffers[index], local.tensors[key], side)
+        bound[index] = local.tensors[key]
         addresses[index] = info.address
         devices.add(info.device)
-    return bound, addresses, devices
+        owner = local.current.get(key)
+        if owner is not None:
+            current[(side, index)] = (owner, info.address, tuple(info.shape), owner.dtype)
+    return bound, addresses, devices, current
 
 
 def _device_of(devices: set, rank: int) -> str:
@@ -118,12 +118,20 @@ def _nccl_communicator(group, device: int):
     import torch.distributed as dist
 
     from refit_engine import _core
-    ranks = dist.get_process_group_ranks(group) if group is not None else \
-        list(range(dist.get_world_size()))
+    ranks = _group_ranks(group)
     uid = [_core.NcclCommunicator.unique_id() if dist.get_rank() == ranks[0] else None]
     dist.broadcast_object_list(uid, src=ranks[0], group=group)
     comm = _core.NcclCommunicator(uid[0], len(ranks), ranks.index(dist.get_rank()), device)
     return comm, {r: i for i, r in enumerate(ranks)}
+
+
+def _check_device(group) -> str:
+    """Where the per-refit check's flag lives: pure NCCL groups reduce CUDA tensors."""
+    import torch
+    import torch.distributed as dist
+    if "gloo" in dist.get_backend(group):
+        return "cpu"
+    return f"cuda:{torch.cuda.current_device()}"
 
 
 def _group_ranks(group) -> list[int]:
@@ -196,8 +204,10 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     digest.update(f"{int(bucket_bytes)}/{int(ranks_per_node)}".encode())
     layouts_digest = digest.hexdigest()
     try:
-        src_tensors, src_addr, src_devices = _bind(src_layout, src_local, rank, "source")
-        dst_tensors, dst_addr, dst_devices = _bind(dst_layout, dst_local, rank, "destination")
+        src_tensors, src_addr, src_devices, src_current = _bind(src_layout, src_local, rank,
+                                                                "source")
+        dst_tensors, dst_addr, dst_devices, dst_current = _bind(dst_layout, dst_local, rank,
+                                                                "destination")
         device = _device_of(src_devices | dst_devices, rank)
         status = None
     except RefitError as exc:
@@ -227,30 +237,22 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     else:
         from refit_engine.executors.cpu import GlooExecutor, default_threads
         if threads is None:
-            threads = default_threads(dist.get_world_size(group))
+            threads = default_threads(ranks_per_node or dist.get_world_size(group))
         executor = GlooExecutor(rank_plan, src_addr, dst_addr, group, timeout_s, threads)
-    current = {}
-    for side, layout, local in (("source", src_layout, src_local), ("destination", dst_layout,
-                                                                    dst_local)):
-        tensors = src_tensors if side == "source" else dst_tensors
-        for index in layout.buffers_of(rank):
-            owner = local.current.get(layout.buffers[index].key)
-            if owner is not None:
-                info = arrays.info(tensors[index])
-                current[(side, index)] = (owner, info.address, tuple(info.shape), owner.dtype)
     return Plan(rank, rank_plan, src_layout, dst_layout, group, timeout_s, executor,
-                src_tensors, dst_tensors, current=current)
+                src_tensors, dst_tensors, current={**src_current, **dst_current},
+                check_device=_check_device(group))
 
 
-def _stale_reason(plan: Plan) -> str | None:
-    """Why the plan no longer matches the models' tensors (None if it does). Cheap: one
-    pointer, shape and dtype comparison per owned tensor."""
+def _stale_reason(plan: Plan) -> tuple[str, str] | None:
+    """(local tensor, why) if the plan no longer matches the models' tensors, else None. Cheap:
+    one pointer, shape and dtype comparison per owned tensor."""
     for (side, index), (owner, address, shape, dtype) in plan.current.items():
         if owner.data_ptr() == address and tuple(owner.shape) == shape and owner.dtype == dtype:
             continue
-        layout = plan.src_layout if side == "source" else plan.dst_layout
-        return (f"{side} tensor '{layout.buffers[index].key}' was replaced after planning "
-                f"(shape {shape} {dtype} -> {tuple(owner.shape)} {owner.dtype}); build a new plan")
+        key = (plan.src_layout if side == "source" else plan.dst_layout).buffers[index].key
+        return key, (f"{side} tensor '{key}' was replaced after planning (shape {shape} {dtype} "
+                     f"-> {tuple(owner.shape)} {owner.dtype}); build a new plan")
     return None
 
 
@@ -259,16 +261,14 @@ def _check_still_valid(plan: Plan) -> None:
     small all-reduce when all is well; the reasons are gathered only when something is stale."""
     import torch
     import torch.distributed as dist
-    reason = _stale_reason(plan) if plan.current else None
-    on_gpu = "gloo" not in dist.get_backend(plan.group)  # pure NCCL groups reduce CUDA tensors
-    flag = torch.tensor([1 if reason else 0], dtype=torch.int32,
-                        device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    stale = _stale_reason(plan) if plan.current else None
+    flag = torch.tensor([1 if stale else 0], dtype=torch.int32, device=plan.check_device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=plan.group)
     if int(flag.item()) == 0:
         return
-    for rank, why in _gather((plan.rank, reason), plan.group):
-        if why:
-            raise RefitError(why, tensor=why.split("'")[1], ranks=[rank])
+    for rank, found in _gather((plan.rank, stale), plan.group):
+        if found:
+            raise RefitError(found[1], tensor=found[0], ranks=[rank])
 
 
 class CudaRefitRunner:

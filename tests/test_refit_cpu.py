@@ -148,9 +148,9 @@ def test_zero_copy_messages_chosen_per_side():
             (peer, rows, 64, pitch, 64)
     msgs = np.array([[5, 0, 0, 256], [6, 0, 256, 192]], dtype=np.int64)
     tensor_addr = np.array([1000, 2000, 3000], dtype=np.int64)
-    rows, keep = _messages(msgs, 0, segs, tensor_addr, None, "src", 1 << 20, {5: 1, 6: 2}, True)
+    rows, keep = _messages(msgs, 0, segs, tensor_addr, "src", 1 << 20, {5: 1, 6: 2}, True)
     assert rows.tolist() == [[1, 1000, 256], [2, (1 << 20) + 256, 192]]
     assert keep.tolist() == [False, True, True]
-    rows, keep = _messages(msgs, 0, segs, tensor_addr, None, "src", 1 << 20, {5: 1, 6: 2}, False)
+    rows, keep = _messages(msgs, 0, segs, tensor_addr, "src", 1 << 20, {5: 1, 6: 2}, False)
     assert keep.all() and rows[0, 1] == 1 << 20
     assert MSG["bytes"] == 3

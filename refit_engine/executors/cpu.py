@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from refit_engine import _core
 from refit_engine.errors import RefitError
-from refit_engine.planner import MSG, SEG, RankPlan
+from refit_engine.planner import RankPlan, messages_in_bucket, segments_in_bucket
 
 
 def default_threads(ranks_on_machine: int) -> int:
@@ -36,21 +36,16 @@ class GlooExecutor:
         self.threads = threads
         self.num_buckets = plan.num_buckets
         # Per bucket: the segments and messages of each direction (views, computed once).
-        self._send = [self._rows(plan.send, SEG["bucket"], b) for b in range(self.num_buckets)]
-        self._recv = [self._rows(plan.recv, SEG["bucket"], b) for b in range(self.num_buckets)]
-        self._send_msgs = [self._rows(plan.send_messages, MSG["bucket"], b).tolist()
-                           for b in range(self.num_buckets)]
-        self._recv_msgs = [self._rows(plan.recv_messages, MSG["bucket"], b).tolist()
-                           for b in range(self.num_buckets)]
+        buckets = range(self.num_buckets)
+        self._send = [segments_in_bucket(plan.send, b) for b in buckets]
+        self._recv = [segments_in_bucket(plan.recv, b) for b in buckets]
+        self._send_msgs = [messages_in_bucket(plan.send_messages, b).tolist() for b in buckets]
+        self._recv_msgs = [messages_in_bucket(plan.recv_messages, b).tolist() for b in buckets]
         send_max = max(plan.send_staging_bytes, default=0)
         recv_max = max(plan.recv_staging_bytes, default=0)
         # Two staging buffers per direction: bucket k+1 fills one while bucket k uses the other.
         self._send_staging = [torch.empty(send_max, dtype=torch.uint8) for _ in range(2)]
         self._recv_staging = [torch.empty(recv_max, dtype=torch.uint8) for _ in range(2)]
-
-    @staticmethod
-    def _rows(table: np.ndarray, column: int, value: int) -> np.ndarray:
-        return np.ascontiguousarray(table[table[:, column] == value])
 
     def _copy(self, segments, src_staging=0, dst_staging=0):
         if len(segments):

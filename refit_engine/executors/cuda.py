@@ -11,7 +11,7 @@ import numpy as np
 
 from refit_engine import _core
 from refit_engine.errors import RefitError
-from refit_engine.planner import MSG, SEG, RankPlan
+from refit_engine.planner import MSG, SEG, RankPlan, messages_in_bucket, segments_in_bucket
 
 _COLUMNS = ("src_pitch", "dst_pitch", "rows", "row_bytes")
 
@@ -81,23 +81,23 @@ def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.nda
                               _addresses(local, "dst_buffer", "dst_offset", dst_bases), local))
     for bucket in range(plan.num_buckets):
         parity = bucket % 2
-        send = plan.send[plan.send[:, SEG["bucket"]] == bucket]
-        recv = plan.recv[plan.recv[:, SEG["bucket"]] == bucket]
+        send = segments_in_bucket(plan.send, bucket)
+        recv = segments_in_bucket(plan.recv, bucket)
         src = _addresses(send, "src_buffer", "src_offset", src_bases)
         dst = _addresses(send, "dst_buffer", "dst_offset", dst_bases, send_staging[parity])
-        sends, keep_send = _messages(plan.send_messages, bucket, send, src, dst, "src",
+        sends, keep_send = _messages(plan.send_messages, bucket, send, src, "src",
                                      send_staging[parity], group_rank_of, zero_copy)
         r_src = _addresses(recv, "src_buffer", "src_offset", src_bases, recv_staging[parity])
         r_dst = _addresses(recv, "dst_buffer", "dst_offset", dst_bases)
-        recvs, keep_recv = _messages(plan.recv_messages, bucket, recv, r_dst, r_src, "dst",
+        recvs, keep_recv = _messages(plan.recv_messages, bucket, recv, r_dst, "dst",
                                      recv_staging[parity], group_rank_of, zero_copy)
         executor.add_bucket(_table(src[keep_send], dst[keep_send], send[keep_send]), sends, recvs,
                             None, _table(r_src[keep_recv], r_dst[keep_recv], recv[keep_recv]))
     return executor, alloc
 
 
-def _messages(messages, bucket, segments, tensor_addr, staging_addr, tensor_side, staging_base,
-              group_rank_of, zero_copy):
+def _messages(messages, bucket, segments, tensor_addr, tensor_side, staging_base, group_rank_of,
+              zero_copy):
     """(peer, address, bytes) rows of one bucket, and which segments still go through staging.
 
     A message that is one contiguous piece of one tensor goes zero-copy: sent from (or received
@@ -106,7 +106,7 @@ def _messages(messages, bucket, segments, tensor_addr, staging_addr, tensor_side
     """
     keep = np.ones(len(segments), dtype=bool)
     rows = []
-    for peer, _, offset, nbytes in messages[messages[:, MSG["bucket"]] == bucket]:
+    for peer, _, offset, nbytes in messages_in_bucket(messages, bucket):
         address = staging_base + offset
         mine = np.flatnonzero(segments[:, SEG["peer"]] == peer)
         if zero_copy and len(mine) == 1 and _contiguous(segments[mine[0]], tensor_side):
@@ -143,15 +143,15 @@ def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bas
         packs, unpacks, moves = [], [], []
         for r in ranks:
             plan = plans[r]
-            send = plan.send[plan.send[:, SEG["bucket"]] == bucket]
+            send = segments_in_bucket(plan.send, bucket)
             packs.append((_addresses(send, "src_buffer", "src_offset", src_bases[r]),
                           _addresses(send, "dst_buffer", "dst_offset", None,
                                      send_staging[p] + send_off[r]), send))
-            recv = plan.recv[plan.recv[:, SEG["bucket"]] == bucket]
+            recv = segments_in_bucket(plan.recv, bucket)
             unpacks.append((_addresses(recv, "src_buffer", "src_offset", None,
                                        recv_staging[p] + recv_off[r]),
                             _addresses(recv, "dst_buffer", "dst_offset", dst_bases[r]), recv))
-            for peer, _, offset, nbytes in plan.recv_messages[plan.recv_messages[:, MSG["bucket"]] == bucket]:
+            for peer, _, offset, nbytes in messages_in_bucket(plan.recv_messages, bucket):
                 sender = plans[int(peer)].send_messages
                 match = sender[(sender[:, MSG["peer"]] == r) & (sender[:, MSG["bucket"]] == bucket)]
                 if len(match) != 1 or match[0, MSG["bytes"]] != nbytes:
