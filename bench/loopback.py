@@ -130,14 +130,15 @@ def _check_sample(src, dst, src_t, dst_t):
     names = [n for n in (m.name for m in dst.tensors)
              if "linear_q_up_proj.weight" in n or "experts.3.linear_fc1" in n
              or "word_embeddings" in n][:4]
+    placements = {id(side): side.placements() for side in (src, dst)}
     for name in names:
         meta = dst.tensor(name)
         # Rebuild the global tensor from the source pieces, then each destination piece from it.
         full = torch.empty(meta.shape, dtype=torch.int16, device="cuda")
         for side, tensors, out in ((src, src_t, "fill"), (dst, dst_t, "check")):
             t_index = side._tensor_index[name]
-            placements = side.placements()
-            for row in placements[placements[:, 0] == t_index]:
+            rows = placements[id(side)]
+            for row in rows[rows[:, 0] == t_index]:
                 buf = side.buffers[int(row[1])]
                 nd = len(meta.shape)
                 start, extent = row[3:3 + nd], row[3 + MAX_DIMS:3 + MAX_DIMS + nd]

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import replace
 
-from refit_engine.grid import parse_layout_spec
+from refit_engine.grid import parse_layout_spec, parse_overrides
 
 DEFAULT_TOY = dict(num_layers=4, hidden=256, num_heads=8, q_lora_rank=64, kv_lora_rank=32,
                    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, dense_ffn=512,
@@ -100,10 +100,7 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
     method = "nccl" if device != "cpu" else "gloo"
     src_spec, dst_spec = parse_layout_spec(args.src), parse_layout_spec(args.dst)
     if topo is None:
-        from refit_engine.topology import measure, preset
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        base = preset("h100" if device != "cpu" else "cpu", world)
-        topo = measure(replace(base, gpus_per_node=per_node, nodes=max(1, world // per_node)))
+        topo = measure_here("h100" if device != "cpu" else "cpu", world)
     if args.non_collocated:
         half = world // 2
         src_ranks, dst_ranks = tuple(range(half)), tuple(range(half, world))
@@ -129,16 +126,14 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
     t0 = time.perf_counter()
     plan = refit_engine.plan(src, dst, bucket_bytes=args.bucket_mib << 20)
     plan_s = _max_over_ranks(time.perf_counter() - t0)
-    stats = None
     for _ in range(args.warmup):
-        stats = refit_engine.execute(plan)
+        refit_engine.execute(plan)
     ours = _timed_refits(rank, lambda: refit_engine.execute(plan), args.iters, "refit_engine")
     ours_graph = None
     if device != "cpu":  # the same refit captured once as a CUDA graph, then replayed
         refit_engine.execute(plan, graph=True)
         ours_graph = _timed_refits(rank, lambda: refit_engine.execute(plan, graph=True),
                                    args.iters, "refit_engine (CUDA graph)")
-    stats = refit_engine.execute(plan)
     if getattr(args, "full_size", False):
         # Full size: per-piece checksums of sent vs landed bytes (gathering the model is out).
         try:
@@ -177,9 +172,7 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
             megatron, megatron_exact = None, False
 
     per_rank = [None] * world
-    dist.all_gather_object(per_rank, {k: stats[k] for k in ("rank", "bytes_local", "bytes_sent",
-                                                            "bytes_received", "per_peer",
-                                                            "buckets")})
+    dist.all_gather_object(per_rank, plan.traffic)  # what every refit of the plan moves
     if rank != 0:
         return None
     total = {k: sum(s[k] for s in per_rank) for k in ("bytes_local", "bytes_sent")}
@@ -199,13 +192,34 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
                        "method": method, "model": cfg.__dict__}, "per_rank": per_rank,
             "plan_s": plan_s, "ours_ms": ours, "ours_graph_ms": ours_graph, "megatron_ms": megatron,
             "megatron_exact": megatron_exact if megatron else None,
-            "exact": exact, "bytes": total, "buckets": stats["buckets"]}
+            "exact": exact, "bytes": total, "buckets": plan.traffic["buckets"]}
+
+
+def launched() -> bool:
+    """Whether this process is one rank started by torchrun or srun."""
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def ranks_per_node(world: int) -> int:
+    """Ranks on this node, from the launcher (all `world` ranks when it says nothing)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", world)))
+
+
+def measure_here(preset_name: str, world: int):
+    """The topology preset with this job's nodes, its bandwidths measured here (collective)."""
+    from refit_engine.topology import measure, preset
+    per_node = ranks_per_node(world)
+    base = preset(preset_name, world)
+    return measure(replace(base, gpus_per_node=per_node, nodes=max(1, world // per_node)))
 
 
 def init_from_env(backend: str, timeout: float) -> None:
     """init_process_group from torchrun's or srun's environment (RANK / SLURM_PROCID, ...)."""
     import torch
     import torch.distributed as dist
+    if "RANK" not in os.environ:  # srun without torchrun: map SLURM's variables
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
         # NCCL for CUDA tensors (megatron-core's refit), gloo for the small CPU collectives
@@ -276,9 +290,9 @@ def main(argv=None) -> int:
     parser.add_argument("--full-size", action="store_true",
                         help="published Kimi K2 sizes (--model may still lower num_layers)")
     args = parser.parse_args(argv)
-    args.model = {k: int(v) for k, _, v in (i.partition("=") for i in args.model.split(",") if i)}
+    args.model = parse_overrides(args.model)
 
-    if "RANK" in os.environ:  # launched by torchrun / srun: this process is one rank
+    if launched():  # by torchrun / srun: this process is one rank
         init_from_env(args.backend, args.timeout)
         import torch.distributed as dist
         result = run_rank(dist.get_rank(), dist.get_world_size(), args)

@@ -25,9 +25,7 @@ def predict_rank(f: RankFigures, topo: Topology, buckets: int) -> dict:
     pack = 2 * sent / copy
     unpack = 2 * received / copy
     local = 2 * f.local_bytes / copy
-    transfer = max(max(f.sent_intra, f.received_intra) / (topo.intra_node_gbps * 1e9),
-                   max(f.sent_inter, f.received_inter) / (topo.inter_node_gbps * 1e9))
-    transfer += buckets * topo.latency_us * 1e-6
+    transfer = max(f.link_seconds(topo).values()) + buckets * topo.latency_us * 1e-6
     stages = {"pack": pack, "transfer": transfer, "unpack + local": unpack + local}
     term, pace = max(stages.items(), key=lambda kv: kv[1])
     if not topo.overlap:

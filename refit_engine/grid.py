@@ -79,6 +79,11 @@ class ParallelGrid:
         return range(first, first + base + (1 if stage < extra else 0))
 
 
+def parse_overrides(text: str) -> dict[str, int]:
+    """"num_layers=8,hidden=512" -> {"num_layers": 8, "hidden": 512}."""
+    return {k: int(v) for k, _, v in (item.partition("=") for item in text.split(",") if item)}
+
+
 def parse_layout_spec(text: str) -> dict:
     """"tp=2,ep=4,etp=1,pp=1" -> {"tp": 2, "pp": 1, "ep": 4, "etp": 1} (unnamed sizes are 1)."""
     out = {"tp": 1, "pp": 1, "ep": 1, "etp": 1}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from refit_engine import dtypes
 from refit_engine.errors import RefitError
-from refit_engine.grid import ParallelGrid, parse_layout_spec
+from refit_engine.grid import ParallelGrid, parse_layout_spec, parse_overrides
 from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_tables
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
 from refit_engine.topology import Topology, preset
@@ -44,6 +45,11 @@ class RankFigures:
     @property
     def total_bytes(self) -> int:
         return self.src_bytes + self.dst_bytes + self.staging_bytes
+
+    def link_seconds(self, topo: Topology) -> dict[str, float]:
+        """Time on each kind of link at full bandwidth, the busier direction of each."""
+        return {"nvlink": max(self.sent_intra, self.received_intra) / (topo.intra_node_gbps * 1e9),
+                "network": max(self.sent_inter, self.received_inter) / (topo.inter_node_gbps * 1e9)}
 
 
 def rank_figures(rank: int, bytes_local: int, per_peer: dict, topo: Topology,
@@ -72,9 +78,7 @@ def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid) -> float:
     from refit_engine.models.kimi_k2 import kimi_k2_parameters, stage_of
     per_stage = [0.0] * grid.pp
     for p in kimi_k2_parameters(cfg):
-        n = dtypes.itemsize(p.dtype)
-        for s in p.shape:
-            n *= s
+        n = dtypes.itemsize(p.dtype) * math.prod(p.shape)
         if p.expert is not None:
             n /= grid.ep * grid.etp
         elif p.split:
@@ -89,9 +93,10 @@ TYPICAL_PEERS = 16
 
 
 def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collocated: bool,
-               headroom: float = 0.9, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+               headroom: float = 0.9, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[float, float]:
     """Refuse (RefitError) a configuration whose weights and staging cannot fit, before
-    building anything. `headroom`: the fraction of GPU memory they may use."""
+    building anything. `headroom`: the fraction of GPU memory they may use. Returns the
+    largest per-GPU weights of each side, in GiB."""
     budget = topo.memory_gib * headroom
     src_gib, dst_gib = weights_per_gpu_gib(cfg, src), weights_per_gpu_gib(cfg, dst)
     staging_gib = 4 * bucket_bytes * TYPICAL_PEERS / GIB
@@ -104,6 +109,7 @@ def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, colloc
                if collocated else "") + f" + staging {staging_gib:.1f} GiB"
             + f") but {topo.name} GPUs have {topo.memory_gib:.0f} GiB ({budget:.0f} GiB usable "
             f"at {headroom:.0%}); raise EP (experts are 99% of the weights) or TP")
+    return src_gib, dst_gib
 
 
 def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topology,
@@ -138,11 +144,7 @@ def floor(ranks: list[RankFigures], topo: Topology) -> dict:
     ranks. Seconds, and which rank and term set it."""
     best = {"seconds": 0.0, "rank": None, "term": None}
     for f in ranks:
-        terms = {
-            "nvlink": max(f.sent_intra, f.received_intra) / (topo.intra_node_gbps * 1e9),
-            "network": max(f.sent_inter, f.received_inter) / (topo.inter_node_gbps * 1e9),
-            "local copy": 2 * f.local_bytes / (topo.copy_gbps * 1e9),
-        }
+        terms = {**f.link_seconds(topo), "local copy": 2 * f.local_bytes / (topo.copy_gbps * 1e9)}
         term, seconds = max(terms.items(), key=lambda kv: kv[1])
         if seconds > best["seconds"]:
             best = {"seconds": seconds, "rank": f.rank, "term": term}
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--per-rank", action="store_true",
                         help="also print every rank's memory and bytes moved")
     args = parser.parse_args(argv)
-    overrides = {k: int(v) for k, _, v in (i.partition("=") for i in args.model.split(",") if i)}
+    overrides = parse_overrides(args.model)
     cfg = KimiK2Config(num_layers=args.layers, **overrides)
     src = parse_grid(args.src, args.gpus)
     dst = parse_grid(args.dst, args.gpus, offset=args.gpus if args.non_collocated else 0)

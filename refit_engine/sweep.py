@@ -6,9 +6,9 @@ without a launcher it spawns --world gloo processes itself.
     python -m refit_engine.sweep --configs "8:4:collocated:nccl 8:2:collocated:nccl" --full-size
 
 A configuration is SRC_TP:DST_TP[:MODE[:METHOD]]; EP / ETP / PP come from --src-extra /
---dst-extra (e.g. "ep=64"), or are chosen so both models fit (--auto-ep, the default with
---full-size): destination EP as large as the expert count and GPU count allow, source EP the
-smallest that fits beside it.
+--dst-extra (e.g. "ep=64"); where one is not given, an expert-parallel size is chosen so both
+models fit: destination EP as large as the expert count and GPU count allow, source EP the
+smallest that fits beside it. `--check-only` checks the same layouts the sweep would run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from refit_engine import bench
 from refit_engine.errors import RefitError
+from refit_engine.grid import parse_overrides
 
 
 def parse_configs(text: str) -> list[dict]:
@@ -163,16 +164,12 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus", type=int, default=int(os.environ.get("TOTAL_GPUS", 0)),
                         help="GPU count for --check-only")
     args = parser.parse_args(argv)
-    args.model_overrides = {k: int(v) for k, _, v in
-                            (i.partition("=") for i in args.model.split(",") if i)}
+    args.model_overrides = parse_overrides(args.model)
     configs = parse_configs(args.configs)
     if args.check_only:
         return check_only(args, configs)
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+    if not bench.launched():
         return _spawn(args)
-    if "RANK" not in os.environ:  # srun without torchrun: map SLURM's variables
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
     bench.init_from_env(args.backend, args.timeout)
     import torch.distributed as dist
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -181,8 +178,7 @@ def main(argv=None) -> int:
 
 def check_only(args, configs) -> int:
     """Before any job step: every configuration must fit (weights + staging on the GPU)."""
-    from refit_engine.grid import ParallelGrid
-    from refit_engine.memory import weights_per_gpu_gib
+    from refit_engine.memory import check_fits
     from refit_engine.topology import preset
     if args.backend != "nccl":
         print("[sweep] memory check skipped: CPU backend")
@@ -195,18 +191,11 @@ def check_only(args, configs) -> int:
         collocated = c["mode"] == "collocated"
         side = gpus if collocated else gpus // 2
         try:
-            if args.src_extra and args.dst_extra:
-                src = parse_grid_extra(c["src_tp"], args.src_extra, side, 0)
-                dst = parse_grid_extra(c["dst_tp"], args.dst_extra, side, 0 if collocated else side)
-                from refit_engine.memory import check_fits
-                check_fits(cfg, src, dst, topo, collocated)
-                src_ep, dst_ep = src.ep, dst.ep
-            else:
-                src_ep, dst_ep = choose_expert_parallel(cfg, gpus, c["src_tp"], c["dst_tp"],
-                                                        collocated, args.gpu)
-            s_gib = weights_per_gpu_gib(cfg, ParallelGrid(side, tp=c["src_tp"], ep=src_ep))
-            d_gib = weights_per_gpu_gib(cfg, ParallelGrid(side, tp=c["dst_tp"], ep=dst_ep))
-            print(f"[sweep] TP{c['src_tp']}/EP{src_ep} -> TP{c['dst_tp']}/EP{dst_ep} "
+            src_extra, dst_extra = layout_extras(cfg, c, args, gpus)
+            src = parse_grid_extra(c["src_tp"], src_extra, side, 0)
+            dst = parse_grid_extra(c["dst_tp"], dst_extra, side, 0 if collocated else side)
+            s_gib, d_gib = check_fits(cfg, src, dst, topo, collocated)
+            print(f"[sweep] TP{c['src_tp']}/EP{src.ep} -> TP{c['dst_tp']}/EP{dst.ep} "
                   f"({c['mode']}): weights {s_gib:.1f} + {d_gib:.1f} GiB per GPU of "
                   f"{topo.memory_gib:.0f}: fits")
         except RefitError as exc:
@@ -214,6 +203,18 @@ def check_only(args, configs) -> int:
             print(f"[sweep] TP{c['src_tp']} -> TP{c['dst_tp']} ({c['mode']}) refused: "
                   f"{exc.reason}")
     return 2 if failed else 0
+
+
+def layout_extras(cfg, c: dict, args, world: int) -> tuple[str, str]:
+    """The EP / ETP / PP parts of configuration `c`'s two layouts: --src-extra / --dst-extra
+    where given, otherwise an expert-parallel size chosen so both models fit."""
+    src_extra, dst_extra = args.src_extra, args.dst_extra
+    if not src_extra or not dst_extra:
+        src_ep, dst_ep = choose_expert_parallel(cfg, world, c["src_tp"], c["dst_tp"],
+                                                c["mode"] == "collocated", args.gpu)
+        src_extra = src_extra or f"ep={src_ep}"
+        dst_extra = dst_extra or f"ep={dst_ep}"
+    return src_extra, dst_extra
 
 
 def parse_grid_extra(tp: int, extra: str, world: int, offset: int):
@@ -225,16 +226,11 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
     logs = Path(args.output_dir) / "logs"
     if rank == 0:
         logs.mkdir(parents=True, exist_ok=True)
-    gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get(
-        "SLURM_NTASKS_PER_NODE", world)))
+    gpus_per_node = bench.ranks_per_node(world)
     nodes = os.environ.get("SLURM_JOB_NUM_NODES", str(max(1, world // max(1, gpus_per_node))))
     cfg = bench.model_config(args.full_size, args.model_overrides)
-    from dataclasses import replace
-
-    from refit_engine.topology import measure, preset
-    base = preset(args.gpu if args.backend == "nccl" else "cpu", world)
-    base = replace(base, gpus_per_node=gpus_per_node, nodes=max(1, world // gpus_per_node))
-    topo = measure(base)  # the links and copies of this machine, for floors and predictions
+    # The links and copies of this machine, for floors and predictions.
+    topo = bench.measure_here(args.gpu if args.backend == "nccl" else "cpu", world)
     bench.log(rank, f"measured: copy {topo.copy_gbps:.0f} GB/s, same-node link "
                     f"{topo.intra_node_gbps:.1f} GB/s, cross-node link "
                     f"{topo.inter_node_gbps:.1f} GB/s" + (" (preset: one node)" if world <=
@@ -250,12 +246,7 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
                         f"{c['dst_tp']} ({c['mode']}, {method})")
         collocated = c["mode"] == "collocated"
         try:
-            src_extra, dst_extra = args.src_extra, args.dst_extra
-            if not src_extra or not dst_extra:
-                src_ep, dst_ep = choose_expert_parallel(cfg, world, c["src_tp"], c["dst_tp"],
-                                                        collocated, args.gpu)
-                src_extra = src_extra or f"ep={src_ep}"
-                dst_extra = dst_extra or f"ep={dst_ep}"
+            src_extra, dst_extra = layout_extras(cfg, c, args, world)
             opts = argparse.Namespace(
                 src=f"tp={c['src_tp']},{src_extra}", dst=f"tp={c['dst_tp']},{dst_extra}",
                 non_collocated=not collocated, iters=args.iters, warmup=args.warmup,
@@ -284,7 +275,8 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
 
 
 def write_outputs(args, results: list[dict], logs: Path, nodes, world: int, topo) -> int:
-    """Rank 0: summary, JSON and plot of the sweep; 0 if every configuration was exact."""
+    """Rank 0: summary, JSON and plot of the sweep; 0 if some configuration ran and every one
+    that ran was exact."""
     summary = logs / f"{args.run_id}_summary.txt"
     summary.write_text(summary_text(args.run_id, results, nodes, world, args.backend) + "\n")
     (logs / f"{args.run_id}_results.json").write_text(json.dumps(
@@ -294,7 +286,8 @@ def write_outputs(args, results: list[dict], logs: Path, nodes, world: int, topo
     print(summary.read_text())
     print(f"[sweep] summary {summary}; figures {logs / (args.run_id + '_results.json')}"
           + (f"; plot {png}" if png else ""))
-    return 0 if all(r.get("exact") for r in results if not r.get("error")) else 2
+    ran = [r for r in results if not r.get("error")]  # skipped ones: refused with the reason
+    return 0 if ran and all(r["exact"] for r in ran) else 2
 
 
 def _spawn(args) -> int:

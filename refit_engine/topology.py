@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-GB = 1e9
-
 
 @dataclass(frozen=True)
 class Topology:
@@ -30,10 +28,6 @@ class Topology:
     # Per refit, besides moving bytes: the collective check that no rank's tensors were
     # replaced since planning (one small all-reduce).
     check_us: float = 50.0
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node

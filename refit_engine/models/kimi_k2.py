@@ -10,7 +10,8 @@ experts use the canonical name `decoder.layers.{layer}.mlp.experts.{global exper
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 from refit_engine.grid import ParallelGrid
@@ -35,10 +36,6 @@ class KimiK2Config:
     shared_expert_ffn: int = 2048
     vocab: int = 163840
     dtype: str = "bfloat16"
-
-    def scaled(self, **changes) -> "KimiK2Config":
-        """A copy with some knobs changed (layers, hidden, experts, ffn, vocab, heads, ...)."""
-        return replace(self, **changes)
 
     @classmethod
     def toy(cls, **changes) -> "KimiK2Config":
@@ -101,13 +98,7 @@ def kimi_k2_parameters(cfg: KimiK2Config) -> Iterator[Param]:
 
 
 def parameter_count(cfg: KimiK2Config) -> int:
-    total = 0
-    for p in kimi_k2_parameters(cfg):
-        n = 1
-        for s in p.shape:
-            n *= s
-        total += n
-    return total
+    return sum(math.prod(p.shape) for p in kimi_k2_parameters(cfg))
 
 
 def stage_of(cfg: KimiK2Config, grid: ParallelGrid, param: Param) -> int:
@@ -142,9 +133,7 @@ def kimi_k2_layout(cfg: KimiK2Config, grid: ParallelGrid, grouped_experts: bool 
             layout.place(param.name, param.shape, param.dtype, [(r, part) for r, part, _ in holders], split)
             continue
         local_shape = split.local_shape(param.name, param.shape) if split else param.shape
-        numel = 1
-        for s in local_shape:
-            numel *= s
+        numel = math.prod(local_shape)
         fc = param.name.rsplit(".", 2)[-2]
         key = f"decoder.layers.{param.layer}.mlp.experts.{fc}"
         for rank, part, local in holders:
