@@ -14,14 +14,12 @@ namespace refit {
 
 namespace {
 
-using Table = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+// Addresses cross as int64 and are read in place as pointers: this runs for every bucket of
+// every refit, so no per-call conversion.
+static_assert(sizeof(uint8_t*) == sizeof(int64_t), "addresses must be 64-bit");
 
-std::vector<uint8_t*> as_pointers(const Table& addresses) {
-    std::vector<uint8_t*> out(addresses.size());
-    for (py::ssize_t i = 0; i < addresses.size(); ++i) {
-        out[i] = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(addresses.data()[i]));
-    }
-    return out;
+uint8_t* const* as_pointers(const Int64Array& addresses) {
+    return reinterpret_cast<uint8_t* const*>(addresses.data());
 }
 
 }  // namespace
@@ -29,16 +27,15 @@ std::vector<uint8_t*> as_pointers(const Table& addresses) {
 void bind_cpu(py::module_& m) {
     m.def(
         "cpu_copy_segments",
-        [](const Table& segments, const Table& src_buffers, int64_t src_staging,
-           const Table& dst_buffers, int64_t dst_staging, int threads) {
+        [](const Int64Array& segments, const Int64Array& src_buffers, int64_t src_staging,
+           const Int64Array& dst_buffers, int64_t dst_staging, int threads) {
             if (segments.ndim() != 2 || segments.shape(1) != kSegmentFields) {
-                throw std::invalid_argument("segments must have shape (n, 11)");
+                throw std::invalid_argument("segments must have shape (n, " +
+                                            std::to_string(kSegmentFields) + ")");
             }
-            std::vector<uint8_t*> src_ptrs = as_pointers(src_buffers);
-            std::vector<uint8_t*> dst_ptrs = as_pointers(dst_buffers);
-            const CpuSide src{src_ptrs.data(), int64_t(src_ptrs.size()),
+            const CpuSide src{as_pointers(src_buffers), int64_t(src_buffers.size()),
                               reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(src_staging))};
-            const CpuSide dst{dst_ptrs.data(), int64_t(dst_ptrs.size()),
+            const CpuSide dst{as_pointers(dst_buffers), int64_t(dst_buffers.size()),
                               reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(dst_staging))};
             const auto* segs = reinterpret_cast<const Segment*>(segments.data());
             py::gil_scoped_release release;

@@ -2,7 +2,6 @@
 // links torch; tables cross as int64 NumPy columns.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <memory>
@@ -22,11 +21,9 @@ namespace refit {
 
 namespace {
 
-using Column = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+std::vector<int64_t> as_vector(const Int64Array& c) { return {c.data(), c.data() + c.size()}; }
 
-std::vector<int64_t> as_vector(const Column& c) { return {c.data(), c.data() + c.size()}; }
-
-std::vector<DeviceMessage> as_messages(const Column& table) {
+std::vector<DeviceMessage> as_messages(const Int64Array& table) {
     if (table.size() == 0) return {};
     if (table.ndim() != 2 || table.shape(1) != 3) {
         throw std::invalid_argument("messages must have shape (n, 3): peer, address, bytes");
@@ -47,10 +44,11 @@ class NcclCommunicator {};  // never constructed in builds without NCCL
 #endif
 
 void bind_cuda(py::module_& m) {
+    m.attr("HAS_CUDA") = true;
     py::class_<SegmentTable, std::shared_ptr<SegmentTable>>(
         m, "SegmentTable", "Pitched copies (absolute device addresses) uploaded to the GPU.")
-        .def(py::init([](const Column& src, const Column& dst, const Column& src_pitch,
-                         const Column& dst_pitch, const Column& rows, const Column& row_bytes) {
+        .def(py::init([](const Int64Array& src, const Int64Array& dst, const Int64Array& src_pitch,
+                         const Int64Array& dst_pitch, const Int64Array& rows, const Int64Array& row_bytes) {
                  HostSegments s{as_vector(src),  as_vector(dst),  as_vector(src_pitch),
                                 as_vector(dst_pitch), as_vector(rows), as_vector(row_bytes)};
                  return std::make_shared<SegmentTable>(s);
@@ -58,9 +56,7 @@ void bind_cuda(py::module_& m) {
              py::arg("src"), py::arg("dst"), py::arg("src_pitch"), py::arg("dst_pitch"),
              py::arg("rows"), py::arg("row_bytes"))
         .def("launch", [](const SegmentTable& t, uintptr_t stream) { t.launch(as_stream(stream)); },
-             py::arg("stream") = 0, "Enqueue the copies on a CUDA stream (integer handle).")
-        .def_property_readonly("count", &SegmentTable::count)
-        .def_property_readonly("bytes", &SegmentTable::bytes);
+             py::arg("stream") = 0, "Enqueue the copies on a CUDA stream (integer handle).");
 
     py::class_<NcclCommunicator, std::shared_ptr<NcclCommunicator>> comm(m, "NcclCommunicator");
 #ifdef REFIT_ENGINE_WITH_NCCL
@@ -92,8 +88,8 @@ void bind_cuda(py::module_& m) {
         .def("set_local", &CudaExecutor::set_local, py::arg("table"))
         .def(
             "add_bucket",
-            [](CudaExecutor& self, std::shared_ptr<SegmentTable> pack, const Column& sends,
-               const Column& recvs, std::shared_ptr<SegmentTable> exchange,
+            [](CudaExecutor& self, std::shared_ptr<SegmentTable> pack, const Int64Array& sends,
+               const Int64Array& recvs, std::shared_ptr<SegmentTable> exchange,
                std::shared_ptr<SegmentTable> unpack) {
                 self.add_bucket(Bucket{std::move(pack), as_messages(sends), as_messages(recvs),
                                        std::move(exchange), std::move(unpack)});

@@ -3,6 +3,9 @@
 
 namespace refit {
 
-void bind_cuda(pybind11::module_& m) { m.attr("HAS_NCCL") = false; }
+void bind_cuda(pybind11::module_& m) {
+    m.attr("HAS_CUDA") = false;
+    m.attr("HAS_NCCL") = false;
+}
 
 }  // namespace refit

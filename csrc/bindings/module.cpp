@@ -1,7 +1,7 @@
 // The Python module refit_engine._core: the only place that knows about Python, besides the
 // one binding file per area it calls.
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include <pybind11/stl.h>  // ranks (std::vector) in the PlanError translation
 
 #include "bindings/bindings.h"
 #include "plan/error.h"
@@ -10,11 +10,6 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "refit_engine C++ core: plan compiler and executors (no torch inside)";
-#ifdef REFIT_ENGINE_WITH_CUDA
-    m.attr("HAS_CUDA") = true;
-#else
-    m.attr("HAS_CUDA") = false;
-#endif
 
     // PlanError -> refit_engine.errors.RefitError(reason, tensor=..., ranks=...).
     py::register_exception_translator([](std::exception_ptr thrown) {

@@ -19,14 +19,12 @@ namespace refit {
 
 namespace {
 
-using Table = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-
 constexpr int kTensorCols = 3 + kMaxDims;     // ndim, itemsize, dtype_code, shape...
 constexpr int kBufferCols = 3;                // rank, numel, itemsize
 constexpr int kPieceCols = 4 + 3 * kMaxDims;  // tensor, holders first/count, local_offset,
                                               // start, extent, stride
 
-const int64_t* rows_of(const Table& table, int cols, const char* what, int64_t& n) {
+const int64_t* rows_of(const Int64Array& table, int cols, const char* what, int64_t& n) {
     if (table.ndim() != 2 || table.shape(1) != cols) {
         throw PlanError("*", {}, std::string(what) + " table must have shape (n, " +
                                      std::to_string(cols) + ")");
@@ -57,7 +55,7 @@ const int64_t* flat_items(const py::array& array, const char* what, int64_t& n) 
     return static_cast<const int64_t*>(array.data());
 }
 
-Side make_side(std::vector<std::string> names, const Table& tensors, const py::array& buffers,
+Side make_side(std::vector<std::string> names, const Int64Array& tensors, const py::array& buffers,
                const py::array& pieces, const py::array& holders) {
     Side side;
     side.names = std::move(names);
@@ -123,10 +121,10 @@ void bind_plan(py::module_& m) {
     m.attr("MESSAGE_FIELDS") = std::vector<std::string>{"peer", "bucket", "offset", "bytes"};
 
     py::class_<Planner>(m, "Planner", "Validated, indexed layouts of both sides; compiles plans.")
-        .def(py::init([](std::vector<std::string> src_names, const Table& src_tensors,
+        .def(py::init([](std::vector<std::string> src_names, const Int64Array& src_tensors,
                          const py::array& src_buffers, const py::array& src_pieces,
                          const py::array& src_holders, std::vector<std::string> dst_names,
-                         const Table& dst_tensors, const py::array& dst_buffers,
+                         const Int64Array& dst_tensors, const py::array& dst_buffers,
                          const py::array& dst_pieces, const py::array& dst_holders,
                          int64_t bucket_bytes, int64_t ranks_per_node) {
                  Side src = make_side(std::move(src_names), src_tensors, src_buffers, src_pieces,

@@ -30,7 +30,6 @@ CudaExecutor::CudaExecutor(int device, std::shared_ptr<NcclCommunicator> comm)
 CudaExecutor::~CudaExecutor() {
     // NOTE: destructors cannot throw; release what we can.
     if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
-    if (graph_) cudaGraphDestroy(graph_);
     for (auto* list : {&packed_, &exchanged_, &unpacked_}) {
         for (cudaEvent_t e : *list) cudaEventDestroy(e);
     }
@@ -116,10 +115,6 @@ void CudaExecutor::capture(cudaStream_t stream) {
         REFIT_CUDA_CHECK(cudaGraphExecDestroy(graph_exec_));
         graph_exec_ = nullptr;
     }
-    if (graph_) {
-        REFIT_CUDA_CHECK(cudaGraphDestroy(graph_));
-        graph_ = nullptr;
-    }
     // Capturing on the legacy default stream is not allowed: use a private one.
     cudaStream_t capture_stream = nullptr;
     REFIT_CUDA_CHECK(cudaStreamCreateWithFlags(&capture_stream, cudaStreamNonBlocking));
@@ -133,9 +128,13 @@ void CudaExecutor::capture(cudaStream_t stream) {
         cudaStreamDestroy(capture_stream);
         throw;
     }
-    REFIT_CUDA_CHECK(cudaStreamEndCapture(capture_stream, &graph_));
+    cudaGraph_t graph = nullptr;
+    REFIT_CUDA_CHECK(cudaStreamEndCapture(capture_stream, &graph));
     REFIT_CUDA_CHECK(cudaStreamDestroy(capture_stream));
-    REFIT_CUDA_CHECK(cudaGraphInstantiate(&graph_exec_, graph_, 0));
+    // The executable graph does not need the graph it was made from.
+    const cudaError_t instantiated = cudaGraphInstantiate(&graph_exec_, graph, 0);
+    REFIT_CUDA_CHECK(cudaGraphDestroy(graph));
+    REFIT_CUDA_CHECK(instantiated);
     replay(stream);
 }
 
@@ -155,7 +154,13 @@ void CudaExecutor::wait(cudaStream_t stream, double timeout_s) {
         if (state != cudaErrorNotReady) REFIT_CUDA_CHECK(state);
 #ifdef REFIT_ENGINE_WITH_NCCL
         if (comm_ && !comm_->aborted()) {
-            const ncclResult_t err = comm_->async_error();
+            ncclResult_t err = ncclSuccess;
+            try {
+                err = comm_->async_error();
+            } catch (...) {  // could not even ask: treat the communicator as failed
+                comm_->abort();
+                throw;
+            }
             if (err != ncclSuccess && err != ncclInProgress) {
                 comm_->abort();
                 throw std::runtime_error(std::string("NCCL asynchronous error: ") +

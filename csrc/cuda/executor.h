@@ -64,7 +64,6 @@ class CudaExecutor {
     cudaStream_t pack_stream_ = nullptr, comm_stream_ = nullptr, unpack_stream_ = nullptr;
     cudaEvent_t start_ = nullptr, done_ = nullptr, sync_ = nullptr;
     std::vector<cudaEvent_t> packed_, exchanged_, unpacked_;
-    cudaGraph_t graph_ = nullptr;
     cudaGraphExec_t graph_exec_ = nullptr;
 };
 

@@ -20,7 +20,6 @@ SegmentTable::SegmentTable(const HostSegments& s) {
         }
         host[6 * n + i] = chunks;
         const int64_t bytes = s.rows[i] * s.row_bytes[i];
-        bytes_ += bytes;
         chunks += (bytes + kChunkBytes - 1) / kChunkBytes;
     }
     host[7 * n] = chunks;

@@ -21,8 +21,6 @@ class SegmentTable {
    public:
     explicit SegmentTable(const HostSegments& segments);
     void launch(cudaStream_t stream) const { launch_segment_copy(table_, stream); }
-    int64_t count() const { return table_.count; }
-    int64_t bytes() const { return bytes_; }
 
    private:
     struct Free {
@@ -30,7 +28,6 @@ class SegmentTable {
     };
     std::unique_ptr<int64_t, Free> memory_;
     DeviceSegments table_;
-    int64_t bytes_ = 0;
 };
 
 }  // namespace refit

@@ -41,6 +41,8 @@ ncclResult_t NcclCommunicator::async_error() const {
 
 void NcclCommunicator::abort() {
     if (comm_) {
+        // NOTE: not checked: abort runs while handling a failure, whose error is the one to
+        // report; the communicator is unusable either way.
         nccl().comm_abort(comm_);
         comm_ = nullptr;
     }
