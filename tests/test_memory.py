@@ -1,5 +1,7 @@
 """Memory planner, dry run, topology and cost model."""
 
+import re
+
 import pytest
 
 from refit_engine import RefitError
@@ -47,20 +49,22 @@ def _measure_worker(rank, world, per_node):
 
     from refit_engine.topology import measure
     base = replace(preset("cpu"), nodes=world // per_node, gpus_per_node=per_node,
-                   intra_node_gbps=-1.0, inter_node_gbps=-1.0, latency_us=-1.0)
+                   intra_node_gbps=-1.0, inter_node_gbps=-1.0, latency_us=-1.0, check_us=-1.0)
     topo = measure(base, nbytes=1 << 20, repeats=2)
     return topo.copy_gbps, topo.intra_node_gbps, topo.inter_node_gbps, topo.latency_us, topo.check_us
 
 
-@pytest.mark.parametrize("world, per_node", [(2, 2), (3, 3), (4, 2)])
+@pytest.mark.parametrize("world, per_node", [(2, 2), (3, 3), (4, 2), (2, 1)])
 def test_measure_topology_is_collective_and_positive(world, per_node):
     from multiproc import run_world
     results = run_world(_measure_worker, world, per_node)
     assert all(r == results[0] for r in results)  # every rank returns the slowest rank's figures
     copy, intra, inter, latency, check = results[0]
-    assert copy > 0 and intra > 0 and latency > 0 and check > 0
-    # One node has no cross-node pair: the base figure stays; two nodes measure it.
+    assert copy > 0 and latency > 0 and check > 0
+    # One node has no cross-node pair: the base figure stays; two nodes measure it. Nodes of
+    # one rank have no node peers: the base NVLink figure stays and latency goes across.
     assert inter == -1.0 if world == per_node else inter > 0
+    assert intra == -1.0 if per_node == 1 else intra > 0
 
 
 def test_stages_add_up_where_they_share_cores():
@@ -69,12 +73,37 @@ def test_stages_add_up_where_they_share_cores():
     from refit_engine.cost import predict_rank
     from refit_engine.memory import RankFigures
     f = RankFigures(0, local_bytes=10**9, sent_intra=10**9, received_intra=10**9)
-    gpu = replace(preset("h100"), copy_gbps=1000.0, intra_node_gbps=100.0, latency_us=0.0)
-    pipelined = predict_rank(f, gpu, buckets=1)
-    shared = predict_rank(f, replace(gpu, overlap=False), buckets=1)
-    stages = pipelined["pack"] + pipelined["transfer"] + pipelined["unpack + local"]
-    assert shared["seconds"] == pytest.approx(stages)
-    assert pipelined["seconds"] < shared["seconds"]
+    gpu = replace(preset("h100"), copy_gbps=1000.0, intra_node_gbps=100.0, latency_us=1000.0)
+    # By hand: pack 2 ms (1 GB read + written at 1000 GB/s), transfer 10 ms + 2 buckets x 1 ms,
+    # unpack + local 4 ms.
+    shared = predict_rank(f, replace(gpu, overlap=False), buckets=2)
+    assert shared["seconds"] == pytest.approx(0.018) and shared["term"] == "pack + transfer + unpack"
+    # Pipelined: the transfer sets the pace, plus one bucket's pack and unpack ((2 + 2) ms / 2).
+    pipelined = predict_rank(f, gpu, buckets=2)
+    assert pipelined["seconds"] == pytest.approx(0.014) and pipelined["term"] == "transfer"
+
+
+def test_report_names_the_busiest_rank_of_each_link():
+    from refit_engine.memory import report
+    topo = preset("h100", 16)
+    ranks = [RankFigures(0, sent_intra=7 * 2**30, received_inter=1 * 2**30),
+             RankFigures(9, sent_inter=3 * 2**30, received_intra=5 * 2**30, received_inter=2 * 2**30)]
+    out = report({"ranks": ranks, "topology": topo, "fits": True, "floor": floor(ranks, topo),
+                  "predicted": predict(ranks, topo, {0: 1, 9: 1})})
+    for label, rank, gib in (("sent over NVLink", 0, "7.00"), ("received over NVLink", 9, "5.00"),
+                             ("sent over network", 9, "3.00"), ("received over network", 9, "2.00")):
+        assert re.search(rf"{label} \(rank {rank}\) +{gib}\n", out), out
+
+
+def test_dry_run_weights_per_rank_match_the_parameter_count():
+    from refit_engine.memory import GIB, weights_per_gpu_gib
+    cfg = KimiK2Config.toy()
+    src, dst = ParallelGrid(8, tp=4, ep=4), ParallelGrid(8, tp=2, ep=8, offset=8)
+    ranks = dry_run(cfg, src, dst, preset("h100", 16))["ranks"]
+    assert len(ranks) == 16  # non-collocated: the destination on ranks 8-15
+    assert max(f.src_bytes for f in ranks) == pytest.approx(weights_per_gpu_gib(cfg, src) * GIB)
+    assert max(f.dst_bytes for f in ranks) == pytest.approx(weights_per_gpu_gib(cfg, dst) * GIB)
+    assert all(f.dst_bytes == 0 for f in ranks[:8]) and all(f.src_bytes == 0 for f in ranks[8:])
 
 
 def test_dry_run_cli_per_rank(capsys):

@@ -91,31 +91,30 @@ def test_destination_element_never_written():
     assert info.value.tensor == "w" and info.value.ranks == [0]
 
 
-def test_destination_element_written_twice():
+def shared_buffer_case(rows, buffer_shape, b_strides, src_rank=0):
+    """Tensors 'a' and 'b' (rows x 4) in one destination buffer on rank 0: 'a' at element 0
+    with row stride 8, 'b' at element 4 with `b_strides`; the source holds both whole."""
     dst = Layout()
     for name in ("a", "b"):
-        dst.add_tensor(name, (2, 4), "float32")
-    dst.add_buffer(0, "shared", (4, 4), "float32")
-    dst.add_piece("a", 0, "shared", (0, 0), (2, 4), local_offset=0, local_strides=(8, 1))
-    dst.add_piece("b", 0, "shared", (0, 0), (2, 4), local_offset=4, local_strides=(4, 1))
+        dst.add_tensor(name, (rows, 4), "float32")
+    dst.add_buffer(0, "shared", buffer_shape, "float32")
+    dst.add_piece("a", 0, "shared", (0, 0), (rows, 4), local_offset=0, local_strides=(8, 1))
+    dst.add_piece("b", 0, "shared", (0, 0), (rows, 4), local_offset=4, local_strides=b_strides)
     src = Layout()
     for name in ("a", "b"):
-        src.place(name, (2, 4), "float32", [(0, 0)])
+        src.place(name, (rows, 4), "float32", [(src_rank, 0)])
+    return src, dst
+
+
+def test_destination_element_written_twice():
+    src, dst = shared_buffer_case(2, (4, 4), b_strides=(4, 1))  # b's row 1 lands on a's row 1
     with pytest.raises(RefitError, match="written twice"):
         Planner(src, dst)
 
 
 def test_interleaved_destination_pieces_are_fine():
     """Strided pieces that interleave without overlapping (column blocks) are accepted."""
-    dst = Layout()
-    for name in ("a", "b"):
-        dst.add_tensor(name, (3, 4), "float32")
-    dst.add_buffer(0, "cols", (3, 8), "float32")
-    dst.add_piece("a", 0, "cols", (0, 0), (3, 4), local_offset=0, local_strides=(8, 1))
-    dst.add_piece("b", 0, "cols", (0, 0), (3, 4), local_offset=4, local_strides=(8, 1))
-    src = Layout()
-    for name in ("a", "b"):
-        src.place(name, (3, 4), "float32", [(1, 0)])
+    src, dst = shared_buffer_case(3, (3, 8), b_strides=(8, 1), src_rank=1)
     check_refit(src, dst)
 
 
@@ -162,20 +161,22 @@ def test_replicas_are_one_piece_with_rank_sorted_holders():
 
 
 def test_holders_out_of_rank_order():
-    from refit_engine import _core
     src, dst = tp_layout(2, 1), tp_layout(2, 1)
-    names, tensors, buffers, pieces, holders = src.tables()
-    swapped = holders[::-1].copy()  # ranks 1, 0
+
+    def swapped(src_t, dst_t):  # ranks 1, 0
+        src_t[4][:] = src_t[4][::-1].copy()
     with pytest.raises(RefitError, match=r"'w'.*\[0, 1\].*out of rank order or one rank twice"):
-        _core.Planner(names, tensors, buffers, pieces, swapped, *dst.tables(), 1 << 20, 0)
-    twice = holders.copy()
-    twice[:] = holders[0]
+        _raw_planner(src, dst, swapped)
+
+    def twice(src_t, dst_t):
+        src_t[4][:] = src_t[4][0]
     with pytest.raises(RefitError, match="out of rank order or one rank twice"):
-        _core.Planner(names, tensors, buffers, pieces, twice, *dst.tables(), 1 << 20, 0)
-    bad = pieces.copy()
-    bad[0, 2] = len(holders) + 1
+        _raw_planner(src, dst, twice)
+
+    def past_the_end(src_t, dst_t):
+        src_t[3][0, 2] = len(src_t[4]) + 1
     with pytest.raises(RefitError, match="holders .* that do not exist"):
-        _core.Planner(names, tensors, buffers, bad, holders, *dst.tables(), 1 << 20, 0)
+        _raw_planner(src, dst, past_the_end)
 
 
 def _raw_planner(src, dst, edit):
@@ -357,3 +358,32 @@ def test_link_aware_choice_prefers_replicas_on_the_destination_node():
         else:
             round_robin = network
     assert round_robin > 0  # without node awareness some experts cross the network
+
+
+def test_planner_from_tables_equals_planner_from_layout():
+    # kimi_k2_tables shares one run of holders between a part's blocks; a Layout gives each
+    # piece its own: the same plans either way.
+    from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout, kimi_k2_tables
+    cfg = KimiK2Config.toy()
+    grids = ParallelGrid(8, tp=4, ep=4), ParallelGrid(8, tp=2, ep=8)
+    from_layouts = Planner(*(kimi_k2_layout(cfg, g) for g in grids), ranks_per_node=4).plan_all()
+    from_tables = Planner(*(kimi_k2_tables(cfg, g) for g in grids), ranks_per_node=4).plan_all()
+    assert {r: p.fingerprint() for r, p in from_layouts.items()} == \
+        {r: p.fingerprint() for r, p in from_tables.items()}
+
+
+def test_validation_phase_timings():
+    timings = Planner(tp_layout(4, 2), tp_layout(4, 4))._core.timings
+    assert [name for name, _ in timings] == ["tensors", "source pieces", "destination pieces",
+                                             "unused buffers", "source replicas",
+                                             "destination buffers"]
+    assert all(seconds >= 0 for _, seconds in timings)
+
+
+def test_layout_tables_follow_later_additions():
+    layout = tp_layout(2, 2)
+    before = layout.tables()
+    layout.place("v", (4,), "float32", [(0, 0), (1, 0)])
+    names, _, buffers, pieces, holders = layout.tables()
+    assert names == before[0] + ["v"] and len(buffers) == len(before[2]) + 2
+    assert len(pieces) == len(before[3]) + 1 and len(holders) == len(before[4]) + 2
