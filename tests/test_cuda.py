@@ -136,6 +136,8 @@ def _nccl_one_rank(rank, world):
     dst.add("w", out, full.shape)
     plan = refit_engine.plan(src, dst)
     refit_engine.execute(plan)
+    assert torch.equal(out.cpu(), full)
+    out.fill_(float("nan"))  # poisoned again: the graph run must write every element itself
     refit_engine.execute(plan, graph=True)
     assert torch.equal(out.cpu(), full)
     return True
@@ -184,7 +186,8 @@ def _one_rank_reliability(rank, world):
         refit_engine.execute(plan)
     after_plain = torch.cuda.memory_allocated()
     for i in range(100):
-        halves[0].add_(1)
+        halves[0].add_(1)  # both halves change, so each replay must move both
+        halves[1].sub_(1)
         refit_engine.execute(plan, graph=True)
     torch.cuda.synchronize()
     after_graph = torch.cuda.memory_allocated()
