@@ -126,7 +126,7 @@ def _check_sample(src, dst, src_t, dst_t):
     """A few destination tensors against the source, through the layouts, bit for bit."""
     import torch
 
-    from refit_engine.layouts import MAX_DIMS
+    from refit_engine.layouts import placement_box
     names = [n for n in (m.name for m in dst.tensors)
              if "linear_q_up_proj.weight" in n or "experts.3.linear_fc1" in n
              or "word_embeddings" in n][:4]
@@ -140,12 +140,10 @@ def _check_sample(src, dst, src_t, dst_t):
             rows = placements[id(side)]
             for row in rows[rows[:, 0] == t_index]:
                 buf = side.buffers[int(row[1])]
-                nd = len(meta.shape)
-                start, extent = row[3:3 + nd], row[3 + MAX_DIMS:3 + MAX_DIMS + nd]
-                strides = row[3 + 2 * MAX_DIMS:3 + 2 * MAX_DIMS + nd]
+                start, extent, strides = placement_box(row, len(meta.shape))
                 local = tensors[(buf.rank, buf.key)].view(torch.int16).as_strided(
-                    tuple(int(e) for e in extent), tuple(int(s) for s in strides), int(row[2]))
-                index = tuple(slice(int(s), int(s + e)) for s, e in zip(start, extent))
+                    extent, strides, int(row[2]))
+                index = tuple(slice(s, s + e) for s, e in zip(start, extent))
                 if out == "fill":
                     full[index] = local
                 elif not torch.equal(full[index], local):

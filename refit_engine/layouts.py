@@ -304,6 +304,13 @@ def _same(meta, shape: Sequence[int], dtype) -> bool:
     return meta.dtype == dtype or meta.dtype == dtypes.dtype_name(dtype)
 
 
+def placement_box(row, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(start, extent, local strides) of one placement row (PLACEMENT_COLUMNS), as ints."""
+    def field(first: int) -> tuple[int, ...]:
+        return tuple(int(v) for v in row[first:first + ndim])
+    return field(3), field(3 + MAX_DIMS), field(3 + 2 * MAX_DIMS)
+
+
 def expand_placements(pieces: np.ndarray, holders: np.ndarray) -> np.ndarray:
     """Planner tables (pieces, holders) as one row per holder of each piece, in piece order
     (columns: PLACEMENT_COLUMNS)."""

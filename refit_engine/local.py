@@ -131,18 +131,15 @@ def build_layout(per_rank: Sequence[tuple[int, list[Entry]]]) -> Layout:
 def from_layout(layout: Layout, rank: int, tensors: dict) -> ShardedTensors:
     """This rank's part of a whole-cluster `layout`, bound to `tensors` ({key: tensor}): the
     inverse of `build_layout`, for layouts described centrally (tests, synthetic models)."""
-    from refit_engine.layouts import MAX_DIMS
+    from refit_engine.layouts import placement_box
     local = ShardedTensors()
     for row in layout.placements():
         buffer = layout.buffers[int(row[1])]
         if buffer.rank != rank:
             continue
         meta = layout.tensors[int(row[0])]
-        nd = len(meta.shape)
+        start, extent, strides = placement_box(row, len(meta.shape))
         local.tensors[buffer.key] = tensors[buffer.key]
-        local.entries.append(Entry(
-            meta.name, meta.shape, meta.dtype, buffer.key, buffer.shape,
-            tuple(int(v) for v in row[3:3 + nd]),
-            tuple(int(v) for v in row[3 + MAX_DIMS:3 + MAX_DIMS + nd]), int(row[2]),
-            tuple(int(v) for v in row[3 + 2 * MAX_DIMS:3 + 2 * MAX_DIMS + nd])))
+        local.entries.append(Entry(meta.name, meta.shape, meta.dtype, buffer.key, buffer.shape,
+                                   start, extent, int(row[2]), strides))
     return local

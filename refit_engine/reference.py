@@ -18,7 +18,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from refit_engine import dtypes
 from refit_engine.errors import RefitError
-from refit_engine.layouts import MAX_DIMS, Layout
+from refit_engine.layouts import Layout, placement_box
 from refit_engine.planner import SEG, RankPlan, messages_in_bucket, segments_in_bucket
 
 Buffers = dict  # (rank, key) -> contiguous NumPy array (any dtype; bytes are what count)
@@ -96,14 +96,11 @@ def _piece_views(layout: Layout, buffers: Buffers, ranks=None):
         meta, buf = layout.tensors[tensor], layout.buffers[buffer]
         if ranks is not None and buf.rank not in ranks:
             continue
-        ndim = len(meta.shape)
-        start = row[3:3 + ndim]
-        extent = row[3 + MAX_DIMS:3 + MAX_DIMS + ndim]
-        strides = row[3 + 2 * MAX_DIMS:3 + 2 * MAX_DIMS + ndim]
+        start, extent, strides = placement_box(row, len(meta.shape))
         flat = buffers[(buf.rank, buf.key)].reshape(-1).view(dtypes.numpy_bits_dtype(meta.dtype))
-        local = as_strided(flat[offset:], shape=tuple(int(e) for e in extent),
-                           strides=tuple(int(s) * flat.itemsize for s in strides))
-        index = tuple(slice(int(s), int(s + e)) for s, e in zip(start, extent))
+        local = as_strided(flat[offset:], shape=extent,
+                           strides=tuple(s * flat.itemsize for s in strides))
+        index = tuple(slice(s, s + e) for s, e in zip(start, extent))
         yield meta.name, index, local
 
 

@@ -58,14 +58,13 @@ echo "configurations: $CONFIGS"
 echo "master $MASTER_ADDR:$MASTER_PORT; results in $OUTPUT_DIR/logs/${RUN_ID}_*"
 
 # -- memory check before any job step: refuse configurations that cannot fit ------------------
-FULL_FLAG=()
-[[ "$FULL_SIZE" == 1 ]] && FULL_FLAG=(--full-size)
-if ! "$PYTHON" -m refit_engine.sweep --check-only --gpus "$TOTAL" "${FULL_FLAG[@]}"; then
+# (FULL_SIZE and the other knobs reach the sweep through the environment.)
+if ! "$PYTHON" -m refit_engine.sweep --check-only --gpus "$TOTAL"; then
   echo "refusing to start: a configuration does not fit (see above); change CONFIGS, SRC_EXTRA/DST_EXTRA or NUM_LAYERS" >&2
   exit 2
 fi
 
 # -- the sweep: one process per GPU (or per CPU slot with BACKEND=gloo) -------------------------
 srun --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 \
-  "$PYTHON" -m refit_engine.sweep "${FULL_FLAG[@]}"
+  "$PYTHON" -m refit_engine.sweep
 echo "summary: $OUTPUT_DIR/logs/${RUN_ID}_summary.txt"
