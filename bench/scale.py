@@ -47,7 +47,7 @@ def busiest(figs, kind):
     return max(max(getattr(f, f"sent_{kind}"), getattr(f, f"received_{kind}")) for f in figs)
 
 
-def run(gpus, src_spec, dst_spec, cfg, per_node, repeats):
+def run(gpus, src_spec, dst_spec, cfg, repeats):
     topo = preset("h100", gpus)
     t0 = time.perf_counter()
     src = kimi_k2_tables(cfg, ParallelGrid(gpus, tp=src_spec[0], ep=src_spec[1]))
@@ -58,7 +58,7 @@ def run(gpus, src_spec, dst_spec, cfg, per_node, repeats):
            "pieces": int(len(src[3]) + len(dst[3])), "placements": int(len(src[4]) + len(dst[4])),
            "tables_bytes": int(sum(a.nbytes for side in (src, dst) for a in side[1:]))}
     sample_ranks = sorted({0, gpus // 2 + 1, gpus - 1})
-    for choice, rpn in (("link_aware", per_node), ("round_robin", 0)):
+    for choice, rpn in (("link_aware", topo.gpus_per_node), ("round_robin", 0)):
         validate, rank_plans, phases = [], [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def main(argv=None):
     for gpus, s, d in SCALES:
         if gpus in wanted:
             print(f"[scale] {gpus} GPUs: TP{s[0]}/EP{s[1]} -> TP{d[0]}/EP{d[1]} ...", flush=True)
-            rows.append(run(gpus, s, d, cfg, 8, args.repeats))
+            rows.append(run(gpus, s, d, cfg, args.repeats))
     print()
     print(f"{'GPUs':>5} {'config':<22}{'pieces':>8}{'rank s':>8}{'first':>7}{'cluster s':>10}{'rank KiB':>9}{'clust MiB':>10}"
           f"{'net busiest GiB (LA/RR)':>25}{'LB GiB':>8}{'pred ms (LA/RR)':>17}")

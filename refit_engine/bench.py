@@ -92,7 +92,7 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
     from refit_engine.models.megatron_refit import megatron_refit
     from refit_engine.verify import check_exact
 
-    cfg = model_config(getattr(args, "full_size", False), args.model)
+    cfg = model_config(args.full_size, args.model)
     device = "cpu"
     if "nccl" in dist.get_backend():
         import torch
@@ -134,7 +134,7 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
         refit_engine.execute(plan, graph=True)
         ours_graph = _timed_refits(rank, lambda: refit_engine.execute(plan, graph=True),
                                    args.iters, "refit_engine (CUDA graph)")
-    if getattr(args, "full_size", False):
+    if args.full_size:
         # Full size: per-piece checksums of sent vs landed bytes (gathering the model is out).
         try:
             refit_engine.execute(plan, verify=True)
@@ -161,7 +161,7 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
             # Ours was exact, so this compares megatron-core's result with ours. megatron-core
             # 0.16 moves parameters only: persistent buffers (router.expert_bias) stay behind.
             buffers = {name for chunk in dst or [] for name, _ in chunk.named_buffers()}
-            differ = [] if getattr(args, "full_size", False) else \
+            differ = [] if args.full_size else \
                 [k for k in check_exact(plan) if k not in buffers]
             megatron_exact = _max_over_ranks(float(bool(differ))) == 0.0
             log(rank, f"megatron-core result identical to ours on every parameter: "

@@ -28,13 +28,15 @@ pytestmark = pytest.mark.skipif(
 def slurm(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
     cluster = REPO / "tests" / "slurm" / "cluster.sh"
-    out = subprocess.run(["bash", str(cluster), "start", str(state)], capture_output=True,
-                         text=True, timeout=900)
-    if out.returncode:
-        pytest.fail(f"could not start Slurm:\n{out.stdout}\n{out.stderr}")
-    conf = re.search(r"SLURM_CONF=(\S+)", out.stdout).group(1)
-    yield {**os.environ, "SLURM_CONF": conf}
-    subprocess.run(["bash", str(cluster), "stop", str(state)], timeout=60)
+    try:
+        out = subprocess.run(["bash", str(cluster), "start", str(state)], capture_output=True,
+                             text=True, timeout=900)
+        if out.returncode:
+            pytest.fail(f"could not start Slurm:\n{out.stdout}\n{out.stderr}")
+        conf = re.search(r"SLURM_CONF=(\S+)", out.stdout).group(1)
+        yield {**os.environ, "SLURM_CONF": conf}
+    finally:  # also after a failed start: no daemons left holding the ports
+        subprocess.run(["bash", str(cluster), "stop", str(state)], timeout=60)
 
 
 def test_sbatch_sweep_on_real_slurm(slurm, tmp_path):
