@@ -245,27 +245,41 @@ def _worker(rank, world, port, args, queue):
         raise SystemExit(1) from exc
 
 
-def summary(result: dict) -> str:
-    cfg = result["config"]
-    ours = result["ours_ms"]
+def summary_text(run_id: str, results: list[dict], nodes: str, ranks: int, backend: str) -> str:
+    """The seed benchmark's summary of one or more configurations (the main job and the sweep),
+    with our layouts, prediction, floor and megatron-core beside each."""
+    gpus = f"{ranks}" if backend == "nccl" else f"0 ({ranks} CPU ranks, gloo)"
     lines = ["Kimi K2 Refit Benchmark Summary", "================================",
-             f"Job ID: {os.environ.get('SLURM_JOB_ID', 'local')}",
-             f"Nodes: {os.environ.get('SLURM_JOB_NUM_NODES', '1')}",
-             f"Total GPUs: 0 (CPU, {cfg['world']} gloo ranks)", "", "Results:", "--------", "",
-             f"Config: TP {cfg['src']['tp']} -> TP {cfg['dst']['tp']} ({cfg['mode']}, gloo)"
-             f"  [source {describe_layout(cfg['src'])}, destination {describe_layout(cfg['dst'])}]",
-             f"Mean refit time: {statistics.mean(ours):.2f} ms",
-             f"Min refit time:  {min(ours):.2f} ms",
-             f"Max refit time:  {max(ours):.2f} ms",
-             f"Predicted: {result['predicted_ms']:.2f} ms ({result['predicted_term']}); floor: "
-             f"{result['floor_ms']:.2f} ms ({result['floor_term']}) with copy "
-             f"{result['topology']['copy_gbps']:.0f} GB/s, link "
-             f"{result['topology']['intra_node_gbps']:.1f} GB/s measured"]
-    if result["megatron_ms"]:
-        m = result["megatron_ms"]
-        lines += [f"megatron-core refit (gloo): mean {statistics.mean(m):.2f} ms, "
-                  f"min {min(m):.2f} ms, max {max(m):.2f} ms",
-                  f"Speedup (median): {statistics.median(m) / statistics.median(ours):.2f}x"]
+             f"Job ID: {run_id}", f"Nodes: {nodes}", f"Total GPUs: {gpus}", "", "Results:",
+             "--------", ""]
+    for r in results:
+        c = r["config"]
+        head = f"Config: TP {c['src']['tp']} -> TP {c['dst']['tp']} ({c['mode']}, {c['method']})"
+        if r.get("error"):
+            lines += [head, f"Failed: {r['error']}", ""]
+            continue
+        lines.append(f"{head}  [source {describe_layout(c['src'])}, destination "
+                     f"{describe_layout(c['dst'])}]")
+        t = r["ours_ms"]
+        lines += [f"Mean refit time: {statistics.mean(t):.2f} ms",
+                  f"Min refit time:  {min(t):.2f} ms",
+                  f"Max refit time:  {max(t):.2f} ms"]
+        if r.get("ours_graph_ms"):
+            g = r["ours_graph_ms"]
+            lines.append(f"CUDA graph replay: mean {statistics.mean(g):.2f} ms, min {min(g):.2f} "
+                         f"ms, max {max(g):.2f} ms")
+        if r.get("floor_ms") is not None:
+            topo = r["topology"]
+            lines.append(f"Predicted: {r['predicted_ms']:.2f} ms ({r['predicted_term']}); "
+                         f"floor: {r['floor_ms']:.2f} ms ({r['floor_term']}); efficiency "
+                         f"{r['efficiency']:.0%}; measured copy {topo['copy_gbps']:.0f} GB/s, "
+                         f"link {topo['intra_node_gbps']:.1f} GB/s")
+        if r.get("megatron_ms"):
+            m = r["megatron_ms"]
+            lines.append(f"megatron-core refit: mean {statistics.mean(m):.2f} ms "
+                         f"(speedup {statistics.median(m) / statistics.median(t):.2f}x)")
+        lines.append(f"Bit-exact: {r['exact']}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -325,7 +339,9 @@ def main(argv=None) -> int:
     if result is None:
         return 0
     print()
-    print(summary(result))
+    print(summary_text(os.environ.get("SLURM_JOB_ID", "local"), [result],
+                       os.environ.get("SLURM_JOB_NUM_NODES", "1"), result["config"]["world"],
+                       result["config"]["method"]))
     ours_med = statistics.median(result["ours_ms"])
     meg_med = statistics.median(result["megatron_ms"]) if result["megatron_ms"] else None
     line = {"exact": result["exact"], "ours_ms": ours_med, "megatron_ms": meg_med,

@@ -67,39 +67,6 @@ def choose_expert_parallel(cfg, world: int, src_tp: int, dst_tp: int, collocated
                      f"{topo_name} GPUs")
 
 
-def summary_text(run_id: str, results: list[dict], nodes: str, ranks: int, backend: str) -> str:
-    gpus = f"{ranks}" if backend == "nccl" else f"0 ({ranks} CPU ranks, gloo)"
-    lines = ["Kimi K2 Refit Benchmark Summary", "================================",
-             f"Job ID: {run_id}", f"Nodes: {nodes}", f"Total GPUs: {gpus}", "", "Results:",
-             "--------", ""]
-    for r in results:
-        c = r["config"]
-        lines.append(f"Config: TP {c['src']['tp']} -> TP {c['dst']['tp']} ({c['mode']}, "
-                     f"{c['method']})")
-        if r.get("error"):
-            lines += [f"Failed: {r['error']}", ""]
-            continue
-        t = r["ours_ms"]
-        lines += [f"Mean refit time: {statistics.mean(t):.2f} ms",
-                  f"Min refit time:  {min(t):.2f} ms",
-                  f"Max refit time:  {max(t):.2f} ms"]
-        if r.get("ours_graph_ms"):
-            g = r["ours_graph_ms"]
-            lines.append(f"CUDA graph replay: mean {statistics.mean(g):.2f} ms, min {min(g):.2f} "
-                         f"ms, max {max(g):.2f} ms")
-        if r.get("floor_ms") is not None:
-            lines.append(f"Predicted: {r['predicted_ms']:.2f} ms ({r['predicted_term']}); "
-                         f"floor: {r['floor_ms']:.2f} ms ({r['floor_term']}); efficiency "
-                         f"{r['efficiency']:.0%}")
-        if r.get("megatron_ms"):
-            m = r["megatron_ms"]
-            lines.append(f"megatron-core refit: mean {statistics.mean(m):.2f} ms "
-                         f"(speedup {statistics.median(m) / statistics.median(t):.2f}x)")
-        lines.append(f"Bit-exact: {r['exact']}")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def plot(results: list[dict], path: Path) -> Path | None:
     """Bar chart: median refit time per configuration, its floor beside it."""
     try:
@@ -278,7 +245,7 @@ def write_outputs(args, results: list[dict], logs: Path, nodes, world: int, topo
     """Rank 0: summary, JSON and plot of the sweep; 0 if some configuration ran and every one
     that ran was exact."""
     summary = logs / f"{args.run_id}_summary.txt"
-    summary.write_text(summary_text(args.run_id, results, nodes, world, args.backend) + "\n")
+    summary.write_text(bench.summary_text(args.run_id, results, nodes, world, args.backend) + "\n")
     (logs / f"{args.run_id}_results.json").write_text(json.dumps(
         {"run_id": args.run_id, "world": world, "nodes": nodes, "backend": args.backend,
          "topology": topo.__dict__, "results": results}, indent=1, default=str))
