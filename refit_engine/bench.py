@@ -228,6 +228,21 @@ def init_from_env(backend: str, timeout: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
 
 
+def spawn_ranks(target, world: int, *args) -> list:
+    """Starts `world` processes (spawn context) running target(rank, world, port, *args), with
+    a free local port for their process group."""
+    import multiprocessing as mp
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs
+
+
 def _worker(rank, world, port, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import warnings
@@ -313,17 +328,9 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
     else:
         import multiprocessing as mp
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
+        queue = mp.get_context("spawn").Queue()
         print(f"[refit-bench] spawning {args.world} gloo processes", flush=True)
-        procs = [ctx.Process(target=_worker, args=(r, args.world, port, args, queue))
-                 for r in range(args.world)]
-        for p in procs:
-            p.start()
+        procs = spawn_ranks(_worker, args.world, args, queue)
         result, failures = None, []
         for _ in procs:
             rank, value, error = queue.get(timeout=args.timeout + 600)

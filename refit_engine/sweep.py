@@ -258,15 +258,7 @@ def write_outputs(args, results: list[dict], logs: Path, nodes, world: int, topo
 
 
 def _spawn(args) -> int:
-    import multiprocessing as mp
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_spawned, args=(r, args.world, port, args)) for r in range(args.world)]
-    for p in procs:
-        p.start()
+    procs = bench.spawn_ranks(_spawned, args.world, args)
     for p in procs:
         p.join()
     return max(p.exitcode or 0 for p in procs)
