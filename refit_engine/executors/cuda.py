@@ -40,6 +40,12 @@ def _addresses(segments, column_buffer, column_offset, bases, staging=None):
     return out.astype(np.int64)
 
 
+def _part(segments, src_bases=None, dst_bases=None, src_staging=None, dst_staging=None):
+    """(source addresses, destination addresses, segments): one part of a segment table."""
+    return (_addresses(segments, "src_buffer", "src_offset", src_bases, src_staging),
+            _addresses(segments, "dst_buffer", "dst_offset", dst_bases, dst_staging), segments)
+
+
 def _contiguous(seg, side: str) -> bool:
     return seg[SEG["rows"]] == 1 or seg[SEG[f"{side}_pitch"]] == seg[SEG["row_bytes"]]
 
@@ -76,19 +82,15 @@ def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.nda
     send_staging = [alloc(send_size), alloc(send_size)]
     recv_staging = [alloc(recv_size), alloc(recv_size)]
     executor = _core.CudaExecutor(device, comm)
-    local = plan.local
-    executor.set_local(_table(_addresses(local, "src_buffer", "src_offset", src_bases),
-                              _addresses(local, "dst_buffer", "dst_offset", dst_bases), local))
+    executor.set_local(_table(*_part(plan.local, src_bases, dst_bases)))
     for bucket in range(plan.num_buckets):
         parity = bucket % 2
-        send = segments_in_bucket(plan.send, bucket)
-        recv = segments_in_bucket(plan.recv, bucket)
-        src = _addresses(send, "src_buffer", "src_offset", src_bases)
-        dst = _addresses(send, "dst_buffer", "dst_offset", dst_bases, send_staging[parity])
+        src, dst, send = _part(segments_in_bucket(plan.send, bucket), src_bases, dst_bases,
+                               dst_staging=send_staging[parity])
         sends, keep_send = _messages(plan.send_messages, bucket, send, src, "src",
                                      send_staging[parity], group_rank_of, zero_copy)
-        r_src = _addresses(recv, "src_buffer", "src_offset", src_bases, recv_staging[parity])
-        r_dst = _addresses(recv, "dst_buffer", "dst_offset", dst_bases)
+        r_src, r_dst, recv = _part(segments_in_bucket(plan.recv, bucket), src_bases, dst_bases,
+                                   src_staging=recv_staging[parity])
         recvs, keep_recv = _messages(plan.recv_messages, bucket, recv, r_dst, "dst",
                                      recv_staging[parity], group_rank_of, zero_copy)
         executor.add_bucket(_table(src[keep_send], dst[keep_send], send[keep_send]), sends, recvs,
@@ -133,24 +135,18 @@ def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bas
     send_staging = [alloc(send_total), alloc(send_total)]
     recv_staging = [alloc(recv_total), alloc(recv_total)]
     executor = _core.CudaExecutor(device, None)
-    local = [(_addresses(plans[r].local, "src_buffer", "src_offset", src_bases[r]),
-              _addresses(plans[r].local, "dst_buffer", "dst_offset", dst_bases[r]),
-              plans[r].local) for r in ranks]
-    executor.set_local(_concat_table(local))
+    executor.set_local(_concat_table([_part(plans[r].local, src_bases[r], dst_bases[r])
+                                      for r in ranks]))
     num_buckets = max((plans[r].num_buckets for r in ranks), default=0)
     for bucket in range(num_buckets):
         p = bucket % 2
         packs, unpacks, moves = [], [], []
         for r in ranks:
             plan = plans[r]
-            send = segments_in_bucket(plan.send, bucket)
-            packs.append((_addresses(send, "src_buffer", "src_offset", src_bases[r]),
-                          _addresses(send, "dst_buffer", "dst_offset", None,
-                                     send_staging[p] + send_off[r]), send))
-            recv = segments_in_bucket(plan.recv, bucket)
-            unpacks.append((_addresses(recv, "src_buffer", "src_offset", None,
-                                       recv_staging[p] + recv_off[r]),
-                            _addresses(recv, "dst_buffer", "dst_offset", dst_bases[r]), recv))
+            packs.append(_part(segments_in_bucket(plan.send, bucket), src_bases[r],
+                               dst_staging=send_staging[p] + send_off[r]))
+            unpacks.append(_part(segments_in_bucket(plan.recv, bucket), dst_bases=dst_bases[r],
+                                 src_staging=recv_staging[p] + recv_off[r]))
             for peer, _, offset, nbytes in messages_in_bucket(plan.recv_messages, bucket):
                 sender = plans[int(peer)].send_messages
                 match = sender[(sender[:, MSG["peer"]] == r) & (sender[:, MSG["bucket"]] == bucket)]
@@ -174,9 +170,7 @@ def build_direct_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, 
     """Loopback with no staging: each sender's piece is copied straight into its receiver's
     tensor (both live in this process), all in one fused kernel. This is the floor-approaching
     path a single-address-space transport allows; the staged builder exercises the NCCL path."""
-    parts = [(_addresses(p.local, "src_buffer", "src_offset", src_bases[r]),
-              _addresses(p.local, "dst_buffer", "dst_offset", dst_bases[r]), p.local)
-             for r, p in plans.items()]
+    parts = [_part(p.local, src_bases[r], dst_bases[r]) for r, p in plans.items()]
     for r, plan in plans.items():
         for s in np.unique(plan.recv[:, SEG["peer"]]):
             recv = plan.recv[plan.recv[:, SEG["peer"]] == s]
