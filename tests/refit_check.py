@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from refit_engine import compile_plans
+from refit_engine import Layout, Split, compile_plans
+from refit_engine.grid import ParallelGrid
 from refit_engine.planner import MSG, SEG
 from refit_engine.reference import materialize, random_globals, run_reference
 
 POISONS = (0xA5, 0x5A)
+
+
+def dense(world, tp, name="w", shape=(16, 12), dim=0, stride=1, blocks=None, offset=0, pp=1,
+          dtype="bfloat16"):
+    """One tensor split over TP (on `dim`, with `stride` or packed `blocks`), DP replicas
+    beyond, on `world` ranks from `offset`."""
+    layout = Layout()
+    grid = ParallelGrid(world, tp=tp, pp=pp, offset=offset)
+    split = Split(dim, tp, stride=stride, blocks=blocks) if tp > 1 or blocks else None
+    layout.place(name, shape, dtype, grid.dense_holders(), split)
+    return layout
 
 
 def check_refit(src, dst, bucket_bytes=1 << 20, seed=0, ranks_per_node=0):

@@ -7,16 +7,7 @@ from refit_engine import Layout, RefitError, Split
 from refit_engine.grid import ParallelGrid
 from refit_engine.reference import assemble, materialize, random_globals
 
-from refit_check import check_refit
-
-
-def dense(world, tp, name="w", shape=(16, 12), dim=0, stride=1, blocks=None, offset=0, pp=1,
-          dtype="bfloat16"):
-    layout = Layout()
-    grid = ParallelGrid(world, tp=tp, pp=pp, offset=offset)
-    split = Split(dim, tp, stride=stride, blocks=blocks) if tp > 1 or blocks else None
-    layout.place(name, shape, dtype, grid.dense_holders(), split)
-    return layout
+from refit_check import check_refit, dense
 
 
 def test_replicated_to_replicated_across_world_sizes():

@@ -8,14 +8,11 @@ from refit_engine import Layout, Planner, RefitError, Split, compile_plans
 from refit_engine.grid import ParallelGrid
 from refit_engine.planner import MSG, SEG
 
-from refit_check import check_refit
+from refit_check import check_refit, dense
 
 
 def tp_layout(world, tp, shape=(16, 8), dtype="bfloat16", name="w", offset=0):
-    layout = Layout()
-    layout.place(name, shape, dtype, ParallelGrid(world, tp=tp, offset=offset).dense_holders(),
-                 Split(0, tp) if tp > 1 else None)
-    return layout
+    return dense(world, tp, name, shape, offset=offset, dtype=dtype)
 
 
 # -- bad layouts ------------------------------------------------------------------------------
