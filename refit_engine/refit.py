@@ -19,7 +19,8 @@ import numpy as np
 
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout
-from refit_engine.local import ShardedTensors, build_layout, checked_info
+from refit_engine.binding import bind, device_of, stale_reason
+from refit_engine.local import ShardedTensors, build_layout
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner, RankPlan
 
 # Seconds any wait of a refit may take before it raises (override per plan or with
@@ -74,7 +75,7 @@ class Plan:
     dst_tensors: dict = field(repr=False, default_factory=dict)
     broken: str | None = None
     refits: int = 0
-    # (side, buffer index) -> (owner, address, shape, dtype) as bound: see _stale_reason.
+    # (side, buffer index) -> (owner, address, shape, dtype) as bound: see binding.stale_reason.
     current: dict = field(repr=False, default_factory=dict)
     check_device: str = "cpu"  # see _check_device
 
@@ -86,31 +87,6 @@ class Plan:
         return {"rank": self.rank, "bytes_local": rp.bytes_local, "bytes_sent": rp.bytes_sent,
                 "bytes_received": rp.bytes_received, "per_peer": rp.bytes_per_peer(),
                 "buckets": rp.num_buckets}
-
-
-def _bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
-    """Buffer index -> tensor for this rank's buffers, checked; the address table; devices;
-    and what each owned tensor looked like, for `_stale_reason`."""
-    addresses = np.zeros(len(layout.buffers), dtype=np.int64)
-    bound, devices, current = {}, set(), {}
-    for index in layout.buffers_of(rank):
-        key = layout.buffers[index].key
-        info = checked_info(layout.buffers[index], local.tensors[key], side)
-        bound[index] = local.tensors[key]
-        addresses[index] = info.address
-        devices.add(info.device)
-        owner = local.current.get(key)
-        if owner is not None:
-            current[(side, index)] = (owner, info.address, tuple(info.shape), owner.dtype)
-    return bound, addresses, devices, current
-
-
-def _device_of(devices: set, rank: int) -> str:
-    """The one device all of this rank's tensors are on ("cpu" when it holds none)."""
-    if len(devices) > 1:
-        raise RefitError(f"this rank's tensors are on several devices {sorted(devices)}; a refit "
-                         "moves tensors of one device per rank", ranks=[rank])
-    return next(iter(devices), "cpu")
 
 
 def _nccl_communicator(group, device: int):
@@ -204,11 +180,11 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     digest.update(f"{int(bucket_bytes)}/{int(ranks_per_node)}".encode())
     layouts_digest = digest.hexdigest()
     try:
-        src_tensors, src_addr, src_devices, src_current = _bind(src_layout, src_local, rank,
+        src_tensors, src_addr, src_devices, src_current = bind(src_layout, src_local, rank,
                                                                 "source")
-        dst_tensors, dst_addr, dst_devices, dst_current = _bind(dst_layout, dst_local, rank,
+        dst_tensors, dst_addr, dst_devices, dst_current = bind(dst_layout, dst_local, rank,
                                                                 "destination")
-        device = _device_of(src_devices | dst_devices, rank)
+        device = device_of(src_devices | dst_devices, rank)
         status = None
     except RefitError as exc:
         status, device = exc, "cpu"
@@ -244,24 +220,12 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
                 check_device=_check_device(group))
 
 
-def _stale_reason(plan: Plan) -> tuple[str, str] | None:
-    """(local tensor, why) if the plan no longer matches the models' tensors, else None. Cheap:
-    one pointer, shape and dtype comparison per owned tensor."""
-    for (side, index), (owner, address, shape, dtype) in plan.current.items():
-        if owner.data_ptr() == address and tuple(owner.shape) == shape and owner.dtype == dtype:
-            continue
-        key = (plan.src_layout if side == "source" else plan.dst_layout).buffers[index].key
-        return key, (f"{side} tensor '{key}' was replaced after planning (shape {shape} {dtype} "
-                     f"-> {tuple(owner.shape)} {owner.dtype}); build a new plan")
-    return None
-
-
 def _check_still_valid(plan: Plan) -> None:
     """Collective: every rank raises if any rank's tensors were replaced since planning. One
     small all-reduce when all is well; the reasons are gathered only when something is stale."""
     import torch
     import torch.distributed as dist
-    stale = _stale_reason(plan) if plan.current else None
+    stale = stale_reason(plan) if plan.current else None
     flag = torch.tensor([1 if stale else 0], dtype=torch.int32, device=plan.check_device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=plan.group)
     if int(flag.item()) == 0:
