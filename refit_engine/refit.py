@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +22,7 @@ import numpy as np
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout
 from refit_engine.binding import bind, device_of, stale_reason
+from refit_engine.channel import Channel, group_ranks
 from refit_engine.local import ShardedTensors, build_layout
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner, RankPlan
 
@@ -42,11 +45,9 @@ def describe(model) -> ShardedTensors:
     return local
 
 
-def _gather(obj, group):
-    import torch.distributed as dist
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
+def _gather(obj, channel: Channel, what: str = "exchange"):
+    """Every rank's `obj`, in group order, within the channel's timeout."""
+    return channel.gather(obj, what)
 
 
 def _raise_first(statuses, what: str):
@@ -68,8 +69,9 @@ class Plan:
     rank_plan: RankPlan
     src_layout: Layout
     dst_layout: Layout
-    group: object
+    group: object  # the caller's group: never used for a wait (see `channel`)
     timeout_s: float
+    channel: Channel = field(repr=False, default=None)  # every wait of this plan goes here
     executor: object = field(repr=False, default=None)
     src_tensors: dict = field(repr=False, default_factory=dict)  # buffer index -> tensor
     dst_tensors: dict = field(repr=False, default_factory=dict)
@@ -77,7 +79,14 @@ class Plan:
     refits: int = 0
     # (side, buffer index) -> (owner, address, shape, dtype) as bound: see binding.stale_reason.
     current: dict = field(repr=False, default_factory=dict)
-    check_device: str = "cpu"  # see _check_device
+    # One refit at a time: two threads running one plan would interleave its messages.
+    lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+
+    def close(self) -> None:
+        """Releases the plan's channel and communicators now (also done when it is dropped)."""
+        self.broken = self.broken or "closed"
+        if self.channel is not None:
+            self.channel.close()
 
     @functools.cached_property
     def traffic(self) -> dict:
@@ -89,37 +98,18 @@ class Plan:
                 "buckets": rp.num_buckets}
 
 
-def _nccl_communicator(group, device: int):
-    """An NCCL communicator over `group`'s ranks, its id broadcast over `group`."""
-    import torch.distributed as dist
-
+def _nccl_communicator(channel: Channel, device: int):
+    """An NCCL communicator over the channel's ranks, its id sent over the channel."""
     from refit_engine import _core
-    ranks = _group_ranks(group)
-    uid = [_core.NcclCommunicator.unique_id() if dist.get_rank() == ranks[0] else None]
-    dist.broadcast_object_list(uid, src=ranks[0], group=group)
-    comm = _core.NcclCommunicator(uid[0], len(ranks), ranks.index(dist.get_rank()), device)
-    return comm, {r: i for i, r in enumerate(ranks)}
-
-
-def _check_device(group) -> str:
-    """Where the per-refit check's flag lives: pure NCCL groups reduce CUDA tensors."""
-    import torch
-    import torch.distributed as dist
-    if "gloo" in dist.get_backend(group):
-        return "cpu"
-    return f"cuda:{torch.cuda.current_device()}"
-
-
-def _group_ranks(group) -> list[int]:
-    import torch.distributed as dist
-    if group is None:
-        return list(range(dist.get_world_size()))
-    return list(dist.get_process_group_ranks(group))
+    uid = _core.NcclCommunicator.unique_id() if channel.index == 0 else None
+    uid = channel.gather(uid, "NCCL unique id")[0]
+    comm = _core.NcclCommunicator(uid, len(channel.ranks), channel.index, device)
+    return comm, dict(channel.index_of)
 
 
 def _check_ranks(gathered, group, mode: str) -> None:
     """Models on ranks the group has, and the collocated / non-collocated promise kept."""
-    members = set(_group_ranks(group))
+    members = set(group_ranks(group))
     for rank, _, _, _, claimed in gathered:
         outside = sorted(set(claimed) - members)
         if outside:
@@ -147,20 +137,60 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     else 0: no node preference). Raises RefitError on every rank, before any byte moves,
     if any rank's input is bad, and when ranks disagree on the plan.
     """
-    if mode not in ("auto", "collocated", "non-collocated"):
-        raise RefitError(f"mode must be auto, collocated or non-collocated, not {mode!r}")
     import torch.distributed as dist
     if not dist.is_initialized():
         raise RefitError("torch.distributed is not initialized: call init_process_group first")
     rank = dist.get_rank()
+    problem = _option_problem(bucket_bytes=bucket_bytes, timeout_s=timeout_s, threads=threads,
+                              mode=mode, ranks_per_node=ranks_per_node)
+    # Every later wait of this plan, this first arrival included, is bounded by timeout_s
+    # (the default when timeout_s itself is the problem: reported on every rank below).
+    channel = Channel(group, DEFAULT_TIMEOUT_S if problem else timeout_s)
     try:
-        src_local, dst_local = describe(src_model), describe(dst_model)
-        status = None
+        return _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes,
+                     timeout_s, threads, mode, ranks_per_node)
+    except BaseException:
+        channel.close()
+        raise
+
+
+def _option_problem(**options) -> RefitError | None:
+    """The first out-of-range option, as the error every rank raises."""
+    def integer(value):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    bucket, timeout = options["bucket_bytes"], options["timeout_s"]
+    threads, mode, per_node = options["threads"], options["mode"], options["ranks_per_node"]
+    if not integer(bucket) or not 0 < int(bucket) <= 1 << 40:
+        reason = f"bucket_bytes must be an integer in [1, 2**40], not {bucket!r}"
+    elif (not isinstance(timeout, (int, float, np.integer, np.floating)) or isinstance(timeout, bool)
+          or not math.isfinite(float(timeout)) or not 0 < float(timeout) <= 7 * 86400):
+        reason = f"timeout_s must be a finite number of seconds in (0, 604800], not {timeout!r}"
+    elif threads is not None and (not integer(threads) or not 1 <= int(threads) <= 256):
+        reason = f"threads must be None or an integer in [1, 256], not {threads!r}"
+    elif mode not in ("auto", "collocated", "non-collocated"):
+        reason = f"mode must be auto, collocated or non-collocated, not {mode!r}"
+    elif per_node is not None and (not integer(per_node) or not 0 <= int(per_node) <= 1 << 20):
+        reason = f"ranks_per_node must be None or an integer >= 0, not {per_node!r}"
+    else:
+        return None
+    return RefitError(reason)
+
+
+def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, timeout_s, threads,
+          mode, ranks_per_node) -> Plan:
+    status = problem
+    try:
+        if status is None:
+            src_local, dst_local = describe(src_model), describe(dst_model)
+        else:
+            src_local = dst_local = ShardedTensors()
     except Exception as exc:  # reported on every rank below
         src_local = dst_local = ShardedTensors()
         status = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
     gathered = _gather((rank, status, src_local.entries, dst_local.entries,
-                        sorted(src_local.claimed_ranks | dst_local.claimed_ranks)), group)
+                        sorted(src_local.claimed_ranks | dst_local.claimed_ranks)), channel,
+                       "layout exchange")
     _raise_first([(r, s) for r, s, *_ in gathered], "describing the models")
     _check_ranks(gathered, group, mode)
     src_layout = build_layout([(r, s) for r, _, s, _, _ in gathered])
@@ -188,7 +218,8 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
         status = None
     except RefitError as exc:
         status, device = exc, "cpu"
-    checks = _gather((rank, status, layouts_digest, device.split(":")[0]), group)
+    checks = _gather((rank, status, layouts_digest, device.split(":")[0]), channel,
+                     "binding check")
     _raise_first([(r, s) for r, s, _, _ in checks], "binding tensors")
     digests = {}
     for r, _, d, _ in checks:
@@ -207,30 +238,25 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
         from refit_engine.executors.cuda import build_nccl_executor, require_cuda
         require_cuda("a refit of CUDA tensors")
         index = int(device.split(":")[1]) if ":" in device else 0
-        comm, group_rank_of = _nccl_communicator(group, index)
+        comm, group_rank_of = _nccl_communicator(channel, index)
         executor = CudaRefitRunner(*build_nccl_executor(rank_plan, src_addr, dst_addr, comm,
                                                         group_rank_of, index), comm, index)
     else:
         from refit_engine.executors.cpu import GlooExecutor, default_threads
         if threads is None:
-            threads = default_threads(ranks_per_node or dist.get_world_size(group))
-        executor = GlooExecutor(rank_plan, src_addr, dst_addr, group, timeout_s, threads)
-    return Plan(rank, rank_plan, src_layout, dst_layout, group, timeout_s, executor,
-                src_tensors, dst_tensors, current={**src_current, **dst_current},
-                check_device=_check_device(group))
+            threads = default_threads(ranks_per_node or len(channel.ranks))
+        executor = GlooExecutor(rank_plan, src_addr, dst_addr, channel, threads)
+    return Plan(rank, rank_plan, src_layout, dst_layout, group, float(timeout_s), channel,
+                executor, src_tensors, dst_tensors, current={**src_current, **dst_current})
 
 
 def _check_still_valid(plan: Plan) -> None:
-    """Collective: every rank raises if any rank's tensors were replaced since planning. One
-    small all-reduce when all is well; the reasons are gathered only when something is stale."""
-    import torch
-    import torch.distributed as dist
-    stale = stale_reason(plan) if plan.current else None
-    flag = torch.tensor([1 if stale else 0], dtype=torch.int32, device=plan.check_device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=plan.group)
-    if int(flag.item()) == 0:
+    """Collective: every rank raises if any rank's tensors changed since planning. One tiny
+    all-reduce when all is well; the reasons are gathered only when something is stale."""
+    stale = stale_reason(plan)
+    if not plan.channel.any(stale is not None, f"refit {plan.refits + 1} check"):
         return
-    for rank, found in _gather((plan.rank, stale), plan.group):
+    for rank, found in _gather((plan.rank, stale), plan.channel, "stale tensors"):
         if found:
             raise RefitError(found[1], tensor=found[0], ranks=[rank])
 
@@ -262,7 +288,7 @@ def _verify(plan: Plan) -> None:
     """Checksums of every piece as sent and as landed, compared on every rank."""
     from refit_engine.verify import checksums, compare_checksums
     sent, landed = checksums(plan.rank_plan, plan.src_tensors, plan.dst_tensors)
-    bad = compare_checksums(_gather((plan.rank, sent, landed), plan.group),
+    bad = compare_checksums(_gather((plan.rank, sent, landed), plan.channel, "verify"),
                             [t.name for t in plan.dst_layout.tensors])
     if bad:
         names = sorted({name for name, _, _ in bad})
@@ -285,24 +311,46 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
     (one small collective); `verify=True` then compares per-piece checksums of what every rank sent with what landed
     (a collective over the plan's group) and raises RefitError naming the tensors that differ.
     """
+    if not isinstance(plan, Plan):
+        raise RefitError(f"execute() takes the Plan that refit_engine.plan() returned, not "
+                         f"{type(plan).__name__}")
+    for name, value in (("graph", graph), ("sync", sync), ("verify", verify), ("check", check)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise RefitError(f"{name} must be True or False, not {value!r}", ranks=[plan.rank])
+    if verify and not sync:  # before anything moves: the checksums need the refit finished
+        raise RefitError("verify=True needs sync=True", ranks=[plan.rank])
+    # NOTE: a second thread is refused, not queued: its refit would be a second collective
+    # that the other ranks do not expect.
+    if not plan.lock.acquire(blocking=False):
+        raise RefitError("this plan is being executed by another thread; a plan runs one refit "
+                         "at a time (give each thread its own plan, or serialize the calls)",
+                         ranks=[plan.rank])
+    try:
+        return _execute_locked(plan, graph, stream, sync, verify, check)
+    finally:
+        plan.lock.release()
+
+
+def _execute_locked(plan: Plan, graph, stream, sync, verify, check) -> dict:
     if plan.broken:
         raise RefitError(f"plan is unusable after an earlier failure ({plan.broken}); build a "
                          "new plan", ranks=[plan.rank])
-    if verify and not sync:  # before anything moves: the checksums need the refit finished
-        raise RefitError("verify=True needs sync=True", ranks=[plan.rank])
-    if check:
-        _check_still_valid(plan)
-    t0 = time.perf_counter()
     try:
-        if isinstance(plan.executor, CudaRefitRunner):
-            plan.executor.run(graph, stream, sync, plan.timeout_s)
-        else:
-            plan.executor.run()
+        if check:
+            _check_still_valid(plan)
+        t0 = time.perf_counter()
+        plan.executor.run(graph, stream, sync, plan.timeout_s)
+        elapsed = time.perf_counter() - t0
+        plan.refits += 1
+        if verify:
+            _verify(plan)
     except RefitError as exc:
+        # Every failure, a refused check included, ends the plan: after a timeout the peers'
+        # state is unknown, and a replaced tensor stays replaced. Callers build a new plan
+        # (the drop-in swap_model_weights does so by itself).
         plan.broken = str(exc)
         raise
-    elapsed = time.perf_counter() - t0
-    plan.refits += 1
-    if verify:
-        _verify(plan)
+    except Exception as exc:
+        plan.broken = f"{type(exc).__name__}: {exc}"
+        raise RefitError(f"refit failed: {plan.broken}", ranks=[plan.rank]) from exc
     return {**plan.traffic, "elapsed_s": elapsed}

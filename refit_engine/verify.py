@@ -27,7 +27,7 @@ def check_exact(plan) -> list[str]:
     src, dst = plan.src_layout, plan.dst_layout
     mine = {src.buffers[i].key: _as_bits(t, src.buffers[i].dtype)
             for i, t in plan.src_tensors.items()}
-    gathered = _gather((plan.rank, mine), plan.group)
+    gathered = _gather((plan.rank, mine), plan.channel, "exact check")
     buffers = {(rank, key): array for rank, arrays in gathered for key, array in arrays.items()}
     globals_ = assemble(src, buffers)
     expected = materialize(dst, globals_, ranks={plan.rank})

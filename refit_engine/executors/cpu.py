@@ -7,12 +7,11 @@ becomes a RefitError naming the peers still outstanding.
 
 from __future__ import annotations
 
-import datetime
+import os
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from refit_engine import _core
 from refit_engine.errors import RefitError
@@ -21,18 +20,17 @@ from refit_engine.planner import RankPlan, messages_in_bucket, segments_in_bucke
 
 def default_threads(ranks_on_machine: int) -> int:
     """Copy threads per rank: the machine's cores shared among its ranks, at most 4."""
-    import os
     return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks_on_machine)))
 
 
 class GlooExecutor:
     def __init__(self, plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
-                 group, timeout_s: float, threads: int = 1):
+                 channel, threads: int = 1):
         self.plan = plan
         self.src_addresses = src_addresses
         self.dst_addresses = dst_addresses
-        self.group = group
-        self.timeout = datetime.timedelta(seconds=timeout_s)
+        # The plan's own gloo group (refit_engine.channel): peers by their index in it.
+        self.channel = channel
         self.threads = threads
         self.num_buckets = plan.num_buckets
         # Per bucket: the segments and messages of each direction (views, computed once).
@@ -56,27 +54,35 @@ class GlooExecutor:
         """Starts every send and receive of `bucket`; returns [(work, peer, direction)]."""
         send, recv = self._send_staging[bucket % 2], self._recv_staging[bucket % 2]
         works = []
+        pg, index_of = self.channel.pg, self.channel.index_of
         for peer, _, offset, nbytes in self._recv_msgs[bucket]:
-            works.append((dist.irecv(recv[offset:offset + nbytes], src=peer, group=self.group,
-                                     tag=bucket), peer, "receive from"))
+            works.append((pg.recv([recv[offset:offset + nbytes]], index_of[peer], bucket), peer,
+                          "receive from"))
         for peer, _, offset, nbytes in self._send_msgs[bucket]:
-            works.append((dist.isend(send[offset:offset + nbytes], dst=peer, group=self.group,
-                                     tag=bucket), peer, "send to"))
+            works.append((pg.send([send[offset:offset + nbytes]], index_of[peer], bucket), peer,
+                          "send to"))
         return works
 
     def _wait(self, works, bucket: int):
         for i, (work, peer, direction) in enumerate(works):
             try:
-                work.wait(self.timeout)
+                work.wait(self.channel.timeout)
             except Exception as exc:  # gloo raises RuntimeError subclasses on timeout or loss
                 pending = sorted({p for _, p, _ in works[i:]})
+                self.channel.broken = f"bucket {bucket} failed"
                 raise RefitError(
                     f"bucket {bucket}: could not {direction} rank {peer} within "
-                    f"{self.timeout.total_seconds():g} s ({type(exc).__name__}: {exc}); "
+                    f"{self.channel.timeout_s:g} s ({type(exc).__name__}: {exc}); "
                     f"peers still outstanding: {pending}",
                     ranks=[self.plan.rank, *pending]) from exc
 
-    def run(self) -> dict:
+    def run(self, graph: bool = False, stream=None, sync: bool = True,
+            timeout_s: float | None = None) -> dict:
+        """One refit (the executor interface `refit.execute` calls; CPU refits are always
+        synchronous, and cannot be captured as a CUDA graph)."""
+        if graph:
+            raise RefitError("graph=True captures a CUDA graph; this plan moves CPU tensors",
+                             ranks=[self.plan.rank])
         t0 = time.perf_counter()
         in_flight = None
         if self.num_buckets:

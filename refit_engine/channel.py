@@ -1,0 +1,179 @@
+"""A plan's own channel to its peers: a private gloo group with a deadline on every wait.
+
+`refit_engine.plan` builds one `Channel` per plan over the caller's group, and every wait of
+planning and refitting (layout exchange, per-refit checks, CPU transfers, verification) goes
+through it. So:
+
+- every wait is bounded by the plan's `timeout_s`, not the caller's process-group timeout
+  (30 minutes by default in torch);
+- a late, stopped or dead rank is named: each rank records its progress in the store, and a
+  timeout reports which ranks are behind and where they are;
+- a failure poisons only this channel, never the caller's groups: the caller can still
+  `dist.barrier()` and build a new plan.
+
+The group is a `ProcessGroupGloo` built directly on a prefix of the default store (not
+registered with torch.distributed), so creating it involves only the group's ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import itertools
+import pickle
+import threading
+
+import torch
+import torch.distributed as dist
+
+from refit_engine.errors import RefitError
+
+# Plans built so far per group (ranks tuple): every rank of a group numbers its plans the same
+# way, so the n-th plan of a group gets the same store prefix on every rank.
+_plans_per_group: dict[tuple[int, ...], itertools.count] = {}
+_plans_lock = threading.Lock()
+
+
+def group_ranks(group) -> list[int]:
+    """Global ranks of `group` (None: the default group), in group order."""
+    if group is None:
+        return list(range(dist.get_world_size()))
+    return list(dist.get_process_group_ranks(group))
+
+
+def _default_store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception as exc:  # a private API: say what is missing rather than crash
+        raise RefitError(f"refit_engine needs torch.distributed's default store ({exc})") from exc
+
+
+class Channel:
+    """Collectives among a group's ranks with a deadline, on the plan's own gloo group."""
+
+    def __init__(self, group, timeout_s: float, what: str = "plan"):
+        self.ranks = group_ranks(group)
+        self.rank = dist.get_rank()
+        if self.rank not in self.ranks:
+            raise RefitError(f"rank {self.rank} is not in the refit group {self.ranks}",
+                             ranks=[self.rank])
+        self.index = self.ranks.index(self.rank)
+        self.index_of = {r: i for i, r in enumerate(self.ranks)}
+        self.timeout_s = float(timeout_s)
+        self.timeout = datetime.timedelta(seconds=self.timeout_s)
+        self.broken: str | None = None
+        self._step, self._what = 0, "arrival"
+        key = tuple(self.ranks)
+        with _plans_lock:
+            number = next(_plans_per_group.setdefault(key, itertools.count()))
+        tag = hashlib.blake2b(repr(key).encode(), digest_size=6).hexdigest()
+        self.name = f"{what} {number} of group {tag}"
+        self.store = dist.PrefixStore(f"refit_engine/{tag}/{number}/", _default_store())
+        self._arrive()
+        try:
+            self.pg = dist.ProcessGroupGloo(self.store, self.index, len(self.ranks), self.timeout)
+        except Exception as exc:
+            raise self._failure("connecting the plan's group", exc) from exc
+
+    # Progress, for naming late ranks -------------------------------------------------------
+
+    def _enter(self, what: str) -> None:
+        """Records that this rank reached collective step n (`what`), for `_behind`."""
+        if self.broken:
+            raise RefitError(f"the plan's channel is unusable after an earlier failure "
+                             f"({self.broken}); build a new plan", ranks=[self.rank])
+        self._step += 1
+        self.store.set(f"step/{self.index}", f"{self._step}:{what}")
+
+    def _behind(self) -> dict[int, str]:
+        """Global rank -> where it is, for every rank that has not reached this rank's step."""
+        out = {}
+        for i, r in enumerate(self.ranks):
+            if i == self.index:
+                continue
+            try:
+                if not self.store.check([f"step/{i}"]):
+                    out[r] = "has not arrived"
+                    continue
+                step, what = self.store.get(f"step/{i}").decode().split(":", 1)
+            except Exception:  # the store itself is gone: nothing more to learn
+                out[r] = "unknown (store unreachable)"
+                continue
+            if int(step) < self._step:
+                out[r] = f"at step {step} ({what})"
+            elif what != self._what:
+                out[r] = f"at step {step} ({what}), not ({self._what})"
+        return out
+
+    def _failure(self, doing: str, exc: BaseException) -> RefitError:
+        behind = self._behind()
+        self.broken = f"{doing} failed"
+        if behind:
+            who = "; ".join(f"rank {r} {where}" for r, where in sorted(behind.items()))
+            reason = (f"{doing} did not complete within {self.timeout_s:g} s: {who} (a rank "
+                      f"that is late, stopped or dead, or that runs plans in another order)")
+            ranks = [self.rank, *behind]
+        else:
+            reason = (f"{doing} failed within {self.timeout_s:g} s "
+                      f"({type(exc).__name__}: {exc})")
+            ranks = self.ranks
+        return RefitError(f"{self.name}: {reason}", ranks=ranks)
+
+    def _arrive(self) -> None:
+        self._what = "arrival"
+        self._enter("arrival")
+        keys = [f"step/{i}" for i in range(len(self.ranks))]
+        try:
+            self.store.wait(keys, self.timeout)
+        except Exception as exc:
+            raise self._failure("waiting for every rank to plan", exc) from exc
+
+    # Collectives ---------------------------------------------------------------------------
+
+    def wait(self, work, doing: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except Exception as exc:
+            raise self._failure(doing, exc) from exc
+
+    def gather(self, obj, what: str = "exchange") -> list:
+        """Every rank's `obj`, in group order (pickled)."""
+        self._what = what
+        self._enter(what)
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in self.ranks]
+        self.wait(self.pg.allgather([sizes], [torch.tensor([payload.numel()])]), what)
+        longest = max(int(s) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:payload.numel()] = payload
+        out = [torch.empty(longest, dtype=torch.uint8) for _ in self.ranks]
+        self.wait(self.pg.allgather([out], [padded]), what)
+        return [pickle.loads(o[:int(s)].numpy().tobytes()) for o, s in zip(out, sizes)]
+
+    def any(self, flag: bool, what: str) -> bool:
+        """True on every rank if `flag` is true on any rank (one tiny all-reduce)."""
+        self._what = what
+        self._enter(what)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self.wait(self.pg.allreduce([t], _MAX), what)
+        return bool(int(t.item()))
+
+    def close(self) -> None:
+        """Stops the group's threads; pending waits end with an error."""
+        pg, self.pg = getattr(self, "pg", None), None
+        if pg is not None:
+            for stop in ("abort", "shutdown"):
+                try:
+                    getattr(pg, stop)()
+                    break
+                except Exception:
+                    continue
+
+
+def _max_option():
+    options = dist.AllreduceOptions()
+    options.reduceOp = dist.ReduceOp.MAX
+    return options
+
+
+_MAX = _max_option()

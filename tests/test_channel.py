@@ -1,0 +1,200 @@
+"""Every wait of a plan is bounded and poisons only the plan's own channel: late, stopped and
+absent ranks, plans run in different orders, two threads, out-of-range options."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import refit_engine
+from refit_engine import RefitError, ShardedTensors, Split
+from refit_engine.verify import check_exact
+
+from multiproc import run_world
+
+TIMEOUT = 3.0
+SLACK = 6.0  # process start-up and a loaded 2-core machine
+
+
+def _models(rank, seed=0, poison=0xA5):
+    """TP2 -> TP1 of one (8, 4) tensor on ranks 0 and 1, fresh random source."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(8, 4, generator=g)
+    src, dst = ShardedTensors(), ShardedTensors()
+    src.add("w", full.chunk(2, 0)[rank].clone(), (8, 4), Split(0, 2), rank)
+    target = torch.empty(8, 4)
+    target.view(torch.uint8).fill_(poison)
+    dst.add("w", target, (8, 4))
+    return src, dst
+
+
+def _after_failure_all_is_usable(rank, seed):
+    """The caller's group still works and a new plan refits bit-exactly."""
+    dist.barrier()
+    src, dst = _models(rank, seed)
+    plan = refit_engine.plan(src, dst, timeout_s=30)
+    refit_engine.execute(plan)
+    return check_exact(plan)
+
+
+def _late_planner(rank, world):
+    if rank == 1:
+        time.sleep(TIMEOUT + 1.0)
+    src, dst = _models(rank)
+    t0 = time.monotonic()
+    try:
+        refit_engine.plan(src, dst, timeout_s=TIMEOUT)
+        outcome = "no error"
+    except RefitError as exc:
+        outcome = (exc.ranks, exc.reason)
+    return outcome, time.monotonic() - t0, _after_failure_all_is_usable(rank, 1)
+
+
+def test_late_rank_in_plan_raises_within_timeout_and_groups_stay_usable():
+    (first, took, wrong0), (second, _, wrong1) = run_world(_late_planner, 2)
+    assert first != "no error" and 1 in first[0] and "has not arrived" in first[1], first
+    assert took < TIMEOUT + SLACK
+    assert second != "no error", second  # the late rank finds nobody left to plan with
+    assert wrong0 == wrong1 == []
+
+
+def _absent_executor(rank, world, stop):
+    src, dst = _models(rank)
+    plan = refit_engine.plan(src, dst, timeout_s=TIMEOUT)
+    pids = [None] * world
+    dist.all_gather_object(pids, os.getpid())
+    outcome, took = "skipped", 0.0
+    if rank == 1 and stop:
+        os.kill(os.getpid(), signal.SIGSTOP)  # resumed by rank 0 after it gave up
+    if rank == 0 or stop:
+        t0 = time.monotonic()
+        try:
+            refit_engine.execute(plan)
+            outcome = "no error"
+        except RefitError as exc:
+            outcome = (exc.ranks, exc.reason, plan.broken is not None)
+        took = time.monotonic() - t0
+        if rank == 0 and stop:
+            os.kill(pids[1], signal.SIGCONT)
+    return outcome, took, dst.tensors["w"].view(torch.uint8).eq(0xA5).all().item() or rank, \
+        _after_failure_all_is_usable(rank, 2)
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["never-executes", "stopped"])
+def test_absent_or_stopped_rank_in_execute(stop):
+    results = run_world(_absent_executor, 2, stop)
+    outcome, took, _, wrong = results[0]
+    assert outcome != "no error" and 1 in outcome[0] and outcome[2], outcome
+    assert "rank 1" in outcome[1] and "refit 1 check" in outcome[1]
+    assert took < TIMEOUT + SLACK
+    if stop:  # the stopped rank, resumed, finds its peer gone: raises too
+        assert results[1][0] != "no error" and results[1][0][2]
+    assert all(r[3] == [] for r in results)
+
+
+def _crossed_plans(rank, world, verify):
+    a = _models(rank, seed=3)
+    b = _models(rank, seed=4)
+    plans = [refit_engine.plan(*a, timeout_s=TIMEOUT), refit_engine.plan(*b, timeout_s=TIMEOUT)]
+    order = plans if rank == 0 else plans[::-1]
+    outcomes = []
+    for p in order:
+        try:
+            refit_engine.execute(p, verify=verify)
+            outcomes.append("no error")
+        except RefitError as exc:
+            outcomes.append(exc.reason)
+    return outcomes, _after_failure_all_is_usable(rank, 5)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_plans_executed_in_different_orders_raise(verify):
+    for outcomes, wrong in run_world(_crossed_plans, 2, verify):
+        assert "no error" not in outcomes, outcomes
+        assert wrong == []
+
+
+def _two_threads(rank, world):
+    src, dst = _models(rank)
+    plan = refit_engine.plan(src, dst, timeout_s=TIMEOUT)
+    # Another thread mid-refit (holding the plan) on rank 0: a second call is refused at once.
+    refused = None
+    if rank == 0:
+        with plan.lock:
+            try:
+                refit_engine.execute(plan)
+            except RefitError as exc:
+                refused = exc.reason
+    dist.barrier()
+    refit_engine.execute(plan)  # the plan is still good
+    first = check_exact(plan)
+    # Two real threads at once on rank 0 (one call on rank 1): one refits, the other is
+    # refused or times out; never a silent wrong result.
+    outcomes = []
+    if rank == 0:
+        def call():
+            try:
+                refit_engine.execute(plan)
+                outcomes.append("ok")
+            except RefitError as exc:
+                outcomes.append(exc.reason)
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        try:
+            refit_engine.execute(plan)
+        except RefitError:
+            pass
+    return refused, first, outcomes
+
+
+def test_two_threads_on_one_plan():
+    (refused, first, outcomes), (_, first1, _) = run_world(_two_threads, 2)
+    assert refused and "another thread" in refused
+    assert first == first1 == []
+    assert len(outcomes) == 2 and outcomes.count("ok") == 1, outcomes
+
+
+BAD_OPTIONS = [
+    dict(timeout_s=-1), dict(timeout_s=0), dict(timeout_s=float("nan")), dict(timeout_s=True),
+    dict(timeout_s=float("inf")), dict(timeout_s="5"), dict(bucket_bytes=0),
+    dict(bucket_bytes=-4), dict(bucket_bytes=1.5), dict(bucket_bytes=1 << 70),
+    dict(threads=0), dict(threads=2.0), dict(mode="both"), dict(ranks_per_node=-1),
+    dict(ranks_per_node=1 << 70),
+]
+
+
+def _bad_options(rank, world):
+    out = []
+    for options in BAD_OPTIONS:
+        src, dst = _models(rank)
+        try:
+            refit_engine.plan(src, dst, **options)
+            out.append("no error")
+        except RefitError as exc:
+            out.append((exc.ranks, exc.reason, bool(dst.tensors["w"].view(torch.uint8).eq(0xA5).all())))
+        except Exception as exc:  # the defect this test is about
+            out.append(f"{type(exc).__name__}: {exc}")
+    src, dst = _models(rank)
+    plan = refit_engine.plan(src, dst)
+    for options in (dict(graph=1), dict(sync="yes"), dict(verify=True, sync=False)):
+        try:
+            refit_engine.execute(plan, **options)
+            out.append("no error")
+        except RefitError as exc:
+            out.append((exc.ranks, exc.reason, True))
+    return out
+
+
+def test_out_of_range_options_raise_refit_error_on_every_rank():
+    for per_rank in run_world(_bad_options, 2):
+        for options, outcome in zip(BAD_OPTIONS + ["graph", "sync", "verify"], per_rank):
+            assert isinstance(outcome, tuple), (options, outcome)
+            assert outcome[2], (options, "destination touched")
