@@ -49,3 +49,33 @@ def info(array) -> ArrayInfo:
                          bool(array.flags.c_contiguous))
     return ArrayInfo(int(array.ctypes.data), int(array.nbytes), tuple(array.shape),
                      dtypes.dtype_name(array.dtype), "cpu", bool(array.flags.c_contiguous))
+
+
+# -- what an array's memory looks like, for the per-refit check -----------------------------
+#
+# A probe returns (address, shape, dtype, storage bytes, storage id): taken when a plan binds
+# the array and compared before every refit, so a tensor replaced, resized, reallocated or
+# freed since is refused before any byte is copied into or out of memory it no longer owns.
+# (The byte size follows from shape and dtype.) Kept to a few attribute reads: it runs for
+# every bound tensor on every refit.
+PROBE_FIELDS = ("address", "shape", "dtype", "storage bytes", "storage")
+
+
+def _probe_torch(t):
+    storage = t.untyped_storage()
+    return t.data_ptr(), t.shape, t.dtype, storage.nbytes(), storage.data_ptr()
+
+
+def _probe_numpy(a):
+    # NumPy frees or moves memory only through resize(refcheck=False) (a new address) or a
+    # different base; the shape can be reassigned in place.
+    return a.ctypes.data, a.shape, a.dtype, a.nbytes, id(a.base)
+
+
+def _probe_cupy(a):  # CuPy arrays cannot get new memory in place; their shape can change
+    return a.data.ptr, a.shape, a.dtype, a.nbytes, 0
+
+
+def probe_of(array):
+    """The probe function for `array`'s kind (see PROBE_FIELDS)."""
+    return {"torch": _probe_torch, "numpy": _probe_numpy, "cupy": _probe_cupy}[_kind(array)]

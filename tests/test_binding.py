@@ -1,0 +1,206 @@
+"""Binding a plan to local tensors: tensors changed after planning (replaced, resized, freed)
+refused before any byte moves, overlapping local tensors, shapes, zero-size and unsupported
+tensors, and verification with NumPy arrays. Every refusal is a RefitError on every rank."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import refit_engine
+from refit_engine import RefitError, ShardedTensors, Split
+
+from multiproc import run_world
+
+SHAPES = {"fc1": (32, 16), "proj": (16, 24), "norm": (16,)}
+POISON = 0xA5
+
+
+def _globals(seed=0, shapes=SHAPES):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in shapes.items()}
+
+
+def _model(rank, tp, globals_, poison=False, shapes=SHAPES, numpy=False):
+    """Rank `rank`'s part of a TP=`tp` model on ranks 0 and 1 (2-D tensors split on dim 0);
+    `poison`: every byte POISON instead of the values; `numpy`: float32 NumPy arrays."""
+    m = ShardedTensors()
+    for name, shape in shapes.items():
+        split = Split(0, tp) if tp > 1 and len(shape) == 2 else None
+        local = globals_[name].chunk(tp, 0)[rank % tp] if split else globals_[name]
+        local = local.clone().contiguous()
+        if numpy:
+            local = local.float().numpy().copy()
+            if poison:
+                local.view(np.uint8).fill(POISON)
+        elif poison:
+            local.view(torch.uint8).fill_(POISON)
+        m.add(name, local, shape, split, rank % tp)
+    return m
+
+
+def _snapshot(local):
+    """key -> (the bound object, a copy of its bytes), taken before anything changes."""
+    return {k: (v, v.clone() if isinstance(v, torch.Tensor) else v.copy())
+            for k, v in local.tensors.items()}
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _unchanged(snapshot, skip=()):
+    """Whether every snapshotted tensor (the objects bound, even if no longer in their
+    ShardedTensors) still holds its bytes; `skip`: those changed on purpose (freed, resized)."""
+    return all(_same(obj, copy) for k, (obj, copy) in snapshot.items() if k not in skip)
+
+
+# -- 1. tensors changed after planning ------------------------------------------------------
+
+def _stale_cases():
+    """name -> (change(src, dst) on the changing rank, tensor named, keys no longer readable,
+    words in the reason). `src`/`dst` are the rank's ShardedTensors."""
+
+    def data_replaced_same_shape(s, d):  # the old storage is freed: a write-after-free before
+        s.tensors["fc1"].data = torch.zeros_like(s.tensors["fc1"])
+
+    def grown(s, d):
+        s.tensors["proj"].resize_(64, 64)
+
+    def shrunk(s, d):
+        d.tensors["fc1"].resize_(2, 16)
+
+    def storage_freed_src(s, d):
+        s.tensors["norm"].untyped_storage().resize_(0)
+
+    def storage_freed_dst(s, d):
+        d.tensors["proj"].untyped_storage().resize_(0)
+
+    def dst_data_replaced(s, d):
+        d.tensors["norm"].data = torch.full_like(d.tensors["norm"], 7)
+
+    def dst_entry_replaced(s, d):
+        new = torch.empty_like(d.tensors["fc1"])
+        new.view(torch.uint8).fill_(POISON)
+        d.tensors["fc1"] = new
+
+    def src_entry_replaced(s, d):
+        s.tensors["proj"] = s.tensors["proj"].clone()
+
+    def dtype_changed(s, d):
+        d.tensors["proj"].data = d.tensors["proj"].data.view(torch.int16)
+
+    return {
+        "source .data replaced, same shape": (data_replaced_same_shape, "fc1", (), "replaced"),
+        "source resized larger": (grown, "proj", (), "resized"),
+        "destination resized smaller": (shrunk, "fc1", ("fc1",), "resized"),
+        "source storage freed": (storage_freed_src, "norm", (), "storage"),
+        "destination storage freed": (storage_freed_dst, "proj", ("proj",), "storage"),
+        "destination .data replaced": (dst_data_replaced, "norm", ("norm",), "replaced"),
+        "destination entry replaced": (dst_entry_replaced, "fc1", (), "ShardedTensors"),
+        "source entry replaced": (src_entry_replaced, "proj", (), "ShardedTensors"),
+        "destination dtype changed": (dtype_changed, "proj", ("proj",), "int16"),
+    }
+
+
+def _stale_worker(rank, world, changing_rank):
+    out = {}
+    for name, (change, _, skip, _) in _stale_cases().items():
+        g = _globals(5)
+        src, dst = _model(rank, 2, g), _model(rank, 1, g, poison=True)
+        plan = refit_engine.plan(src, dst)
+        refit_engine.execute(plan)  # fine before the change
+        assert all(torch.equal(dst.tensors[k], g[k]) for k in SHAPES)
+        for t in dst.tensors.values():
+            t.view(torch.uint8).fill_(POISON)
+        snapshot = _snapshot(dst)
+        if rank == changing_rank:
+            change(src, dst)
+        try:
+            refit_engine.execute(plan)
+            out[name] = "no error"
+        except RefitError as exc:
+            out[name] = (exc.tensor, exc.ranks, exc.reason,
+                         _unchanged(snapshot, skip if rank == changing_rank else ()))
+        torch.distributed.barrier()
+    return out
+
+
+@pytest.mark.parametrize("changing_rank", [1])
+def test_tensor_changed_after_planning_refused_on_every_rank(changing_rank):
+    per_rank = run_world(_stale_worker, 2, changing_rank)
+    for name, (_, tensor, _, words) in _stale_cases().items():
+        outcomes = [r[name] for r in per_rank]
+        for rank, outcome in enumerate(outcomes):
+            assert outcome != "no error", f"{name}: rank {rank} did not raise"
+            got_tensor, ranks, reason, unchanged = outcome
+            assert got_tensor == tensor and ranks == [changing_rank], (name, outcome)
+            assert words in reason and "after planning" in reason, (name, reason)
+            assert unchanged, f"{name}: destination written on rank {rank}"
+        assert len({(o[0], tuple(o[1]), o[2]) for o in outcomes}) == 1, (name, outcomes)
+
+
+def _numpy_stale_worker(rank, world):
+    out = {}
+    cases = {
+        "reshaped": lambda s, d: setattr(d.tensors["fc1"], "shape", (16, 32)),
+        "reallocated": lambda s, d: s.tensors["proj"].resize((32, 24), refcheck=False),
+        "entry replaced": lambda s, d: d.tensors.__setitem__("norm", d.tensors["norm"].copy()),
+    }
+    for name, change in cases.items():
+        g = _globals(6)
+        src, dst = _model(rank, 2, g, numpy=True), _model(rank, 1, g, poison=True, numpy=True)
+        plan = refit_engine.plan(src, dst)
+        refit_engine.execute(plan)
+        for a in dst.tensors.values():
+            a.view(np.uint8).fill(POISON)
+        snapshot = _snapshot(dst)
+        if rank == 0:
+            change(src, dst)
+        try:
+            refit_engine.execute(plan)
+            out[name] = "no error"
+        except RefitError as exc:
+            out[name] = (exc.tensor, exc.ranks, _unchanged(snapshot, {"fc1"} if rank == 0 else ()))
+        torch.distributed.barrier()
+    return out
+
+
+def test_numpy_array_changed_after_planning_refused():
+    per_rank = run_world(_numpy_stale_worker, 2)
+    expected = {"reshaped": "fc1", "reallocated": "proj", "entry replaced": "norm"}
+    for name, tensor in expected.items():
+        for outcome in (r[name] for r in per_rank):
+            assert outcome == (tensor, [0], True), (name, outcome)
+
+
+def test_stale_check_cost_for_3000_tensors():
+    """The per-refit check is a plain loop over records taken at binding: measured here for
+    3000 torch tensors (printed with -s), and sanity-bounded."""
+    from refit_engine.binding import record, stale_reason
+    from refit_engine.layouts import BufferMeta
+    local = ShardedTensors()
+    current = {}
+    for i in range(3000):
+        t = torch.zeros(8, 8)
+        local.tensors[f"t{i}"] = t
+        meta = BufferMeta(0, f"t{i}", (8, 8), "float32")
+        current[("source", i)] = record(meta, local, "source")
+
+    class FakePlan:
+        pass
+    plan = FakePlan()
+    plan.current = current
+    assert stale_reason(plan) is None
+    best = float("inf")
+    for _ in range(20):
+        t0 = time.perf_counter()
+        stale_reason(plan)
+        best = min(best, time.perf_counter() - t0)
+    print(f"stale check, 3000 tensors: {best * 1e3:.2f} ms")
+    assert best < 0.05
+    local.tensors["t2999"].resize_(2)
+    assert stale_reason(plan)[0] == "t2999"
