@@ -53,6 +53,39 @@ def bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
     return bound, addresses, devices, current
 
 
+def check_overlaps(rank: int, *currents: dict) -> None:
+    """Refuse local tensors of this rank that share memory where the refit writes: two
+    destination tensors, or a destination and a source (sources may overlap each other: they
+    are only read). currents: bind's records of each side. One sort of the byte intervals."""
+    spans = []
+    for current in currents:
+        for key, *_, (side, info, _) in current.values():
+            if info.nbytes > 0:
+                spans.append((info.device, info.address, info.address + info.nbytes,
+                              side == "destination", side, key))
+    spans.sort()
+    device = reach = reach_dst = None  # the interval reaching furthest so far (a destination)
+    for span in spans:
+        if span[0] != device:
+            device, reach, reach_dst = span[0], None, None
+        _, start, end, is_dst = span[:4]
+        hit = reach if is_dst else reach_dst  # whatever a destination overlaps is a conflict
+        if hit is not None and hit[2] > start:
+            (first, a), (second, b) = hit[4:], span[4:]
+            raise RefitError(
+                f"{first} local tensor '{a}' (bytes {hit[1]:#x}..{hit[2]:#x}) and {second} "
+                f"local tensor '{b}' (bytes {start:#x}..{end:#x}) share memory on rank {rank}: "
+                "the refit would overwrite bytes it reads or write them twice"
+                if first != second else
+                f"destination local tensors '{a}' and '{b}' share memory on rank {rank} (bytes "
+                f"{hit[1]:#x}..{hit[2]:#x} and {start:#x}..{end:#x}): the refit would write "
+                "them twice", tensor=a if a == b else f"{a}, {b}", ranks=[rank])
+        if reach is None or end > reach[2]:
+            reach = span
+        if is_dst and (reach_dst is None or end > reach_dst[2]):
+            reach_dst = span
+
+
 def device_of(devices: set, rank: int) -> str:
     """The one device all of this rank's tensors are on ("cpu" when it holds none)."""
     if len(devices) > 1:

@@ -214,6 +214,8 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
                                                                 "source")
         dst_tensors, dst_addr, dst_devices, dst_current = bind(dst_layout, dst_local, rank,
                                                                 "destination")
+        from refit_engine.binding import check_overlaps
+        check_overlaps(rank, src_current, dst_current)
         device = device_of(src_devices | dst_devices, rank)
         status = None
     except RefitError as exc:

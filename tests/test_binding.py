@@ -204,3 +204,113 @@ def test_stale_check_cost_for_3000_tensors():
     assert best < 0.05
     local.tensors["t2999"].resize_(2)
     assert stale_reason(plan)[0] == "t2999"
+
+
+# -- plan-time refusals: RefitError on every rank, naming tensor, ranks and reason ----------
+
+def _refused_worker(rank, world, cases_name):
+    """Plans every case of CASES[cases_name]; returns name -> (tensor, ranks, reason,
+    destination unchanged) or "no error"."""
+    out = {}
+    for name, (make, *_) in CASES[cases_name](rank).items():
+        snapshot = {}
+        try:
+            src, dst = make()
+            snapshot = _snapshot(dst)
+            refit_engine.plan(src, dst)
+            out[name] = "no error"
+        except RefitError as exc:
+            out[name] = (exc.tensor, exc.ranks, exc.reason, _unchanged(snapshot))
+        torch.distributed.barrier()
+    return out
+
+
+def _check_refused(cases_name):
+    per_rank = run_world(_refused_worker, 2, cases_name)
+    for name, (_, tensor, ranks, words) in CASES[cases_name](0).items():
+        outcomes = [r[name] for r in per_rank]
+        for rank, outcome in enumerate(outcomes):
+            assert outcome != "no error", f"{name}: rank {rank} did not raise"
+            got_tensor, got_ranks, reason, unchanged = outcome
+            assert got_tensor == tensor and got_ranks == ranks, (name, outcome)
+            for word in words:
+                assert word in reason, (name, word, reason)
+            assert unchanged, f"{name}: destination changed on rank {rank}"
+        assert len({(o[0], tuple(o[1]), o[2]) for o in outcomes}) == 1, (name, outcomes)
+
+
+def _overlap_cases(rank):
+    g = _globals(7)
+
+    def base():
+        return _model(rank, 2, g), _model(rank, 1, g, poison=True)
+
+    def destinations_share_memory():
+        s, d = base()
+        if rank == 1:  # norm laid over the last 8 elements of fc1 and 8 past it
+            flat = torch.empty(32 * 16 + 8, dtype=torch.bfloat16)
+            d.tensors["fc1"] = flat[:512].view(32, 16)
+            d.tensors["norm"] = flat[504:520]
+        return s, d
+
+    def destination_over_source():
+        s, d = base()
+        if rank == 1:  # an in-place refit of norm: it is read and written at once
+            d.tensors["norm"] = s.tensors["norm"]
+        return s, d
+
+    def destination_inside_source():
+        s, d = base()
+        if rank == 0:
+            d.tensors["norm"] = s.tensors["proj"].view(-1)[100:116]
+        return s, d
+
+    return {
+        "two destinations share memory": (destinations_share_memory, "fc1, norm", [1],
+                                          ["destination local tensors 'fc1' and 'norm'",
+                                           "rank 1", "share memory"]),
+        "destination over a source": (destination_over_source, "norm", [1],
+                                      ["source local tensor 'norm'",
+                                       "destination local tensor 'norm'", "rank 1"]),
+        "destination inside a source": (destination_inside_source, "proj, norm", [0],
+                                        ["source local tensor 'proj'",
+                                         "destination local tensor 'norm'", "rank 0"]),
+    }
+
+
+CASES = {"overlap": _overlap_cases}
+
+
+def test_overlapping_local_tensors_refused():
+    _check_refused("overlap")
+
+
+def _overlapping_sources_worker(rank, world):
+    """Sources may share memory (read twice); adjacent destinations are fine."""
+    g = _globals(8)
+    src = ShardedTensors()
+    flat = torch.empty(8 * 24 + 16, dtype=torch.bfloat16)
+    proj = flat[:8 * 24].view(8, 24)
+    proj.copy_(g["proj"].chunk(2, 0)[rank])
+    norm = flat[8 * 24 - 16 + rank * 8:][:16]  # overlaps proj's tail on both ranks
+    g["norm"] = norm.clone()  # what norm holds on rank 0 (rank 1's copy must agree)
+    torch.distributed.broadcast(g["norm"], 0)
+    norm.copy_(g["norm"])  # replicas agree now; proj's tail changed with it
+    parts = [torch.empty(8, 24, dtype=torch.bfloat16) for _ in range(2)]
+    torch.distributed.all_gather(parts, proj.clone())
+    g["proj"] = torch.cat(parts)
+    src.add("proj", proj, (16, 24), Split(0, 2), rank)
+    src.add("norm", norm, (16,))
+    dst = ShardedTensors()
+    out = torch.empty(16 * 24 + 16, dtype=torch.bfloat16)
+    out.view(torch.uint8).fill_(POISON)
+    dst.add("proj", out[:16 * 24].view(16, 24), (16, 24))
+    dst.add("norm", out[16 * 24:], (16,))  # starts where proj ends
+    plan = refit_engine.plan(src, dst)
+    refit_engine.execute(plan)
+    return all(torch.equal(dst.tensors[k].view(torch.int16), g[k].view(torch.int16))
+               for k in ("proj", "norm"))
+
+
+def test_overlapping_sources_and_adjacent_destinations_refit_exactly():
+    assert run_world(_overlapping_sources_worker, 2) == [True, True]
