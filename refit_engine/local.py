@@ -12,6 +12,7 @@ the `Layout` of each side. Adapters (refit_engine.megatron for megatron-core mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -76,15 +77,30 @@ class ShardedTensors:
         if key in self.tensors and self.tensors[key] is not tensor:
             raise RefitError(f"local tensor key '{key}' is bound to two different tensors",
                              tensor=name)
-        self.tensors[key] = tensor
         global_shape = tuple(int(s) for s in global_shape)
-        local_shape = tuple(part_shape) if part_shape is not None else (
+        local_shape = tuple(int(s) for s in part_shape) if part_shape is not None else (
             split.local_shape(name, global_shape) if split else global_shape)
+        _check_arrangement(name, key, info.shape, local_shape)
+        self.tensors[key] = tensor
         strides = row_major_strides(local_shape)
         for start, extent, local_offset in part_pieces(name, global_shape, split, part, strides,
                                                        offset):
             self.entries.append(Entry(name, global_shape, info.dtype, key, info.shape, start,
                                       extent, local_offset, strides))
+
+
+def _check_arrangement(name: str, key: str, shape: tuple, part_shape: tuple) -> None:
+    """A local tensor holding exactly its part's elements must have the part's shape (size-1
+    dims aside): one of the same size but another shape (a transpose made contiguous, a flat
+    copy) would be refit element by element into the wrong places. Larger tensors (several
+    parts at offsets, grouped experts) are checked against their parts by the planner."""
+    if shape == part_shape or math.prod(shape) != math.prod(part_shape):
+        return
+    if [s for s in shape if s != 1] == [s for s in part_shape if s != 1]:
+        return  # unit dims only: the same arrangement of elements
+    raise RefitError(f"local tensor '{key}' has shape {shape}, but its part of the tensor has "
+                     f"local shape {part_shape} (the same {math.prod(shape)} elements, arranged "
+                     "differently): give the tensor in its part's shape", tensor=name)
 
 
 def checked_info(meta, tensor, side: str, device: str | None = None) -> arrays.ArrayInfo:

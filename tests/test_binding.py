@@ -278,7 +278,46 @@ def _overlap_cases(rank):
     }
 
 
-CASES = {"overlap": _overlap_cases}
+def _shape_cases(rank):
+    g = _globals(9)
+
+    def base():
+        return _model(rank, 2, g), _model(rank, 1, g, poison=True)
+
+    def replace(local, name, tensor, global_shape, **kw):
+        local.entries = [e for e in local.entries if e.name != name]
+        local.tensors.pop(name)
+        local.add(name, tensor, global_shape, **kw)
+
+    def transposed_destination():
+        s, d = base()
+        if rank == 1:  # fc1 (32, 16) given as its transpose, made contiguous
+            replace(d, "fc1", torch.zeros(16, 32, dtype=torch.bfloat16), (32, 16))
+        return s, d
+
+    def flat_source_part():
+        s, d = base()
+        if rank == 0:  # TP part (16, 16) of fc1 given flat
+            replace(s, "fc1", torch.zeros(256, dtype=torch.bfloat16), (32, 16), split=Split(0, 2),
+                    part=0)
+        return s, d
+
+    def declared_part_shape():
+        s, d = base()
+        if rank == 1:
+            replace(d, "proj", torch.zeros(24, 16, dtype=torch.bfloat16), (16, 24),
+                    part_shape=(16, 24))
+        return s, d
+
+    return {
+        "transposed destination": (transposed_destination, "fc1", [1],
+                                   ["shape (16, 32)", "(32, 16)"]),
+        "flat source part": (flat_source_part, "fc1", [0], ["shape (256,)", "(16, 16)"]),
+        "declared part shape": (declared_part_shape, "proj", [1], ["shape (24, 16)", "(16, 24)"]),
+    }
+
+
+CASES = {"overlap": _overlap_cases, "shape": _shape_cases}
 
 
 def test_overlapping_local_tensors_refused():
@@ -314,3 +353,18 @@ def _overlapping_sources_worker(rank, world):
 
 def test_overlapping_sources_and_adjacent_destinations_refit_exactly():
     assert run_world(_overlapping_sources_worker, 2) == [True, True]
+
+
+def test_local_shape_other_than_declared_refused():
+    _check_refused("shape")
+
+
+def test_unit_dims_and_grouped_buffers_still_accepted():
+    from refit_engine.local import build_layout
+    local = ShardedTensors()
+    local.add("w", torch.zeros(1, 8, 4), (8, 4))  # a leading unit dim: same arrangement
+    grouped = torch.zeros(2 * 8, 4)
+    for e in range(2):
+        local.add(f"e{e}", grouped, (8, 4), key="grouped", offset=e * 32, part_shape=(8, 4))
+    assert not local.errors, local.errors
+    build_layout([(0, local.entries)])
