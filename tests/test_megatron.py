@@ -52,8 +52,8 @@ def _cases_worker(rank, world, cases, with_megatron):
             swap_model_weights(src, dst, refit_method="gloo")
             poison()
             swap_model_weights(src, dst, refit_method="gloo")
-            holder = (dst or src)[0]
-            plan = holder._refit_engine_plan
+            from refit_engine.megatron import cached_plan
+            plan = cached_plan(src, dst)
             assert plan.refits == 2
         else:
             plan = refit_engine.plan(src, dst, timeout_s=60)
