@@ -13,12 +13,14 @@ the `Layout` of each side. Adapters (refit_engine.megatron for megatron-core mod
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from refit_engine import arrays, dtypes
 from refit_engine.errors import RefitError
-from refit_engine.layouts import Layout, Split, part_pieces, row_major_strides
+from refit_engine.layouts import (MAX_DIMS, Layout, Split, TensorMeta, part_pieces,
+                                  row_major_strides)
 
 
 @dataclass(frozen=True)
@@ -127,21 +129,91 @@ def checked_info(meta, tensor, side: str, device: str | None = None) -> arrays.A
     return info
 
 
+# Zero-element tensors are legitimate (nothing moves for them), but the C++ planner refuses
+# pieces with a zero extent (check_pieces) and tensors no source piece holds
+# (index_source_replicas). So build_layout keeps them out of the planner's tables: their local
+# tensors stay (buffers without pieces), and the tensors are kept here, per layout, for
+# check_empty_tensors to match between the sides.
+_EMPTY: "weakref.WeakKeyDictionary[Layout, dict]" = weakref.WeakKeyDictionary()
+
+
+def empty_tensors(layout: Layout) -> dict:
+    """{name: (TensorMeta, holder ranks)} of the zero-element tensors `build_layout` kept out of
+    `layout`'s tables."""
+    return _EMPTY.get(layout, {})
+
+
+def _declared_twice(first, second) -> RefitError:
+    return RefitError(f"declared twice with different metadata: {first} and {second}",
+                      tensor=second.name)
+
+
+def _add_empty(layout: Layout, empty: dict, e: Entry, rank: int) -> None:
+    meta = TensorMeta(e.name, e.global_shape, e.dtype)
+    if len(meta.shape) > MAX_DIMS:
+        raise RefitError(f"{len(meta.shape)} dims; at most {MAX_DIMS} are supported",
+                         tensor=e.name)
+    try:
+        earlier = layout.tensor(e.name)  # declared non-empty by an earlier rank
+    except KeyError:
+        earlier = None
+    if earlier is not None:
+        raise _declared_twice(earlier, meta)
+    seen = empty.setdefault(e.name, (meta, set()))
+    if seen[0] != meta:
+        raise _declared_twice(seen[0], meta)
+    seen[1].add(rank)
+
+
 def build_layout(per_rank: Sequence[tuple[int, list[Entry]]]) -> Layout:
     """The Layout of one side from every rank's entries, in rank order (same on every rank)."""
     layout = Layout()
+    empty = {}
     for rank, entries in per_rank:
         try:
             for e in entries:
+                if not math.prod(e.global_shape):
+                    _add_empty(layout, empty, e, rank)
+                    layout.add_buffer(rank, e.key, e.local_shape, e.dtype)
+                    continue
+                if e.name in empty:
+                    raise _declared_twice(empty[e.name][0],
+                                          TensorMeta(e.name, e.global_shape, e.dtype))
                 layout.add_tensor(e.name, e.global_shape, e.dtype)
                 layout.add_buffer(rank, e.key, e.local_shape, e.dtype)
-                layout.add_piece(e.name, rank, e.key, e.start, e.extent, e.local_offset,
-                                 e.local_strides)
+                if math.prod(e.extent):  # a zero-size block of a packed split holds nothing
+                    layout.add_piece(e.name, rank, e.key, e.start, e.extent, e.local_offset,
+                                     e.local_strides)
         except RefitError as exc:  # e.g. this rank declares a tensor unlike an earlier rank
             if exc.ranks:
                 raise
             raise RefitError(exc.reason, tensor=exc.tensor, ranks=[rank]) from exc
+    if empty:
+        _EMPTY[layout] = empty
     return layout
+
+
+def check_empty_tensors(src: Layout, dst: Layout) -> None:
+    """The zero-element tensors of both sides match, by name, global shape and dtype, as the
+    planner checks the others (a tensor empty on one side only and non-empty on the other is
+    refused by the planner, as missing from one side)."""
+    src_empty, dst_empty = empty_tensors(src), empty_tensors(dst)
+    for name, (meta, ranks) in dst_empty.items():
+        if name not in src_empty:
+            raise RefitError("destination tensor has no source: missing from the source layout "
+                             f"(a zero-size tensor of shape {meta.shape})", tensor=name,
+                             ranks=ranks)
+        other, other_ranks = src_empty[name]
+        if other.shape != meta.shape:
+            raise RefitError(f"global shape differs: source {other.shape}, destination "
+                             f"{meta.shape}", tensor=name, ranks=ranks | other_ranks)
+        if other.dtype != meta.dtype:
+            raise RefitError(f"dtype differs between source and destination ({other.dtype} and "
+                             f"{meta.dtype})", tensor=name, ranks=ranks | other_ranks)
+    for name in sorted(src_empty.keys() - dst_empty.keys()):
+        raise RefitError("source tensor is not in the destination layout (extra tensor; a "
+                         f"zero-size tensor of shape {src_empty[name][0].shape})", tensor=name,
+                         ranks=src_empty[name][1])
 
 
 def from_layout(layout: Layout, rank: int, tensors: dict) -> ShardedTensors:

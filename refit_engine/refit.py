@@ -215,7 +215,9 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         dst_tensors, dst_addr, dst_devices, dst_current = bind(dst_layout, dst_local, rank,
                                                                 "destination")
         from refit_engine.binding import check_overlaps
+        from refit_engine.local import check_empty_tensors
         check_overlaps(rank, src_current, dst_current)
+        check_empty_tensors(src_layout, dst_layout)
         device = device_of(src_devices | dst_devices, rank)
         status = None
     except RefitError as exc:

@@ -317,7 +317,34 @@ def _shape_cases(rank):
     }
 
 
-CASES = {"overlap": _overlap_cases, "shape": _shape_cases}
+def _empty_cases(rank):
+    g = _globals(10)
+
+    def with_empty(local, name, shape, split=None):
+        local_shape = split.local_shape(name, shape) if split else shape
+        local.add(name, torch.zeros(local_shape, dtype=torch.bfloat16), shape, split, rank % 2)
+        return local
+
+    def only_in_source():
+        return with_empty(_model(rank, 2, g), "z", (0, 4)), _model(rank, 1, g, poison=True)
+
+    def only_in_destination():
+        return _model(rank, 2, g), with_empty(_model(rank, 1, g, poison=True), "z", (0,))
+
+    def shapes_differ():
+        return (with_empty(_model(rank, 2, g), "z", (0, 4)),
+                with_empty(_model(rank, 1, g, poison=True), "z", (4, 0)))
+
+    return {
+        "zero-size tensor only in the source": (only_in_source, "z", [0, 1], ["extra tensor"]),
+        "zero-size tensor only in the destination": (only_in_destination, "z", [0, 1],
+                                                     ["missing from the source"]),
+        "zero-size tensors of different shapes": (shapes_differ, "z", [0, 1],
+                                                  ["global shape differs", "(0, 4)", "(4, 0)"]),
+    }
+
+
+CASES = {"overlap": _overlap_cases, "shape": _shape_cases, "empty": _empty_cases}
 
 
 def test_overlapping_local_tensors_refused():
@@ -368,3 +395,39 @@ def test_unit_dims_and_grouped_buffers_still_accepted():
         local.add(f"e{e}", grouped, (8, 4), key="grouped", offset=e * 32, part_shape=(8, 4))
     assert not local.errors, local.errors
     build_layout([(0, local.entries)])
+
+
+# -- 4. zero-size tensors -------------------------------------------------------------------
+
+def _zero_size_worker(rank, world):
+    from refit_engine.verify import check_exact
+    shapes = dict(SHAPES, packed=(8, 4))
+    g = _globals(11, shapes)
+    src, dst = _model(rank, 2, g, shapes=SHAPES), _model(rank, 1, g, poison=True, shapes=SHAPES)
+    # Zero-element tensors, split (TP 2 of nothing) and whole, on both sides.
+    src.add("empty", torch.zeros(0, 16, dtype=torch.bfloat16), (0, 16), Split(0, 2), rank)
+    dst.add("empty", torch.zeros(0, 16, dtype=torch.bfloat16), (0, 16))
+    src.add("empty1d", torch.zeros(0, dtype=torch.bfloat16), (0,))
+    dst.add("empty1d", torch.zeros(0, dtype=torch.bfloat16), (0,))
+    # A zero-size block of a packed tensor: each rank holds rows [4 r, 4 r + 4) and nothing of
+    # the second block.
+    src.add("packed", g["packed"].chunk(2, 0)[rank].clone(), (8, 4), Split(0, 2, blocks=(4, 0)),
+            rank)
+    packed = torch.empty(8, 4, dtype=torch.bfloat16)
+    packed.view(torch.uint8).fill_(POISON)
+    dst.add("packed", packed, (8, 4))
+    assert not src.errors and not dst.errors, (src.errors, dst.errors)
+    plan = refit_engine.plan(src, dst)
+    for _ in range(2):
+        refit_engine.execute(plan, verify=True)
+    exact = all(torch.equal(dst.tensors[k], g[k]) for k in shapes)
+    return exact, check_exact(plan), dst.tensors["empty"].shape, plan.traffic["bytes_local"]
+
+
+def test_zero_size_tensors_plan_and_refit():
+    for exact, wrong, shape, _ in run_world(_zero_size_worker, 2):
+        assert exact and wrong == [] and shape == (0, 16)
+
+
+def test_zero_size_tensor_mismatches_refused():
+    _check_refused("empty")
