@@ -1,14 +1,19 @@
 """The main job: refit a toy Kimi K2 between two parallel layouts and time it against
-megatron-core's own refit, on CPU over gloo (no GPU needed).
+megatron-core's own refit, on CPU over gloo (no GPU needed) or on GPUs over NCCL.
 
     python -m refit_engine.bench                       # 4 ranks, TP2/ETP2 -> TP1
     python -m refit_engine.bench --src tp=2,pp=2 --dst tp=4 --iters 10
     python -m refit_engine.bench --non-collocated --world 4 --src tp=2 --dst tp=2
 
-It spawns --world gloo processes (or runs as one rank under torchrun/srun when RANK is set),
-builds source and destination megatron-core models, plans once (warm-up, untimed), runs timed
-refits, checks the result bit for bit, times megatron-core's refit on the same models, and
-prints the seed's summary. The last line is one JSON object with the key figures.
+It spawns --world processes (or runs as one rank under torchrun/srun when RANK is set), builds
+source and destination megatron-core models, plans once (warm-up, untimed), runs timed refits,
+checks the result bit for bit, times megatron-core's refit on the same models, and prints the
+seed's summary. The last line is one JSON object with the key figures.
+
+Where (`--backend auto`, the default): NCCL with one GPU per rank (models on cuda:local_rank)
+when this node has at least as many GPUs as ranks; otherwise gloo with every tensor on CPU
+(NCCL cannot put several ranks on one GPU), spawned ranks then see no GPU at all. One line
+says which and why. Layouts and sizes are checked before any process starts.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import time
 from dataclasses import replace
 
+from refit_engine.errors import RefitError
 from refit_engine.grid import parse_layout_spec, parse_overrides
 
 DEFAULT_TOY = dict(num_layers=4, hidden=256, num_heads=8, q_lora_rank=64, kv_lora_rank=32,
@@ -39,6 +45,87 @@ def model_config(full_size: bool, overrides: dict):
 
 def describe_layout(d: dict) -> str:
     return "/".join(f"{k.upper()}{v}" for k, v in d.items() if v > 1 or k == "tp")
+
+
+def check_layouts(cfg, src: dict, dst: dict, world: int, non_collocated: bool) -> None:
+    """Refuse (RefitError, one reason) a source / destination layout that cannot be built on
+    `world` ranks (half of them each when non-collocated): sizes that do not divide the ranks
+    or the model's dimensions. Cheap, without torch: called before any process starts."""
+    from refit_engine.errors import RefitError
+    if world < 1:
+        raise RefitError(f"the world needs at least one rank, not {world}")
+    if non_collocated and (world < 2 or world % 2):
+        raise RefitError(f"non-collocated runs put the source on one half of the ranks and the "
+                         f"destination on the other: the world must be even, not {world}")
+    side = world // 2 if non_collocated else world
+    where = f"{side} ranks" + (" (half of the world, non-collocated)" if non_collocated else "")
+    for name, spec in (("source", src), ("destination", dst)):
+        text = ",".join(f"{k}={v}" for k, v in spec.items())
+        for key, value in spec.items():
+            if value < 1:
+                raise RefitError(f"{name} layout {text}: {key} must be >= 1, not {value}")
+        tp, pp, ep, etp = spec["tp"], spec["pp"], spec["ep"], spec["etp"]
+        if side % (tp * pp):
+            raise RefitError(f"{name} layout {text}: TP {tp} x PP {pp} = {tp * pp} does not "
+                             f"divide {where}")
+        if side % (ep * etp * pp):
+            raise RefitError(f"{name} layout {text}: EP {ep} x ETP {etp} x PP {pp} = "
+                             f"{ep * etp * pp} does not divide {where}")
+        dims = [("attention heads", cfg.num_heads, tp, "TP"), ("vocab", cfg.vocab, tp, "TP"),
+                ("dense FFN size", cfg.dense_ffn, tp, "TP"),
+                ("shared-expert FFN size", cfg.shared_expert_ffn, tp, "TP"),
+                ("experts", cfg.num_experts, ep, "EP"), ("expert FFN size", cfg.moe_ffn, etp, "ETP")]
+        for what, size, parts, label in dims:
+            if size % parts:
+                raise RefitError(f"{name} layout {text}: the model's {size} {what} do not "
+                                 f"divide by {label} {parts}")
+        if cfg.num_layers < pp:
+            raise RefitError(f"{name} layout {text}: {cfg.num_layers} layers cannot fill "
+                             f"{pp} pipeline stages")
+        base, extra = divmod(cfg.num_layers, pp)
+        if extra not in (0, 1, pp - 1):  # megatron_builder._uneven_pipeline's rule
+            raise RefitError(f"{name} layout {text}: megatron cannot split {cfg.num_layers} "
+                             f"layers over {pp} stages (only the first or last stage may differ)")
+
+
+def choose_backend(requested: str, ranks: int, gpus: int) -> tuple[str, str]:
+    """(backend, why) for `ranks` processes on a node with `gpus` GPUs: NCCL with one GPU per
+    rank where there are enough GPUs, gloo on CPU otherwise (NCCL cannot put several ranks on
+    one GPU). `requested`: auto, gloo or nccl; nccl without enough GPUs raises ValueError."""
+    if requested == "gloo":
+        return "gloo", "asked for (--backend gloo)"
+    if gpus >= ranks:
+        return "nccl", (f"{gpus} GPU{'s' if gpus != 1 else ''} for {ranks} "
+                        f"rank{'s' if ranks != 1 else ''}: one GPU per rank")
+    if requested == "nccl":
+        raise ValueError(f"--backend nccl needs one GPU per rank: {ranks} ranks on this node "
+                         f"but {gpus} GPU(s) visible (NCCL cannot put several ranks on one GPU)")
+    if requested != "auto":
+        raise ValueError(f"unknown backend {requested!r} (auto, gloo, nccl)")
+    if gpus == 0:
+        return "gloo", "no GPU visible"
+    return "gloo", (f"{ranks} ranks but {gpus} GPU{'s' if gpus != 1 else ''}: NCCL cannot put "
+                    "several ranks on one GPU")
+
+
+def place_on(chunks, device: str) -> None:
+    """Every parameter and buffer of `chunks` on `device`. Where CUDA is available
+    megatron-core creates some tensors on the current GPU whatever the model's device (the
+    router's expert_bias, rotary buffers) and the builder moves models to CPU only from CUDA;
+    a refit needs one device per rank."""
+    import itertools
+
+    import torch
+    from refit_engine.errors import RefitError
+    want = torch.device(device)
+    for chunk in chunks:
+        chunk.to(want)
+    strays = [f"{name} ({t.device})" for chunk in chunks for name, t in
+              itertools.chain(chunk.named_parameters(), chunk.named_buffers())
+              if t.device != want]
+    if strays:
+        raise RefitError(f"{len(strays)} tensors are not on {want} after moving the model: "
+                         f"{strays[:3]}")
 
 
 _LOG_FILES: list = []  # extra files rank 0's progress lines also go to (per-configuration logs)
@@ -94,11 +181,12 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
 
     cfg = model_config(args.full_size, args.model)
     device = "cpu"
-    if "nccl" in dist.get_backend():
+    if "nccl" in dist.get_backend():  # one GPU per rank (init_from_env set it)
         import torch
         device = f"cuda:{torch.cuda.current_device()}"
     method = "nccl" if device != "cpu" else "gloo"
     src_spec, dst_spec = parse_layout_spec(args.src), parse_layout_spec(args.dst)
+    check_layouts(cfg, src_spec, dst_spec, world, args.non_collocated)  # the same on every rank
     if topo is None:
         topo = measure_here("h100" if device != "cpu" else "cpu", world)
     if args.non_collocated:
@@ -116,9 +204,13 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
     dst_pgs = build_process_groups(dst_layout)
     log(rank, f"building Kimi K2 models on {device} ({cfg.num_layers} layers, hidden "
               f"{cfg.hidden}, {cfg.num_experts} experts)")
-    init = "canonical" if device == "cpu" else "megatron"  # canonical init is for toy sizes
+    # Canonical init (every expert distinct, so misrouted experts show) draws every full tensor
+    # on every holder: toy sizes only.
+    init = "megatron" if args.full_size else "canonical"
     src = build_kimi_k2(cfg, src_layout, src_pgs, device=device, seed=1234, init=init) or None
     dst = build_kimi_k2(cfg, dst_layout, dst_pgs, device=device, seed=4321, init=init) or None
+    for chunks in (src, dst):
+        place_on(chunks or [], device)
     if dst:
         _poison(dst)
 
@@ -228,9 +320,10 @@ def init_from_env(backend: str, timeout: float) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
 
 
-def spawn_ranks(target, world: int, *args) -> list:
+def spawn_ranks(target, world: int, *args, env: dict | None = None) -> list:
     """Starts `world` processes (spawn context) running target(rank, world, port, *args), with
-    a free local port for their process group."""
+    a free local port for their process group; `env`: variables set in their environment from
+    the start (before they import anything)."""
     import multiprocessing as mp
     import socket
     with socket.socket() as s:
@@ -238,19 +331,34 @@ def spawn_ranks(target, world: int, *args) -> list:
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})  # spawned children copy this process's environment
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return procs
 
 
+# Spawned gloo ranks see no GPU: megatron-core then builds every tensor on CPU (and four ranks
+# do not each open a CUDA context on one GPU).
+GLOO_ENV = {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def _worker(rank, world, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
     import warnings
     warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's config chatter
     import torch.distributed as dist
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=args.timeout))
+        init_from_env(args.backend, args.timeout)  # nccl: cuda:rank for this rank
         result = run_rank(rank, world, args)
         dist.destroy_process_group()
         queue.put((rank, result, None))
@@ -258,6 +366,17 @@ def _worker(rank, world, port, args, queue):
         import traceback
         queue.put((rank, None, traceback.format_exc()))
         raise SystemExit(1) from exc
+
+
+def failure_report(failures: dict[int, str]) -> str:
+    """Every failed rank's traceback, those ending in the same error printed once."""
+    groups: dict[str, list[int]] = {}
+    for rank in sorted(failures):
+        groups.setdefault(failures[rank], []).append(rank)
+    out = []
+    for text, ranks in groups.items():
+        out.append(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}:\n{text}")
+    return "\n".join(out)
 
 
 def summary_text(run_id: str, results: list[dict], nodes: str, ranks: int, backend: str) -> str:
@@ -288,7 +407,8 @@ def summary_text(run_id: str, results: list[dict], nodes: str, ranks: int, backe
             lines.append(f"Predicted: {r['predicted_ms']:.2f} ms ({r['predicted_term']}); "
                          f"floor: {r['floor_ms']:.2f} ms ({r['floor_term']}); efficiency "
                          f"{r['efficiency']:.0%}; measured copy {topo['copy_gbps']:.0f} GB/s, "
-                         f"link {topo['intra_node_gbps']:.1f} GB/s")
+                         f"link ({topo.get('intra_link', 'NVLink')}) "
+                         f"{topo['intra_node_gbps']:.1f} GB/s")
         if r.get("megatron_ms"):
             m = r["megatron_ms"]
             lines.append(f"megatron-core refit: mean {statistics.mean(m):.2f} ms "
@@ -298,30 +418,125 @@ def summary_text(run_id: str, results: list[dict], nodes: str, ranks: int, backe
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Refit a toy Kimi K2 on CPU (gloo) and time it "
-                                                 "against megatron-core's refit.")
-    parser.add_argument("--world", type=int, default=4, help="gloo processes (default 4)")
-    parser.add_argument("--src", default="tp=2,etp=2",
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
+def layout_arg(text: str) -> str:
+    """argparse type: a layout such as tp=2,ep=4 (checked here, kept as text)."""
+    try:
+        parse_layout_spec(text)
+    except (SystemExit, ValueError) as exc:  # unknown key / not an integer
+        raise argparse.ArgumentTypeError(f"bad layout {text!r}: {exc} (e.g. tp=2,pp=1,ep=4,etp=1)"
+                                         ) from None
+    return text
+
+
+def overrides_arg(text: str) -> dict:
+    """argparse type: model size overrides such as hidden=512,num_layers=6."""
+    try:
+        return parse_overrides(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad overrides {text!r}: NAME=INTEGER[,NAME=INTEGER...]"
+                                         ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m refit_engine.bench",
+                                     description="Refit a toy Kimi K2 between two layouts and time "
+                                                 "it against megatron-core's refit (CPU/gloo, or "
+                                                 "NCCL with one GPU per rank).")
+    parser.add_argument("--world", type=positive_int, default=4,
+                        help="processes to spawn without a launcher (default 4)")
+    parser.add_argument("--src", type=layout_arg, default="tp=2,etp=2",
                         help="source layout (default tp=2,etp=2: the layouts megatron-core 0.16 can refit)")
-    parser.add_argument("--dst", default="tp=1", help="destination layout (default tp=1)")
+    parser.add_argument("--dst", type=layout_arg, default="tp=1",
+                        help="destination layout (default tp=1)")
     parser.add_argument("--non-collocated", action="store_true",
                         help="source on the first half of the ranks, destination on the rest")
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up iterations (default 2)")
-    parser.add_argument("--bucket-mib", type=int, default=64)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for any wait")
+    parser.add_argument("--iters", type=positive_int, default=5,
+                        help="timed iterations (default 5)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2,
+                        help="warm-up iterations (default 2)")
+    parser.add_argument("--bucket-mib", type=positive_int, default=64,
+                        help="largest message between two ranks in one bucket, MiB (default 64)")
+    parser.add_argument("--timeout", type=positive_float, default=300.0,
+                        help="seconds for any wait (default 300)")
     parser.add_argument("--no-megatron", action="store_true", help="skip megatron-core's refit")
-    parser.add_argument("--model", default="", help="toy size overrides, e.g. hidden=512,num_layers=6")
+    parser.add_argument("--model", type=overrides_arg, default={},
+                        help="size overrides, e.g. hidden=512,num_layers=6")
     parser.add_argument("--json-out", help="also write the full results here")
-    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"],
-                        help="under torchrun/srun: gloo (CPU tensors) or nccl (GPU tensors)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
+                        help="auto (default): nccl with one GPU per rank when this node has a GPU "
+                             "for every rank, else gloo with every tensor on CPU")
     parser.add_argument("--full-size", action="store_true",
                         help="published Kimi K2 sizes (--model may still lower num_layers)")
+    return parser
+
+
+def _gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.model = parse_overrides(args.model)
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", args.world))) \
+        if launched() else args.world
+    try:  # before any process starts: one clear error
+        cfg = model_config(args.full_size, args.model)
+        check_layouts(cfg, parse_layout_spec(args.src), parse_layout_spec(args.dst), world,
+                      args.non_collocated)
+    except TypeError:  # an unknown --model field
+        from dataclasses import fields
+
+        from refit_engine.models.kimi_k2 import KimiK2Config
+        known = [f.name for f in fields(KimiK2Config)]
+        parser.error(f"--model: unknown field(s) {sorted(set(args.model) - set(known))} "
+                     f"(known: {', '.join(known)})")
+    except RefitError as exc:
+        parser.error(exc.reason)
+    ranks_here = ranks_per_node(world) if launched() else world
+    try:
+        args.backend, why = choose_backend(args.backend, ranks_here,
+                                           0 if args.backend == "gloo" else _gpu_count())
+    except ValueError as exc:
+        parser.error(str(exc))
+    where = "one GPU each" if args.backend == "nccl" else "every tensor on CPU"
 
     if launched():  # by torchrun / srun: this process is one rank
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+            print(f"[refit-bench] {world} {args.backend} ranks, {where}: {why}", flush=True)
         init_from_env(args.backend, args.timeout)
         import torch.distributed as dist
         result = run_rank(dist.get_rank(), dist.get_world_size(), args)
@@ -329,19 +544,21 @@ def main(argv=None) -> int:
     else:
         import multiprocessing as mp
         queue = mp.get_context("spawn").Queue()
-        print(f"[refit-bench] spawning {args.world} gloo processes", flush=True)
-        procs = spawn_ranks(_worker, args.world, args, queue)
-        result, failures = None, []
+        print(f"[refit-bench] spawning {args.world} {args.backend} processes, {where}: {why}",
+              flush=True)
+        procs = spawn_ranks(_worker, args.world, args, queue,
+                            env=GLOO_ENV if args.backend == "gloo" else None)
+        result, failures = None, {}
         for _ in procs:
             rank, value, error = queue.get(timeout=args.timeout + 600)
             if error:
-                failures.append(f"rank {rank}:\n{error}")
+                failures[rank] = error
             if rank == 0:
                 result = value
         for p in procs:
             p.join()
         if failures:
-            print("\n".join(failures), file=sys.stderr)
+            print(failure_report(failures), file=sys.stderr)
             return 1
     if result is None:
         return 0
