@@ -3,8 +3,10 @@
 Per rank, from what its plan moves (`memory.RankFigures`):
 - pack and unpack: every sent byte is read and written once into staging, every received byte
   once out of it; local copies read and write once: bytes x 2 over the copy bandwidth;
-- transfer: NVLink and the network run side by side, each direction at full duplex; one
-  message latency per bucket (a bucket's messages go out together in one NCCL group);
+- transfer: the node's links (NVLink) and the network run side by side, each direction at full
+  duplex, or both directions sharing one link's figure where `Topology.duplex` is False (CPU
+  ranks: see `RankFigures.link_seconds`); one message latency per bucket (a bucket's messages
+  go out together in one NCCL group);
 - pipelining: pack, transfer and unpack (with local copies) overlap across buckets, so the
   slowest of the three sets the pace, plus one bucket's pack and unpack to fill and drain;
   where they share the same cores (CPU ranks: `Topology.overlap` False) they add up instead.

@@ -47,9 +47,20 @@ class RankFigures:
         return self.src_bytes + self.dst_bytes + self.staging_bytes
 
     def link_seconds(self, topo: Topology) -> dict[str, float]:
-        """Time on each kind of link at full bandwidth, the busier direction of each."""
-        return {"nvlink": max(self.sent_intra, self.received_intra) / (topo.intra_node_gbps * 1e9),
-                "network": max(self.sent_inter, self.received_inter) / (topo.inter_node_gbps * 1e9)}
+        """Time on each kind of link at full bandwidth, keyed by the link's name (nvlink,
+        network, loopback): on full-duplex links the busier direction; where both directions
+        share the link (`Topology.duplex` False: CPU ranks) everything this rank sends and
+        receives, at twice the per-direction figure measured with both directions busy. The
+        two agree for a rank that sends as much as it receives (collocated); a rank that only
+        sends or only receives (non-collocated) gets the whole link."""
+        def seconds(sent: int, received: int, gbps: float) -> float:
+            if topo.duplex:
+                return max(sent, received) / (gbps * 1e9)
+            return (sent + received) / (2 * gbps * 1e9)
+        return {topo.intra_link.lower(): seconds(self.sent_intra, self.received_intra,
+                                                 topo.intra_node_gbps),
+                topo.inter_link.lower(): seconds(self.sent_inter, self.received_inter,
+                                                 topo.inter_node_gbps)}
 
 
 def rank_figures(rank: int, bytes_local: int, per_peer: dict, topo: Topology,
@@ -139,9 +150,9 @@ def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topol
 
 
 def floor(ranks: list[RankFigures], topo: Topology) -> dict:
-    """Lower bound of the refit time: per rank, the slowest of its NVLink traffic, its
-    network traffic (each direction at full duplex) and its local copies; the largest over
-    ranks. Seconds, and which rank and term set it."""
+    """Lower bound of the refit time: per rank, the slowest of its traffic on each link
+    (`RankFigures.link_seconds`: full duplex or shared) and its local copies; the largest over
+    ranks. Seconds, and which rank and term (the link's name, or "local copy") set it."""
     best = {"seconds": 0.0, "rank": None, "term": None}
     for f in ranks:
         terms = {**f.link_seconds(topo), "local copy": 2 * f.local_bytes / (topo.copy_gbps * 1e9)}
@@ -163,6 +174,7 @@ def report(result: dict) -> str:
         top = max(ranks, key=lambda f: getattr(f, what))
         return f"{label + ' (rank ' + str(top.rank) + ')':<34}{getattr(top, what) / GIB:>10.2f}"
     fl = result["floor"]
+    intra, inter = topo.intra_link, topo.inter_link
     lines = [
         f"{'per GPU (max over ranks)':<34}{'GiB':>10}",
         f"{'source weights':<34}{max(f.src_bytes for f in ranks) / GIB:>10.2f}",
@@ -171,37 +183,61 @@ def report(result: dict) -> str:
         f"{'total (rank ' + str(worst.rank) + ')':<34}{worst.total_bytes / GIB:>10.2f}"
         f"   of {topo.memory_gib:.0f} GiB: {'fits' if result['fits'] else 'DOES NOT FIT'}",
         f"{'local copy (max)':<34}{max(f.local_bytes for f in ranks) / GIB:>10.2f}",
-        most("sent_intra", "sent over NVLink"), most("received_intra", "received over NVLink"),
-        most("sent_inter", "sent over network"), most("received_inter", "received over network"),
+        most("sent_intra", f"sent over {intra}"), most("received_intra", f"received over {intra}"),
+        most("sent_inter", f"sent over {inter}"), most("received_inter", f"received over {inter}"),
         f"predicted: {result['predicted']['seconds'] * 1e3:.2f} ms (rank "
         f"{result['predicted']['rank']}, {result['predicted']['term']})",
-        f"floor: {fl['seconds'] * 1e3:.2f} ms (rank {fl['rank']}, {fl['term']}) on {topo.name}: "
-        f"NVLink {topo.intra_node_gbps:g} GB/s, network {topo.inter_node_gbps:g} GB/s, copy "
-        f"{topo.copy_gbps:g} GB/s",
+        f"floor: {fl['seconds'] * 1e3:.2f} ms (rank {fl['rank']}, {fl['term']}) on "
+        f"{topo.describe(len(ranks))}: {intra} {topo.intra_node_gbps:g} GB/s, {inter} "
+        f"{topo.inter_node_gbps:g} GB/s, copy {topo.copy_gbps:g} GB/s",
     ]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Kimi K2 refit memory planner and dry run")
-    parser.add_argument("--src", default="tp=8,ep=64")
-    parser.add_argument("--dst", default="tp=4,ep=128")
-    parser.add_argument("--gpus", type=int, default=128)
-    parser.add_argument("--gpu", default="h100", help="topology preset: h100, h200, cpu")
+def build_parser() -> argparse.ArgumentParser:
+    from refit_engine.bench import layout_arg, overrides_arg, positive_float, positive_int
+    from refit_engine.topology import PRESETS
+    parser = argparse.ArgumentParser(prog="python -m refit_engine.memory",
+                                     description="Kimi K2 refit memory planner and dry run")
+    parser.add_argument("--src", type=layout_arg, default="tp=8,ep=64",
+                        help="source layout (default tp=8,ep=64)")
+    parser.add_argument("--dst", type=layout_arg, default="tp=4,ep=128",
+                        help="destination layout (default tp=4,ep=128)")
+    parser.add_argument("--gpus", type=positive_int, default=128,
+                        help="GPUs of each model (default 128)")
+    parser.add_argument("--gpu", default="h100", choices=sorted(PRESETS),
+                        help="topology preset: memory, bandwidths, GPUs per node (default h100)")
     parser.add_argument("--non-collocated", action="store_true",
                         help="destination on --gpus more GPUs after the source's")
-    parser.add_argument("--layers", type=int, default=61)
-    parser.add_argument("--model", default="", help="Kimi K2 overrides, e.g. hidden=64,num_experts=8")
-    parser.add_argument("--bucket-mib", type=int, default=DEFAULT_BUCKET_BYTES >> 20)
-    parser.add_argument("--headroom", type=float, default=0.9)
+    parser.add_argument("--layers", type=positive_int, default=61,
+                        help="Kimi K2 layers (default 61, the published model)")
+    parser.add_argument("--model", type=overrides_arg, default={},
+                        help="Kimi K2 overrides, e.g. hidden=64,num_experts=8")
+    parser.add_argument("--bucket-mib", type=positive_int, default=DEFAULT_BUCKET_BYTES >> 20,
+                        help=f"largest message between two ranks in one bucket, MiB (default "
+                             f"{DEFAULT_BUCKET_BYTES >> 20})")
+    parser.add_argument("--headroom", type=positive_float, default=0.9,
+                        help="fraction of GPU memory weights and staging may use (default 0.9)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--per-rank", action="store_true",
                         help="also print every rank's memory and bytes moved")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.model)
-    cfg = KimiK2Config(num_layers=args.layers, **overrides)
-    src = parse_grid(args.src, args.gpus)
-    dst = parse_grid(args.dst, args.gpus, offset=args.gpus if args.non_collocated else 0)
+    if args.headroom > 1:
+        parser.error(f"--headroom is a fraction of GPU memory, at most 1, not {args.headroom}")
+    try:
+        cfg = KimiK2Config(**{"num_layers": args.layers, **args.model})
+    except TypeError as exc:
+        parser.error(f"--model: {exc}")
+    try:
+        src = parse_grid(args.src, args.gpus)
+        dst = parse_grid(args.dst, args.gpus, offset=args.gpus if args.non_collocated else 0)
+    except RefitError as exc:
+        parser.error(f"{exc.reason} (--gpus {args.gpus})")
     total = args.gpus * (2 if args.non_collocated else 1)
     topo = preset(args.gpu, total)
     try:
@@ -218,16 +254,19 @@ def main(argv=None) -> int:
                           "max_gpu_gib": worst.total_bytes / GIB, "topology": asdict(topo)}))
     else:
         print(f"Kimi K2 ({cfg.num_layers} layers) source {args.src} -> destination {args.dst} "
-              f"on {total} GPUs ({'non-collocated' if args.non_collocated else 'collocated'})")
+              f"on {topo.describe(total)} "
+              f"({'non-collocated' if args.non_collocated else 'collocated'})")
         print(report(result))
         if args.per_rank:
-            print(per_rank_table(result["ranks"]))
+            print(per_rank_table(result["ranks"], topo))
     return 0 if result["fits"] else 2
 
 
-def per_rank_table(ranks: list[RankFigures]) -> str:
+def per_rank_table(ranks: list[RankFigures], topo: Topology | None = None) -> str:
+    intra = topo.intra_link if topo else "NVLink"
     head = (f"{'rank':>5}{'source GiB':>11}{'dest GiB':>10}{'staging GiB':>12}{'total GiB':>10}"
-            f"{'local GiB':>10}{'NVLink out':>11}{'NVLink in':>10}{'net out':>9}{'net in':>8}")
+            f"{'local GiB':>10}{intra[:7] + ' out':>11}{intra[:7] + ' in':>10}{'net out':>9}"
+            f"{'net in':>8}")
     rows = [head]
     for f in ranks:
         rows.append(f"{f.rank:>5}{f.src_bytes / GIB:>11.2f}{f.dst_bytes / GIB:>10.2f}"

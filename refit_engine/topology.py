@@ -28,6 +28,14 @@ class Topology:
     # Per refit, besides moving bytes: the collective check that no rank's tensors were
     # replaced since planning (one small all-reduce).
     check_us: float = 50.0
+    # What the links are (labels of the floor's and the prediction's terms).
+    intra_link: str = "NVLink"
+    inter_link: str = "network"
+    # Whether a rank's sending and receiving each get the link's bandwidth (GPUs: NVLink and
+    # NICs are full duplex) or share it (CPU ranks: gloo's TCP copies on both ends run on the
+    # same processors, so one direction alone goes about twice as fast as the figure
+    # `measure` takes with both busy).
+    duplex: bool = True
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
@@ -37,12 +45,21 @@ class Topology:
         per = self.gpus_per_node
         return replace(self, nodes=max(1, -(-gpus // per)))
 
+    def describe(self, gpus: int | None = None) -> str:
+        """e.g. "H100 SXM, 128 GPUs on 16 nodes of 8" (`gpus`: where fewer than the nodes
+        hold)."""
+        gpus = self.nodes * self.gpus_per_node if gpus is None else gpus
+        unit = "ranks" if self.intra_link == "loopback" else "GPUs"
+        return (f"{self.name}, {gpus} {unit} on {self.nodes} node{'s' if self.nodes != 1 else ''}"
+                f" of {self.gpus_per_node}")
+
 
 PRESETS = {
-    "h100": Topology(16, 8, 450.0, 50.0, 10.0, 2980.0, 80.0, "H100 SXM (16 x 8)"),
-    "h200": Topology(16, 8, 450.0, 50.0, 10.0, 4300.0, 141.0, "H200 SXM (16 x 8)"),
+    "h100": Topology(16, 8, 450.0, 50.0, 10.0, 2980.0, 80.0, "H100 SXM"),
+    "h200": Topology(16, 8, 450.0, 50.0, 10.0, 4300.0, 141.0, "H200 SXM"),
     # CPU / gloo over loopback TCP: a few GB/s between processes, memcpy for local copies.
-    "cpu": Topology(1, 4, 2.0, 2.0, 50.0, 10.0, 16.0, "CPU (gloo)", overlap=False),
+    "cpu": Topology(1, 4, 2.0, 2.0, 50.0, 10.0, 16.0, "CPU (gloo)", overlap=False,
+                    intra_link="loopback", duplex=False),
 }
 
 
