@@ -109,28 +109,29 @@ def _model(rank, tp, values, ranks, poison=None, shapes=SHAPES, dtype=None, lib=
     from refit_engine import ShardedTensors, Split
     if rank not in ranks:
         return None, {}
-    dtype = dtype or torch.bfloat16
     part = list(ranks).index(rank) % tp
     m, want = ShardedTensors(), {}
     for name, shape in shapes.items():
         split = Split(0, tp) if tp > 1 and len(shape) == 2 else None
-        full = values[name].to(dtype)
+        full = values[name] if dtype is None else values[name].to(dtype)
         local = full.chunk(tp, 0)[part].clone().contiguous() if split else full.clone()
         want[name] = local.clone()
         if poison is not None:
             local.view(torch.uint8).fill_(poison) if local.numel() else None
         tensor = local
         if lib == "numpy":
-            tensor = local.view(torch.int16).numpy().copy().view("<u2") if dtype == torch.bfloat16 \
-                else local.numpy().copy()
+            tensor = local.view(torch.int16).numpy().copy().view("<u2") \
+                if local.dtype == torch.bfloat16 else local.numpy().copy()
         m.add(name, tensor, shape, split, part)
     return m, want
 
 
 def _pair(rank, world, src_tp=None, dst_tp=1, seed=0, src_ranks=None, dst_ranks=None,
-          shapes=SHAPES, lib="torch", dtype=None):
+          shapes=SHAPES, lib="torch", dtype=None, values=None):
     """Source TP=src_tp (default: world) to destination TP=dst_tp, poisoned; expected values."""
-    values = _globals(seed, shapes)
+    if values is not None:
+        shapes = {k: tuple(v.shape) for k, v in values.items()}
+    values = values if values is not None else _globals(seed, shapes)
     src_ranks = tuple(range(world)) if src_ranks is None else src_ranks
     dst_ranks = tuple(range(world)) if dst_ranks is None else dst_ranks
     src, _ = _model(rank, src_tp or len(src_ranks), values, src_ranks, shapes=shapes, lib=lib,
@@ -214,9 +215,10 @@ def exact(model, want) -> bool:
     for key, value in want.items():
         got = model.tensors.get(key)
         if isinstance(got, np.ndarray):
-            got = torch.from_numpy(np.ascontiguousarray(got).view(np.int16)).view(value.dtype) \
+            got = np.array(got)  # a writable copy
+            got = torch.from_numpy(got.view(np.int16)).view(value.dtype) \
                 if got.dtype.itemsize == 2 and value.dtype == torch.bfloat16 \
-                else torch.from_numpy(np.ascontiguousarray(got))
+                else torch.from_numpy(got)
         if not isinstance(got, torch.Tensor) or _bits(got) is None:  # freed, meta, sparse
             return False
         if not _same_bits(got.detach().reshape(value.shape) if got.numel() == value.numel()
@@ -387,6 +389,8 @@ def _die(kind):
         os.kill(os.getpid(), signal.SIGSTOP)  # the catalogue sends SIGCONT later
     if kind in ("late", "never"):
         time.sleep(LATE_S)
+    if kind == "interrupt":
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a refit
 
 
 def _rank_fault(kind, phase):
@@ -419,7 +423,16 @@ def _rank_fault(kind, phase):
                         _die(kind)
                     return _real(self, bucket)
                 plan.executor._post = post.__get__(plan.executor)
-            if not (me and kind == "never"):
+            if me and kind == "interrupt":
+                try:
+                    refit_engine.execute(plan)
+                    out["problems"] = ["KeyboardInterrupt did not come out of execute()"]
+                except KeyboardInterrupt:
+                    out["exempt"] = True  # interrupted by its user: it has nothing to raise
+                    if not plan.broken:
+                        out["problems"] = ["plan.broken not set after a KeyboardInterrupt "
+                                           "inside execute()"]
+            elif not (me and kind == "never"):
                 snap = snapshot(dst)
                 _, err = attempt("execute", refit_engine.execute, plan)
                 if err:
@@ -428,6 +441,8 @@ def _rank_fault(kind, phase):
                         out.setdefault("problems", []).append("plan.broken not set")
                 else:
                     out["exact"] = exact(dst, want)
+        if me and kind in ("late", "stop"):
+            out["late"] = True  # raises too, but its clock includes its own lateness
         if me and kind == "never":
             out["exempt"] = True  # never called: nothing to raise
             time.sleep(LATE_S if phase != "plan" else 0)
@@ -469,6 +484,26 @@ def _crossed_plans(verify, other_shapes):
         if first:
             return {**first, "untouched": clean}
         return {"exact": exact(da, wa) and exact(db, wb)}
+    return fn
+
+
+# -- ranks passing different options ----------------------------------------------------------
+
+def _disagree(option):
+    def fn(rank, world, case):
+        plan_kw, exec_kw = dict(timeout_s=TIMEOUT_S), {}
+        if option == "mode":
+            plan_kw["mode"] = "non-collocated" if rank == 1 else "auto"
+        elif option == "verify":
+            exec_kw["verify"] = rank == 1
+        elif option == "check":
+            exec_kw["check"] = rank == 0
+        out = run_refit(lambda: _pair(rank, world), plan_kw, exec_kw)
+        if option == "check" and "untouched" in out:
+            # the rank that opted out of the check copies its local pieces at once: the
+            # destination is not expected to stay as it was, only the errors and the group
+            out["untouched"] = None
+        return out
     return fn
 
 
@@ -838,6 +873,47 @@ def _world_of_one(rank, world):
     return src, dst, want
 
 
+def _every_dtype(rank, world):
+    """One tensor of every dtype the planner knows, random bytes (bool: 0 / 1)."""
+    torch = _torch()
+    from refit_engine import dtypes
+    g = torch.Generator().manual_seed(4)
+    values = {}
+    for name in dtypes._DTYPES:
+        dtype = getattr(torch, name)
+        size = dtypes.itemsize(name)
+        raw = torch.randint(0, 256, (48 * 16 * size,), generator=g, dtype=torch.uint8)
+        if dtype == torch.bool:
+            raw = raw % 2
+        values[f"t_{name}"] = raw.view(dtype).view(48, 16)
+    return _pair(rank, world, values=values)
+
+
+def _special_bits(rank, world):
+    """NaNs with payloads (quiet, signalling, negative), -0.0, denormals, inf: bit-exact."""
+    torch = _torch()
+    bf16 = torch.tensor([0x7FC1, 0x7F81, -0x3D, -0x8000, 0x0001, 0x7F80, 0x7FFF, 0x0080],
+                        dtype=torch.int16).repeat(96).view(torch.bfloat16).view(48, 16)
+    f32 = torch.tensor([0x7FC00001, 0x7F800001, -0x3FFFFF, -0x80000000, 0x1, 0x7F800000,
+                        0x7FFFFFFF, 0x00800000], dtype=torch.int32).repeat(96) \
+        .view(torch.float32).view(48, 16)
+    return _pair(rank, world, values={"bf16": bf16, "f32": f32})
+
+
+def _four_dims_last_split(rank, world):
+    """A 4-D tensor split on its last dim (TP=world) to one split on dim 1."""
+    torch = _torch()
+    from refit_engine import ShardedTensors, Split
+    full = torch.randn(2, 6, 4, 8, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    src, dst = ShardedTensors(), ShardedTensors()
+    src.add("w4", full.chunk(world, 3)[rank].contiguous(), full.shape, Split(3, world), rank)
+    mine = full.chunk(world, 1)[rank].contiguous()
+    poisoned = torch.empty_like(mine)
+    poisoned.view(torch.uint8).fill_(POISON)
+    dst.add("w4", poisoned, full.shape, Split(1, world), rank)
+    return src, dst, {"w4": mine}
+
+
 def _no_tensors(rank, world):
     from refit_engine import ShardedTensors
     return ShardedTensors(), ShardedTensors(), {}
@@ -930,7 +1006,8 @@ def cases() -> list[Case]:
             ("exit", "plan", "rank dies (os._exit) before plan()"),
             ("exit", "execute", "rank dies (os._exit) before execute()"),
             ("exit", "mid", "rank dies (os._exit) mid-transfer"),
-            ("sigkill", "mid", "rank killed by SIGKILL mid-transfer")):
+            ("sigkill", "mid", "rank killed by SIGKILL mid-transfer"),
+            ("interrupt", "mid", "KeyboardInterrupt on one rank mid-transfer")):
         out.append(C(label, _rank_fault(kind, phase), world=3, same_error=False,
                      timed=TIMEOUT_S, deadline=fault_deadline, sync=False,
                      dying=frozenset({2}) if kind in ("exit", "sigkill") else frozenset(),
@@ -947,6 +1024,12 @@ def cases() -> list[Case]:
           share="api"),
         C("swap_model_weights, rank holding neither model, two refits", _swap_neither,
           expect="ok", world=3, deadline=15),
+        C("ranks pass different modes", _disagree("mode"), same_error=False,
+          timed=TIMEOUT_S, deadline=15),
+        C("verify=True on one rank only", _disagree("verify"), same_error=False,
+          timed=TIMEOUT_S, deadline=15),
+        C("check=False on one rank only", _disagree("check"), same_error=False,
+          timed=TIMEOUT_S, deadline=15),
         C("two threads execute one plan at once", _two_threads, expect="either",
           same_error=False, deadline=15),
         C("execute after its subgroup was destroyed", _destroyed_group("subgroup"),
@@ -986,6 +1069,12 @@ def cases() -> list[Case]:
         ("source replicas disagree on dtype", I(_replica_dtype), "error", "norm", None,
          "differ"),
         ("tensors requiring grad (parameters)", I(_requires_grad), "ok", None, None, None),
+        ("every supported dtype (bool, ints, uints, floats, float8)", I(_every_dtype), "ok",
+         None, None, None),
+        ("NaN payloads, -0.0, denormals, inf stay bit-exact", I(_special_bits), "ok", None,
+         None, None),
+        ("4-D tensor split on its last dim to a split on dim 1", I(_four_dims_last_split), "ok",
+         None, None, None),
         ("autograd views (non-leaf, grad_fn)", I(_autograd_views), "ok", None, None, None),
         ("destinations are views into one larger buffer", _check_flat(None), "ok", None, None,
          None),
@@ -1080,7 +1169,7 @@ def _rank_main(rank, world, port, names, results):
         dist = _dist()
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        catalogue = {c.name: c for c in cases()}
+        catalogue = {c.name: c for c in cases() + selftest_cases()}
         for name in names:
             case = catalogue[name]
             t0 = time.perf_counter()
@@ -1137,7 +1226,7 @@ def _exit_text(code) -> str:
     return f"exit code {code}"
 
 
-def run_world(ctx, world: int, batch: list[Case], log=None) -> dict:
+def run_world(ctx, world: int, batch: list[Case]) -> dict:
     """Runs `batch` (cases of one world size) in a world, starting fresh worlds after any case
     that crashed, hung or left the group out of step. Returns {name: raw result}."""
     raw = {}
@@ -1225,9 +1314,6 @@ def run_world(ctx, world: int, batch: list[Case], log=None) -> dict:
                     p.kill()
                     p.join(timeout=2)
         results.close()
-        if log:
-            for name in list(raw)[-len(batch):]:
-                pass
     return raw
 
 
@@ -1321,9 +1407,6 @@ def classify(case: Case, raw: dict | None) -> dict:
     if case.timed is not None:
         slow = {r: e["elapsed"] for r, e in refit_errors.items()
                 if e["elapsed"] > case.timed + SLACK_S and not e.get("late")}
-        late_rank = case.world - 1 if case.world > 2 and case.resume_after is not None or \
-            "late" in case.name else None
-        slow.pop(late_rank, None)
         if slow:
             r = min(slow)
             return finish("failed", f"rank {r} raised after {slow[r]:.1f} s (timeout_s "
@@ -1355,15 +1438,48 @@ HEADER = (f"{'case':<58} {'expected':<11} {'what happened':<110} {'every':<5} {'
           f"{'sec':>6}")
 
 
-def select(names=None) -> list[Case]:
+def select(names=None, exact_names=False) -> list[Case]:
+    """The catalogue's cases named (exactly, or by case-insensitive substring), in catalogue
+    order; the harness's own self-test cases only when named exactly."""
     catalogue = cases()
     if not names:
         return catalogue
-    chosen = []
-    for c in catalogue:
-        if any(n == c.name for n in names) or any(n.lower() in c.name.lower() for n in names):
-            chosen.append(c)
+    chosen = [c for c in catalogue + selftest_cases() if c.name in names]
+    if not exact_names:
+        chosen += [c for c in catalogue if c not in chosen
+                   and any(n.lower() in c.name.lower() for n in names)]
+        order = {c.name: i for i, c in enumerate(catalogue + selftest_cases())}
+        chosen.sort(key=lambda c: order[c.name])
     return chosen
+
+
+# -- the harness's own checks: a crash, a hang and a silent wrong result are classified as
+# such, and a shared world carries on after a crash (tests/test_faults.py runs them) -----------
+
+def _selftest_segfault(rank, world, case):
+    if rank == 1:
+        import ctypes
+        ctypes.string_at(0)  # SIGSEGV
+    time.sleep(30)
+
+
+def _selftest_hang(rank, world, case):
+    time.sleep(30)
+
+
+SELFTEST = ("selftest: segfault", "selftest: after a crash, same world", "selftest: hang",
+            "selftest: wrong result", "selftest: wrong exception")
+
+
+def selftest_cases() -> list[Case]:
+    return [
+        Case(SELFTEST[0], _selftest_segfault, expect="ok", share="selftest", deadline=20),
+        Case(SELFTEST[1], lambda r, w, c: {"exact": True}, expect="ok", share="selftest"),
+        Case(SELFTEST[2], _selftest_hang, expect="ok", deadline=2),
+        Case(SELFTEST[3], lambda r, w, c: {"exact": r == 0}, expect="ok"),
+        Case(SELFTEST[4], lambda r, w, c: run_refit(lambda: _pair(r, w),
+                                                     plan_kw=dict(no_such_option=1))),
+    ]
 
 
 def _context(chosen, method):
@@ -1377,10 +1493,12 @@ def _context(chosen, method):
     return ctx
 
 
-def run_catalogue(names=None, jobs: int = 2, method: str = "forkserver", echo=None) -> tuple:
-    """Runs the chosen cases; returns (rows in catalogue order, summary)."""
+def run_catalogue(names=None, jobs: int = 2, method: str = "forkserver", echo=None,
+                  exact_names: bool = False) -> tuple:
+    """Runs the chosen cases (all by default); returns (rows in catalogue order, summary)."""
     t0 = time.monotonic()
-    chosen = select(names)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # gloo's timeout warnings: expected
+    chosen = select(names, exact_names)
     ctx = _context(chosen, method)
     batches: list[tuple[int, list[Case]]] = []
     shared: dict = {}
