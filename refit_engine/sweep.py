@@ -27,17 +27,24 @@ from refit_engine.grid import parse_overrides
 
 
 def parse_configs(text: str) -> list[dict]:
+    """"8:4 4:2:non-collocated:nccl" -> configurations; ValueError saying what is wrong."""
     out = []
     for item in text.replace(",", " ").split():
         parts = item.split(":")
-        if len(parts) < 2:
-            raise SystemExit(f"bad configuration '{item}': SRC_TP:DST_TP[:MODE[:METHOD]]")
+        if not 2 <= len(parts) <= 4 or not all(p.isdigit() and int(p) > 0 for p in parts[:2]):
+            raise ValueError(f"bad configuration '{item}': SRC_TP:DST_TP[:MODE[:METHOD]] with "
+                             "positive TP sizes")
         mode = parts[2] if len(parts) > 2 else "collocated"
         if mode not in ("collocated", "non-collocated", "noncollocated"):
-            raise SystemExit(f"bad mode '{mode}' in '{item}'")
+            raise ValueError(f"bad mode '{mode}' in '{item}' (collocated, non-collocated)")
+        method = parts[3] if len(parts) > 3 else None
+        if method not in (None, "nccl", "gloo"):
+            raise ValueError(f"bad method '{method}' in '{item}' (nccl, gloo)")
         out.append({"src_tp": int(parts[0]), "dst_tp": int(parts[1]),
                     "mode": "non-collocated" if mode.startswith("non") else "collocated",
-                    "method": parts[3] if len(parts) > 3 else None})
+                    "method": method})
+    if not out:
+        raise ValueError("no configuration given")
     return out
 
 
@@ -51,20 +58,25 @@ def choose_expert_parallel(cfg, world: int, src_tp: int, dst_tp: int, collocated
     from refit_engine.memory import check_fits
     from refit_engine.topology import preset
     side = world // 2 if not collocated else world
+    where = f"{side} ranks" + ("" if collocated else " (half of the world, non-collocated)")
+    for name, tp in (("source", src_tp), ("destination", dst_tp)):
+        if tp < 1 or side % tp:  # no EP helps: say so, not "does not fit"
+            raise RefitError(f"{name} TP {tp} does not divide {where}")
     cap = gcd(cfg.num_experts, side)
     divisors = [d for d in range(1, cap + 1) if cap % d == 0]
     topo = preset(topo_name, world)
     dst_ep = divisors[-1]
+    last = None
     for src_ep in divisors:
         try:
             check_fits(cfg, ParallelGrid(side, tp=src_tp, ep=src_ep),
                        ParallelGrid(side, tp=dst_tp, ep=dst_ep, offset=0 if collocated else side),
                        topo, collocated)
             return src_ep, dst_ep
-        except RefitError:
-            continue
+        except RefitError as exc:
+            last = exc
     raise RefitError(f"no expert-parallel size lets TP{src_tp} -> TP{dst_tp} fit on {world} "
-                     f"{topo_name} GPUs")
+                     f"{topo_name} GPUs (with source EP{divisors[-1]}: {last.reason})")
 
 
 def plot(results: list[dict], path: Path) -> Path | None:
@@ -77,6 +89,9 @@ def plot(results: list[dict], path: Path) -> Path | None:
         print("[sweep] matplotlib is not installed: no plot (pip install matplotlib)")
         return None
     ok = [r for r in results if not r.get("error")]
+    if not ok:
+        print("[sweep] no configuration ran: no plot")
+        return None
     labels = [f"TP{r['config']['src']['tp']}->TP{r['config']['dst']['tp']}\n{r['config']['mode']}"
               for r in ok]
     times = [statistics.median(r["ours_ms"]) for r in ok]
@@ -99,40 +114,82 @@ def plot(results: list[dict], path: Path) -> Path | None:
     return path
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Kimi K2 refit sweep")
+def _env_flag(name: str):
+    """True / False where the environment sets `name` to 1 / 0, None where it does not."""
+    value = os.environ.get(name)
+    return None if value in (None, "") else value == "1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from refit_engine.bench import non_negative_int, positive_float, positive_int
+    from refit_engine.topology import PRESETS
+    parser = argparse.ArgumentParser(prog="python -m refit_engine.sweep",
+                                     description="Kimi K2 refit sweep")
     parser.add_argument("--configs", default=os.environ.get(
         "CONFIGS", "8:4:collocated:nccl 8:2:collocated:nccl 8:1:collocated:nccl "
-                   "4:2:collocated:nccl 4:1:collocated:nccl"))
+                   "4:2:collocated:nccl 4:1:collocated:nccl"),
+        help="SRC_TP:DST_TP[:MODE[:METHOD]] list, MODE collocated or non-collocated "
+             "(env CONFIGS)")
     parser.add_argument("--backend", default=os.environ.get("BACKEND", "nccl"),
-                        choices=["nccl", "gloo"])
-    parser.add_argument("--world", type=int, default=4, help="processes to spawn without a launcher")
-    parser.add_argument("--iters", type=int, default=int(os.environ.get("NUM_ITERATIONS", 5)))
-    parser.add_argument("--warmup", type=int, default=int(os.environ.get("NUM_WARMUP", 2)))
-    parser.add_argument("--full-size", action="store_true",
-                        default=os.environ.get("FULL_SIZE", "0") == "1")
+                        choices=["nccl", "gloo"],
+                        help="nccl (one GPU per rank) or gloo (CPU processes) (env BACKEND)")
+    parser.add_argument("--world", type=positive_int, default=4,
+                        help="processes to spawn without a launcher (default 4)")
+    parser.add_argument("--iters", type=positive_int,
+                        default=int(os.environ.get("NUM_ITERATIONS", 5)),
+                        help="timed refits per configuration (env NUM_ITERATIONS, default 5)")
+    parser.add_argument("--warmup", type=non_negative_int,
+                        default=int(os.environ.get("NUM_WARMUP", 2)),
+                        help="untimed refits first, after planning (env NUM_WARMUP, default 2)")
+    parser.add_argument("--full-size", action=argparse.BooleanOptionalAction,
+                        default=_env_flag("FULL_SIZE"),
+                        help="published Kimi K2 sizes (env FULL_SIZE=1); --no-full-size: toy "
+                             "sizes. Unsaid: toy sizes for a run, full size for --check-only")
     parser.add_argument("--model", default=os.environ.get("MODEL_OVERRIDES", ""),
                         help="Kimi K2 overrides, e.g. num_layers=8 (toy sizes without --full-size)")
     parser.add_argument("--src-extra", default=os.environ.get("SRC_EXTRA", ""),
                         help="extra source layout, e.g. ep=64,etp=1,pp=1 (default: auto EP)")
-    parser.add_argument("--dst-extra", default=os.environ.get("DST_EXTRA", ""))
-    parser.add_argument("--gpu", default=os.environ.get("GPU_KIND", "h100"),
-                        help="topology preset for floors and memory checks: h100, h200, cpu")
+    parser.add_argument("--dst-extra", default=os.environ.get("DST_EXTRA", ""),
+                        help="extra destination layout, e.g. ep=128 (default: auto EP)")
+    parser.add_argument("--gpu", default=os.environ.get("GPU_KIND", "h100"), choices=sorted(PRESETS),
+                        help="topology preset for floors and memory checks: h100, h200, cpu "
+                             "(env GPU_KIND)")
     parser.add_argument("--output-dir", default=os.environ.get(
-        "OUTPUT_DIR", "benchmark_results/kimi_k2"))
+        "OUTPUT_DIR", "benchmark_results/kimi_k2"),
+        help="results go to OUTPUT_DIR/logs (env OUTPUT_DIR)")
     parser.add_argument("--run-id", default=os.environ.get("RUN_ID") or os.environ.get(
-        "SLURM_JOB_ID") or time.strftime("%Y%m%d_%H%M%S"))
+        "SLURM_JOB_ID") or time.strftime("%Y%m%d_%H%M%S"),
+        help="prefix of the result files (env RUN_ID, else the Slurm job id, else the time)")
     parser.add_argument("--compare-megatron", action="store_true",
-                        default=os.environ.get("COMPARE_MEGATRON", "0") == "1")
-    parser.add_argument("--bucket-mib", type=int, default=int(os.environ.get("BUCKET_MIB", 64)))
-    parser.add_argument("--timeout", type=float, default=float(os.environ.get("TIMEOUT_S", 600)))
+                        default=os.environ.get("COMPARE_MEGATRON", "0") == "1",
+                        help="also time megatron-core's refit where it can do the layout "
+                             "(env COMPARE_MEGATRON=1)")
+    parser.add_argument("--bucket-mib", type=positive_int,
+                        default=int(os.environ.get("BUCKET_MIB", 64)),
+                        help="largest message between two ranks in one bucket, MiB "
+                             "(env BUCKET_MIB, default 64)")
+    parser.add_argument("--timeout", type=positive_float,
+                        default=float(os.environ.get("TIMEOUT_S", 600)),
+                        help="seconds for any wait (env TIMEOUT_S, default 600)")
     parser.add_argument("--check-only", action="store_true",
-                        help="memory check of every configuration on --gpus GPUs, no GPUs used")
-    parser.add_argument("--gpus", type=int, default=int(os.environ.get("TOTAL_GPUS", 0)),
-                        help="GPU count for --check-only")
+                        help="memory check of every configuration on --gpus GPUs, no GPUs used "
+                             "(full-size Kimi K2 unless --no-full-size / FULL_SIZE=0)")
+    parser.add_argument("--gpus", type=non_negative_int,
+                        default=int(os.environ.get("TOTAL_GPUS", 0)),
+                        help="GPU count for --check-only (env TOTAL_GPUS; default --world)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.full_size is None:  # the GPUs' question is whether the real model fits
+        args.full_size = args.check_only
     args.model_overrides = parse_overrides(args.model)
-    configs = parse_configs(args.configs)
+    try:
+        configs = parse_configs(args.configs)
+    except ValueError as exc:
+        parser.error(f"--configs: {exc}")
     if args.check_only:
         return check_only(args, configs)
     if not bench.launched():
@@ -153,6 +210,9 @@ def check_only(args, configs) -> int:
     cfg = bench.model_config(args.full_size, args.model_overrides)
     gpus = args.gpus or args.world
     topo = preset(args.gpu, gpus)
+    print(f"[sweep] memory check: Kimi K2 at {'full' if args.full_size else 'toy'} size "
+          f"({cfg.num_layers} layers, hidden {cfg.hidden}, {cfg.num_experts} experts) on "
+          f"{topo.describe(gpus)}, {topo.memory_gib:.0f} GiB each")
     failed = 0
     for c in configs:
         collocated = c["mode"] == "collocated"
@@ -221,10 +281,10 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
                 model=args.model_overrides, full_size=args.full_size)
             result = bench.run_rank(rank, world, opts, topo)
         except RefitError as exc:  # e.g. does not fit: report and go on with the next one
-            bench.log(rank, f"skipped: {exc}")
+            bench.log(rank, f"skipped: {exc.reason}")
             result = {"config": {"src": {"tp": c["src_tp"]}, "dst": {"tp": c["dst_tp"]},
                                  "mode": c["mode"], "method": method, "world": world},
-                      "error": str(exc)}
+                      "error": exc.reason}
         finally:
             if log_file:
                 bench._LOG_FILES.remove(log_file)
@@ -258,7 +318,8 @@ def write_outputs(args, results: list[dict], logs: Path, nodes, world: int, topo
 
 
 def _spawn(args) -> int:
-    procs = bench.spawn_ranks(_spawned, args.world, args)
+    procs = bench.spawn_ranks(_spawned, args.world, args,
+                              env=bench.GLOO_ENV if args.backend == "gloo" else None)
     for p in procs:
         p.join()
     return max(p.exitcode or 0 for p in procs)

@@ -31,3 +31,73 @@ def test_sweep_spawns_its_ranks_and_writes_its_outputs(tmp_path):
     assert "Config: TP 2 -> TP 1 (collocated, gloo)" in summary and "Bit-exact: True" in summary
     assert json.loads((logs / "t_results.json").read_text())["results"][0]["exact"] is True
     assert (logs / "t_refit_times.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_tp_that_does_not_divide_the_ranks_is_refused_with_that_reason():
+    import argparse
+
+    import pytest
+
+    from refit_engine import RefitError
+    from refit_engine.models.kimi_k2 import KimiK2Config
+    from refit_engine.sweep import layout_extras
+    args = argparse.Namespace(src_extra="", dst_extra="", gpu="cpu")
+    with pytest.raises(RefitError) as exc:  # not "no expert-parallel size lets it fit"
+        layout_extras(KimiK2Config.toy(), {"src_tp": 3, "dst_tp": 1, "mode": "collocated"}, args, 4)
+    assert exc.value.reason == "source TP 3 does not divide 4 ranks"
+    with pytest.raises(RefitError, match="destination TP 4 does not divide 2 ranks "
+                                         r"\(half of the world, non-collocated\)"):
+        layout_extras(KimiK2Config.toy(), {"src_tp": 2, "dst_tp": 4, "mode": "non-collocated"},
+                      args, 4)
+
+
+def test_a_sweep_where_every_configuration_failed_draws_no_plot(tmp_path, capsys):
+    import argparse
+
+    from refit_engine.sweep import write_outputs
+    from refit_engine.topology import preset
+    failed = {"config": {"src": {"tp": 3}, "dst": {"tp": 1}, "mode": "collocated",
+                         "method": "gloo", "world": 4}, "error": "source TP 3 does not divide 4 ranks"}
+    args = argparse.Namespace(run_id="t", backend="gloo")
+    assert write_outputs(args, [failed], tmp_path, "1", 4, preset("cpu", 4)) == 2
+    assert not (tmp_path / "t_refit_times.png").exists()
+    out = capsys.readouterr().out
+    assert "no configuration ran: no plot" in out and "Failed: source TP 3 does not divide" in out
+
+
+def test_check_only_checks_the_full_size_model_unless_told_otherwise(capsys, monkeypatch):
+    monkeypatch.delenv("FULL_SIZE", raising=False)
+    common = ["--check-only", "--backend", "nccl", "--gpus", "128", "--configs", "8:4",
+              "--src-extra", "ep=1"]
+    assert main(common) == 2  # full size: all 384 experts on every GPU do not fit
+    out = capsys.readouterr().out
+    assert "memory check: Kimi K2 at full size (61 layers, hidden 7168, 384 experts) on " \
+           "H100 SXM, 128 GPUs on 16 nodes of 8, 80 GiB each" in out
+    assert "source 1894.5 GiB at TP8/PP1/EP1/ETP1" in out
+    assert main(common + ["--no-full-size"]) == 0  # said so: the toy model, and it says so
+    assert "memory check: Kimi K2 at toy size" in capsys.readouterr().out
+    monkeypatch.setenv("FULL_SIZE", "0")  # the Slurm script's knob: what the sweep will run
+    assert main(common) == 0
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from refit_engine.sweep import build_parser
+    missing = [a.option_strings for a in build_parser()._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, f"options without help: {missing}"
+
+
+def test_bad_configurations_and_counts_are_refused_in_one_line(capsys):
+    import pytest
+    for argv, message in ((["--configs", "3:x"], "--configs: bad configuration '3:x'"),
+                          (["--configs", "8:4:sideways"], "bad mode 'sideways'"),
+                          (["--configs", "8:4:collocated:mpi"], "bad method 'mpi'"),
+                          (["--iters", "0"], "argument --iters: must be at least 1, not 0"),
+                          (["--world", "-1"], "argument --world: must be at least 1, not -1"),
+                          (["--gpu", "a100"], "argument --gpu: invalid choice")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--check-only"] + argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "Traceback" not in err, argv
