@@ -1498,6 +1498,7 @@ def run_catalogue(names=None, jobs: int = 2, method: str = "forkserver", echo=No
     """Runs the chosen cases (all by default); returns (rows in catalogue order, summary)."""
     t0 = time.monotonic()
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # gloo's timeout warnings: expected
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")  # megatron without TE
     chosen = select(names, exact_names)
     ctx = _context(chosen, method)
     batches: list[tuple[int, list[Case]]] = []

@@ -30,10 +30,6 @@ XFAIL = {
     "execute after the default group was destroyed":
         "accepted: the refit runs after destroy_process_group()",
     "plan() on a destroyed group": "KeyError from torch.distributed, not RefitError",
-    "sparse source tensor": "ShardedTensors.add raises RuntimeError (data_ptr of a sparse "
-                            "tensor) instead of recording a RefitError",
-    "sparse destination tensor": "ShardedTensors.add raises RuntimeError (data_ptr of a sparse "
-                                 "tensor) instead of recording a RefitError",
     "NumPy arrays with verify=True": "verify's checksums call .detach() on NumPy arrays "
                                      "(AttributeError, reported as RefitError)",
     "read-only NumPy destination": "accepted: the refit writes into a read-only NumPy array",
