@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests, GPU benchmarks. Logs and JSON go to $OUT.
-# Usage (device tool): bash bench/device_run.sh [tests|kernels|loopback|sweep|multi|all]
+# Usage (device tool): bash bench/device_run.sh [suite|tests|kernels|loopback|sweep|multi|all]
+#   suite: the whole test suite (megatron-core from .whl when carried) and the README's main job
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,6 +19,14 @@ CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" python3 -m pip install --no-build-iso
 echo "build: $(( $(date +%s) - t0 )) s"; grep "refit_engine:" "$OUT/build.log"
 python3 -c "import refit_engine, refit_engine._core as c; print(refit_engine.features(), c.nccl_version())"
 rc=0
+if [[ $what == suite ]]; then
+  python3 -c "import megatron.core as m, torch, numpy; print('megatron-core', m.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"
+  # Slurm needs apt-get (no network here): skipped. Per-test limit: a hang fails its test.
+  REFIT_ENGINE_SLURM_TEST=0 timeout ${SUITE_TIMEOUT_S:-420} python3 -m pytest -q -rfEs \
+    --timeout=${TEST_TIMEOUT_S:-180} -p no:cacheprovider tests 2>&1 | tee "$OUT/suite.log" \
+    | grep -v -i "warn" | tail -40 || rc=1
+  timeout ${MAIN_TIMEOUT_S:-180} python3 -m refit_engine.bench 2>&1 | tee "$OUT/mainjob.log" | tail -12 || rc=1
+fi
 if [[ $what == all || $what == tests ]]; then
   python3 -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/tests_gpu.log" | tail -25 || rc=1
 fi

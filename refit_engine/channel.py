@@ -36,9 +36,21 @@ _plans_lock = threading.Lock()
 
 def group_ranks(group) -> list[int]:
     """Global ranks of `group` (None: the default group), in group order."""
-    if group is None:
-        return list(range(dist.get_world_size()))
-    return list(dist.get_process_group_ranks(group))
+    try:
+        if group is None:
+            return list(range(dist.get_world_size()))
+        return list(dist.get_process_group_ranks(group))
+    except (KeyError, ValueError, RuntimeError) as exc:  # destroyed, or not a group of ours
+        raise RefitError(f"group {group!r} is not a live process group of this process "
+                         f"(destroyed, or from another process): {type(exc).__name__}: {exc}",
+                         ranks=_my_rank()) from exc
+
+
+def _my_rank() -> list[int]:
+    try:
+        return [dist.get_rank()]
+    except Exception:  # no default group either
+        return []
 
 
 def _default_store():
@@ -150,13 +162,13 @@ class Channel:
         self.wait(self.pg.allgather([out], [padded]), what)
         return [pickle.loads(o[:int(s)].numpy().tobytes()) for o, s in zip(out, sizes)]
 
-    def any(self, flag: bool, what: str) -> bool:
-        """True on every rank if `flag` is true on any rank (one tiny all-reduce)."""
+    def max(self, values: list[int], what: str) -> list[int]:
+        """The element-wise maximum of every rank's `values` (one small all-reduce)."""
         self._what = what
         self._enter(what)
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        t = torch.tensor(values, dtype=torch.int64)
         self.wait(self.pg.allreduce([t], _MAX), what)
-        return bool(int(t.item()))
+        return t.tolist()
 
     def close(self) -> None:
         """Stops the group's threads; pending waits end with an error."""

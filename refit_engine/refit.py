@@ -254,15 +254,39 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
                 executor, src_tensors, dst_tensors, current={**src_current, **dst_current})
 
 
-def _check_still_valid(plan: Plan) -> None:
-    """Collective: every rank raises if any rank's tensors changed since planning. One tiny
-    all-reduce when all is well; the reasons are gathered only when something is stale."""
-    stale = stale_reason(plan)
-    if not plan.channel.any(stale is not None, f"refit {plan.refits + 1} check"):
-        return
-    for rank, found in _gather((plan.rank, stale), plan.channel, "stale tensors"):
-        if found:
-            raise RefitError(found[1], tensor=found[0], ranks=[rank])
+def _option_flags(plan: Plan, options: dict) -> tuple[str | None, list[int]]:
+    """(this rank's problem with the options, the flags every rank must agree on)."""
+    problem = None
+    for name, value in options.items():
+        if not isinstance(value, (bool, np.bool_)):
+            problem = f"{name} must be True or False, not {value!r}"
+    if problem is None and options["verify"] and not options["sync"]:
+        problem = "verify=True needs sync=True (the checksums need the refit finished)"
+    # Each flag twice, as itself and negated: after a MAX reduction both are set iff ranks
+    # disagree.
+    flags = [int(bool(v)) for v in options.values()]
+    return problem, [f for flag in flags for f in (flag, 1 - flag)]
+
+
+def _check_still_valid(plan: Plan, options: dict) -> None:
+    """Collective, before any byte moves: every rank raises if any rank's tensors changed since
+    planning, if a rank's options are invalid, or if ranks disagree on them. One tiny all-reduce
+    when all is well; the reasons are gathered only when something is wrong."""
+    problem, flags = _option_flags(plan, options)
+    stale = None if problem else stale_reason(plan)
+    found = (plan.rank, problem, stale)
+    reduced = plan.channel.max([int(problem is not None or stale is not None), *flags],
+                               f"refit {plan.refits + 1} check")
+    if reduced[0]:
+        for rank, bad_option, bad_tensor in _gather(found, plan.channel, "refit problems"):
+            if bad_option:
+                raise RefitError(bad_option, ranks=[rank])
+            if bad_tensor:
+                raise RefitError(bad_tensor[1], tensor=bad_tensor[0], ranks=[rank])
+    split = [name for i, name in enumerate(options) if reduced[1 + 2 * i] and reduced[2 + 2 * i]]
+    if split:
+        raise RefitError(f"ranks disagree on execute's options {split}: every rank of the plan "
+                         "must pass the same", ranks=plan.channel.ranks)
 
 
 class CudaRefitRunner:
@@ -318,11 +342,8 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
     if not isinstance(plan, Plan):
         raise RefitError(f"execute() takes the Plan that refit_engine.plan() returned, not "
                          f"{type(plan).__name__}")
-    for name, value in (("graph", graph), ("sync", sync), ("verify", verify), ("check", check)):
-        if not isinstance(value, (bool, np.bool_)):
-            raise RefitError(f"{name} must be True or False, not {value!r}", ranks=[plan.rank])
-    if verify and not sync:  # before anything moves: the checksums need the refit finished
-        raise RefitError("verify=True needs sync=True", ranks=[plan.rank])
+    if not isinstance(check, (bool, np.bool_)):
+        raise RefitError(f"check must be True or False, not {check!r}", ranks=[plan.rank])
     # NOTE: a second thread is refused, not queued: its refit would be a second collective
     # that the other ranks do not expect.
     if not plan.lock.acquire(blocking=False):
@@ -339,9 +360,12 @@ def _execute_locked(plan: Plan, graph, stream, sync, verify, check) -> dict:
     if plan.broken:
         raise RefitError(f"plan is unusable after an earlier failure ({plan.broken}); build a "
                          "new plan", ranks=[plan.rank])
+    options = {"graph": graph, "sync": sync, "verify": verify}
     try:
         if check:
-            _check_still_valid(plan)
+            _check_still_valid(plan, options)
+        elif (problem := _option_flags(plan, options)[0]) is not None:
+            raise RefitError(problem, ranks=[plan.rank])  # unchecked: this rank alone knows
         t0 = time.perf_counter()
         plan.executor.run(graph, stream, sync, plan.timeout_s)
         elapsed = time.perf_counter() - t0
@@ -357,4 +381,7 @@ def _execute_locked(plan: Plan, graph, stream, sync, verify, check) -> dict:
     except Exception as exc:
         plan.broken = f"{type(exc).__name__}: {exc}"
         raise RefitError(f"refit failed: {plan.broken}", ranks=[plan.rank]) from exc
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit: propagate, plan unusable
+        plan.broken = f"interrupted ({type(exc).__name__})"
+        raise
     return {**plan.traffic, "elapsed_s": elapsed}

@@ -198,3 +198,64 @@ def test_out_of_range_options_raise_refit_error_on_every_rank():
         for options, outcome in zip(BAD_OPTIONS + ["graph", "sync", "verify"], per_rank):
             assert isinstance(outcome, tuple), (options, outcome)
             assert outcome[2], (options, "destination touched")
+
+
+def _split_options(rank, world):
+    src, dst = _models(rank)
+    plan = refit_engine.plan(src, dst, timeout_s=30)
+    outcomes = []
+    for options in (dict(verify=rank == 0), dict(graph=False, sync=rank == 1)):
+        try:
+            refit_engine.execute(plan, **options)
+            outcomes.append("no error")
+        except RefitError as exc:
+            outcomes.append((exc.ranks, exc.reason))
+        src, dst = _models(rank)
+        plan = refit_engine.plan(src, dst, timeout_s=30)
+    untouched = bool(dst.tensors["w"].view(torch.uint8).eq(0xA5).all())
+    return outcomes, untouched
+
+
+def test_ranks_passing_different_execute_options_raise_on_every_rank():
+    for outcomes, untouched in run_world(_split_options, 2):
+        assert all(o != "no error" and o[0] == [0, 1] and "disagree" in o[1] for o in outcomes), \
+            outcomes
+        assert untouched
+
+
+def _interrupted(rank, world):
+    src, dst = _models(rank)
+    plan = refit_engine.plan(src, dst, timeout_s=TIMEOUT)
+    if rank == 0:
+        def interrupt(*_):
+            raise KeyboardInterrupt
+        plan.executor.run = interrupt
+    try:
+        refit_engine.execute(plan)
+        return "no error", plan.broken is not None
+    except KeyboardInterrupt:
+        return "interrupted", plan.broken is not None
+    except RefitError as exc:
+        return exc.reason, plan.broken is not None
+
+
+def test_interrupted_refit_leaves_plan_unusable():
+    (first, broken0), (second, broken1) = run_world(_interrupted, 2)
+    assert first == "interrupted" and broken0
+    assert second != "no error" and broken1
+
+
+def test_destroyed_group_is_refused():
+    for outcome in run_world(_destroyed_group, 2):
+        assert "not a live process group" in outcome, outcome
+
+
+def _destroyed_group(rank, world):
+    group = dist.new_group([0, 1])
+    dist.destroy_process_group(group)
+    src, dst = _models(rank)
+    try:
+        refit_engine.plan(src, dst, group=group)
+        return "no error"
+    except RefitError as exc:
+        return exc.reason
