@@ -1032,10 +1032,11 @@ def cases() -> list[Case]:
           timed=TIMEOUT_S, deadline=15),
         C("two threads execute one plan at once", _two_threads, expect="either",
           same_error=False, deadline=15),
+        # A plan owns its channel (refit_engine/channel.py): the caller's group may go.
         C("execute after its subgroup was destroyed", _destroyed_group("subgroup"),
-          deadline=15),
+          expect="ok", deadline=15),
         C("execute after the default group was destroyed", _destroyed_group("default"),
-          deadline=15, sync=False),
+          expect="ok", deadline=15, sync=False),
         C("plan() on a destroyed group", _destroyed_group("plan on destroyed"), deadline=15),
         C("repeated execute after a failure (tensor replaced)",
           lambda r, w, c: _repeat_after_failure(r, w), tensor="proj", ranks=[1],

@@ -41,14 +41,15 @@ def group_ranks(group) -> list[int]:
             return list(range(dist.get_world_size()))
         return list(dist.get_process_group_ranks(group))
     except (KeyError, ValueError, RuntimeError) as exc:  # destroyed, or not a group of ours
-        raise RefitError(f"group {group!r} is not a live process group of this process "
-                         f"(destroyed, or from another process): {type(exc).__name__}: {exc}",
-                         ranks=_my_rank()) from exc
+        raise RefitError("the group passed to refit_engine is not a live process group of this "
+                         f"process (destroyed, or not created here; {type(exc).__name__})",
+                         ranks=_world_ranks()) from exc
 
 
-def _my_rank() -> list[int]:
+def _world_ranks() -> list[int]:
+    """The default group's ranks: what every rank can name when its own group is unknown."""
     try:
-        return [dist.get_rank()]
+        return list(range(dist.get_world_size()))
     except Exception:  # no default group either
         return []
 

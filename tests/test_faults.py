@@ -21,19 +21,9 @@ import faults  # noqa: E402
 
 # case -> what it does today (not handled yet)
 XFAIL = {
-    "KeyboardInterrupt on one rank mid-transfer":
-        "plan.broken is not set on the interrupted rank (execute only marks RefitError)",
-    "verify=True on one rank only":
-        "the rank without verify returns normally; the other raises after the bytes landed",
-    "execute after its subgroup was destroyed":
-        "accepted: the refit runs on the destroyed group's ProcessGroup object",
-    "execute after the default group was destroyed":
-        "accepted: the refit runs after destroy_process_group()",
-    "plan() on a destroyed group": "KeyError from torch.distributed, not RefitError",
     "NumPy arrays with verify=True": "verify's checksums call .detach() on NumPy arrays "
                                      "(AttributeError, reported as RefitError)",
     "read-only NumPy destination": "accepted: the refit writes into a read-only NumPy array",
-    "verify=True with sync=False": "each rank names only itself in ranks: different errors",
     "float dim in global shape": "accepted: global_shape (24.5, 24) is truncated to (24, 24)",
     "negative dim in global shape": "the RefitError names no rank",
     "huge global shape (2**62 rows)": "the RefitError names no rank",
