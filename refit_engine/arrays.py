@@ -34,9 +34,42 @@ def _kind(array) -> str:
     raise TypeError(f"unsupported array type {type(array).__name__} (torch, numpy or cupy)")
 
 
+def _torch_unsupported(t) -> str | None:
+    """Why a torch tensor cannot be refit as its bytes (it has no plain storage, or its bytes
+    are not its values), else None."""
+    if getattr(t, "is_nested", False):
+        return "nested tensors are not supported"
+    if str(t.layout) != "torch.strided":
+        return f"layout {t.layout} is not supported; only dense (strided) tensors can be refit"
+    if t.is_quantized:
+        return f"quantized tensors ({t.dtype}) are not supported"
+    if t.is_conj():
+        return ("lazy conjugate views are not supported (their bytes are not their values): "
+                "resolve_conj() first")
+    if t.is_neg():
+        return ("lazy negative views are not supported (their bytes are not their values): "
+                "resolve_neg() first")
+    return None
+
+
 def info(array) -> ArrayInfo:
+    """Raises TypeError for arrays that cannot be refit (unsupported kinds and layouts) and
+    ValueError for unsupported dtypes."""
     kind = _kind(array)
+    try:
+        return _info(kind, array)
+    except (TypeError, ValueError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises, said as a TypeError
+        raise TypeError(f"{type(array).__name__} cannot be inspected "
+                        f"({type(exc).__name__}: {exc})") from exc
+
+
+def _info(kind: str, array) -> ArrayInfo:
     if kind == "torch":
+        problem = _torch_unsupported(array)
+        if problem:
+            raise TypeError(problem)
         device = "meta" if array.is_meta else str(array.device)
         if device == "cuda":
             device = f"cuda:{array.device.index}"

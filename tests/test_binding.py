@@ -344,7 +344,42 @@ def _empty_cases(rank):
     }
 
 
-CASES = {"overlap": _overlap_cases, "shape": _shape_cases, "empty": _empty_cases}
+def _unsupported_cases(rank):
+    g = _globals(12)
+
+    def adding(side, name, make_tensor, on_rank, shape=(4,)):
+        def make():
+            s, d = _model(rank, 2, g), _model(rank, 1, g, poison=True)
+            if rank == on_rank:
+                (s if side == "source" else d).add(name, make_tensor(), shape)
+            return s, d
+        return make
+
+    def nested():
+        return torch.nested.nested_tensor([torch.zeros(2, 4), torch.zeros(2, 4)])
+
+    def quantized():
+        return torch.quantize_per_tensor(torch.zeros(4), 0.1, 0, torch.quint8)
+
+    return {
+        "sparse COO source": (adding("source", "sp", lambda: torch.eye(4).to_sparse(), 1, (4, 4)),
+                              "sp", [1], ["sparse_coo", "dense"]),
+        "sparse CSR destination": (adding("destination", "csr",
+                                          lambda: torch.eye(4).to_sparse_csr(), 0, (4, 4)),
+                                   "csr", [0], ["sparse_csr"]),
+        "nested source": (adding("source", "nt", nested, 1, (2, 2, 4)), "nt", [1], ["nested"]),
+        "quantized source": (adding("source", "q", quantized, 0), "q", [0], ["quantized"]),
+        "negative-bit view": (adding("source", "neg",
+                                     lambda: torch.zeros(4, dtype=torch.complex64).conj().imag,
+                                     1), "neg", [1], ["negative"]),
+        "conjugate view": (adding("destination", "cj",
+                                  lambda: torch.zeros(4, dtype=torch.complex64).conj(), 1),
+                           "cj", [1], ["conjugate"]),
+    }
+
+
+CASES = {"overlap": _overlap_cases, "shape": _shape_cases, "empty": _empty_cases,
+         "unsupported": _unsupported_cases}
 
 
 def test_overlapping_local_tensors_refused():
@@ -431,3 +466,9 @@ def test_zero_size_tensors_plan_and_refit():
 
 def test_zero_size_tensor_mismatches_refused():
     _check_refused("empty")
+
+
+# -- 5. unsupported tensor layouts ----------------------------------------------------------
+
+def test_sparse_nested_quantized_and_lazy_views_refused():
+    _check_refused("unsupported")
