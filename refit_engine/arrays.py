@@ -23,7 +23,8 @@ class ArrayInfo:
     contiguous: bool
 
 
-def _kind(array) -> str:
+def kind_of(array) -> str:
+    """"torch", "numpy" or "cupy"; TypeError for anything else."""
     module = type(array).__module__.split(".")[0]
     if module == "torch":
         return "torch"
@@ -55,7 +56,7 @@ def _torch_unsupported(t) -> str | None:
 def info(array) -> ArrayInfo:
     """Raises TypeError for arrays that cannot be refit (unsupported kinds and layouts) and
     ValueError for unsupported dtypes."""
-    kind = _kind(array)
+    kind = kind_of(array)
     try:
         return _info(kind, array)
     except (TypeError, ValueError):
@@ -111,4 +112,4 @@ def _probe_cupy(a):  # CuPy arrays cannot get new memory in place; their shape c
 
 def probe_of(array):
     """The probe function for `array`'s kind (see PROBE_FIELDS)."""
-    return {"torch": _probe_torch, "numpy": _probe_numpy, "cupy": _probe_cupy}[_kind(array)]
+    return {"torch": _probe_torch, "numpy": _probe_numpy, "cupy": _probe_cupy}[kind_of(array)]

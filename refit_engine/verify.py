@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from refit_engine import dtypes
+from refit_engine import arrays, dtypes
 from refit_engine.reference import assemble, materialize
 
 
 def _as_bits(tensor, dtype: str) -> np.ndarray:
-    import torch
-    t = tensor.detach().cpu().contiguous()
+    """A host NumPy copy of a torch, NumPy or CuPy array, as unsigned ints of its element size."""
     bits = dtypes.numpy_bits_dtype(dtype)
-    return t.view(torch.uint8).numpy().view(bits).reshape(tuple(t.shape)).copy()
+    kind = arrays.kind_of(tensor)
+    if kind == "torch":
+        import torch
+        t = tensor.detach().cpu().contiguous()
+        flat = t.reshape(-1).view(torch.uint8).numpy()
+    elif kind == "cupy":
+        import cupy
+        flat = cupy.asnumpy(cupy.ascontiguousarray(tensor).reshape(-1).view(cupy.uint8))
+    else:
+        flat = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
+    return flat.view(bits).reshape(tuple(tensor.shape)).copy()
 
 
 def check_exact(plan) -> list[str]:
@@ -41,21 +50,28 @@ def check_exact(plan) -> list[str]:
 
 # -- verification mode: checksums of what was sent against what landed ----------------------
 
-def _weights(n: int, device):
-    import torch
-    return torch.arange(1, n + 1, dtype=torch.int64, device=device)
-
-
 def segment_checksum(tensor, offset: int, pitch: int, rows: int, row_bytes: int) -> int:
     """Position-weighted sum of a pitched byte region (wrapping int64: any order, same result).
 
     A changed byte at position i changes the sum by delta * (i + 1), never zero, so a single
-    corrupted byte is always caught; moved bytes change it too.
+    corrupted byte is always caught; moved bytes change it too. Torch tensors, NumPy and CuPy
+    arrays give the same sum for the same bytes (int64 arithmetic wraps the same way in all
+    three), so ranks holding different kinds compare.
     """
-    import torch
-    flat = tensor.detach().reshape(-1).view(torch.uint8)
-    region = flat.as_strided((rows, row_bytes), (pitch, 1), offset).reshape(-1).to(torch.int64)
-    return int((region * _weights(region.numel(), region.device)).sum().item())
+    if arrays.kind_of(tensor) == "torch":
+        import torch
+        flat = tensor.detach().reshape(-1).view(torch.uint8)
+        region = flat.as_strided((rows, row_bytes), (pitch, 1), offset).reshape(-1)
+        region = region.to(torch.int64)
+        weights = torch.arange(1, region.numel() + 1, dtype=torch.int64, device=region.device)
+        return int((region * weights).sum().item())
+    xp = np if isinstance(tensor, np.ndarray) else __import__("cupy")
+    flat = xp.ascontiguousarray(tensor).reshape(-1).view(xp.uint8)
+    region = xp.lib.stride_tricks.as_strided(flat[offset:], (rows, row_bytes), (pitch, 1))
+    region = region.reshape(-1).astype(xp.int64)
+    weights = xp.arange(1, region.size + 1, dtype=xp.int64)
+    with np.errstate(over="ignore"):
+        return int((region * weights).sum())
 
 
 def checksums(rank_plan, src_tensors: dict, dst_tensors: dict) -> tuple[dict, dict]:

@@ -472,3 +472,39 @@ def test_zero_size_tensor_mismatches_refused():
 
 def test_sparse_nested_quantized_and_lazy_views_refused():
     _check_refused("unsupported")
+
+
+# -- 6. verification with NumPy arrays ------------------------------------------------------
+
+def _verify_numpy_worker(rank, world):
+    from refit_engine.verify import check_exact
+    out = []
+    g = _globals(13)
+    expected = {k: v.float().numpy() for k, v in g.items()}
+    for src_numpy, dst_numpy in ((True, True), (True, False), (False, True)):
+        src = _model(rank, 2, {k: v.float() for k, v in g.items()}, numpy=src_numpy)
+        dst = _model(rank, 1, {k: v.float() for k, v in g.items()}, poison=True, numpy=dst_numpy)
+        plan = refit_engine.plan(src, dst)
+        refit_engine.execute(plan, verify=True)
+        exact = all(np.array_equal(np.asarray(dst.tensors[k]).view(np.uint32),
+                                   expected[k].view(np.uint32)) for k in SHAPES)
+        out.append((exact, check_exact(plan)))
+    return out
+
+
+def test_verify_with_numpy_arrays():
+    for per_config in run_world(_verify_numpy_worker, 2):
+        assert per_config == [(True, [])] * 3
+
+
+def test_numpy_and_torch_checksums_agree():
+    from refit_engine.verify import segment_checksum
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2 ** 16, size=(64, 48), dtype=np.uint16)  # bytes up to 0xff
+    t = torch.from_numpy(a.copy()).view(torch.bfloat16)
+    for offset, pitch, rows, row_bytes in ((0, 96, 64, 96), (10, 96, 20, 30), (6000, 1, 1, 7)):
+        assert segment_checksum(a, offset, pitch, rows, row_bytes) == \
+            segment_checksum(t, offset, pitch, rows, row_bytes)
+    b = a.copy()
+    b.reshape(-1).view(np.uint8)[10 + 96 * 3 + 5] ^= 1
+    assert segment_checksum(b, 10, 96, 20, 30) != segment_checksum(a, 10, 96, 20, 30)
