@@ -113,12 +113,16 @@ def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, colloc
     staging_gib = 4 * bucket_bytes * TYPICAL_PEERS / GIB
     need = (src_gib + dst_gib if collocated else max(src_gib, dst_gib)) + staging_gib
     if need > budget:
+        cpu = topo.intra_link == "loopback"  # CPU ranks over gloo: a memory budget, not a GPU
+        unit = "rank" if cpu else "GPU"
+        have = (f"CPU ranks (gloo) have {topo.memory_gib:.0f} GiB of memory budget each" if cpu
+                else f"{topo.name} GPUs have {topo.memory_gib:.0f} GiB")
         raise RefitError(
-            f"does not fit: weights and staging need {need:.1f} GiB per GPU (source {src_gib:.1f} GiB at "
+            f"does not fit: weights and staging need {need:.1f} GiB per {unit} (source {src_gib:.1f} GiB at "
             f"TP{src.tp}/PP{src.pp}/EP{src.ep}/ETP{src.etp}"
             + (f" + destination {dst_gib:.1f} GiB at TP{dst.tp}/PP{dst.pp}/EP{dst.ep}/ETP{dst.etp}"
                if collocated else "") + f" + staging {staging_gib:.1f} GiB"
-            + f") but {topo.name} GPUs have {topo.memory_gib:.0f} GiB ({budget:.0f} GiB usable "
+            + f") but {have} ({budget:.0f} GiB usable "
             f"at {headroom:.0%}); raise EP (experts are 99% of the weights) or TP")
     return src_gib, dst_gib
 

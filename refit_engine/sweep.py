@@ -75,8 +75,8 @@ def choose_expert_parallel(cfg, world: int, src_tp: int, dst_tp: int, collocated
             return src_ep, dst_ep
         except RefitError as exc:
             last = exc
-    raise RefitError(f"no expert-parallel size lets TP{src_tp} -> TP{dst_tp} fit on {world} "
-                     f"{topo_name} GPUs (with source EP{divisors[-1]}: {last.reason})")
+    raise RefitError(f"no expert-parallel size lets TP{src_tp} -> TP{dst_tp} fit on "
+                     f"{topo.describe(world)} (with source EP{divisors[-1]}: {last.reason})")
 
 
 def plot(results: list[dict], path: Path) -> Path | None:

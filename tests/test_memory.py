@@ -170,3 +170,25 @@ def test_every_option_has_help():
     missing = [a.option_strings for a in build_parser()._actions
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert not missing, f"options without help: {missing}"
+
+
+def test_refusal_on_cpu_ranks_speaks_of_ranks_not_gpus():
+    # A full-size source on CPU ranks: the budget is the preset's memory per rank, not a GPU's.
+    with pytest.raises(RefitError) as exc:
+        check_fits(KimiK2Config(), ParallelGrid(4, tp=4), ParallelGrid(4, tp=4), preset("cpu", 4),
+                   collocated=True)
+    reason = exc.value.reason
+    assert "per rank (source" in reason and "GPU" not in reason, reason
+    assert "but CPU ranks (gloo) have 16 GiB of memory budget each (14 GiB usable at 90%)" in reason
+    with pytest.raises(RefitError) as exc:  # GPUs keep their wording
+        check_fits(KimiK2Config(), ParallelGrid(128, tp=8), ParallelGrid(128, tp=4, ep=128),
+                   preset("h100", 128), collocated=True)
+    assert "per GPU (source" in exc.value.reason and "but H100 SXM GPUs have 80 GiB" in exc.value.reason
+
+
+def test_sweep_names_the_topology_when_no_expert_parallel_size_fits():
+    from refit_engine.sweep import choose_expert_parallel
+    with pytest.raises(RefitError) as exc:
+        choose_expert_parallel(KimiK2Config(), 4, 4, 4, True, "cpu")
+    assert "fit on CPU (gloo), 4 ranks on 1 node of 4 (with source EP4" in exc.value.reason
+    assert "cpu GPUs" not in exc.value.reason
