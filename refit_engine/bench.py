@@ -180,15 +180,12 @@ def run_rank(rank: int, world: int, args, topo=None) -> dict | None:
     from refit_engine.verify import check_exact
 
     cfg = model_config(args.full_size, args.model)
-    device = "cpu"
-    if "nccl" in dist.get_backend():  # one GPU per rank (init_from_env set it)
-        import torch
-        device = f"cuda:{torch.cuda.current_device()}"
+    device = rank_device()
     method = "nccl" if device != "cpu" else "gloo"
     src_spec, dst_spec = parse_layout_spec(args.src), parse_layout_spec(args.dst)
     check_layouts(cfg, src_spec, dst_spec, world, args.non_collocated)  # the same on every rank
     if topo is None:
-        topo = measure_here("h100" if device != "cpu" else "cpu", world)
+        topo = measure_here(device, world)
     if args.non_collocated:
         half = world // 2
         src_ranks, dst_ranks = tuple(range(half)), tuple(range(half, world))
@@ -297,11 +294,34 @@ def ranks_per_node(world: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", world)))
 
 
-def measure_here(preset_name: str, world: int):
-    """The topology preset with this job's nodes, its bandwidths measured here (collective)."""
-    from refit_engine.topology import measure, preset
+def rank_device() -> str:
+    """This rank's device: its GPU under NCCL (init_from_env set it), else cpu."""
+    import torch.distributed as dist
+    if "nccl" in dist.get_backend():
+        import torch
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def device_topology(device: str):
+    """The preset for `device`, named after it: cpu for CPU ranks; for a GPU the H100 or H200
+    preset chosen by torch.cuda.get_device_name() (any other GPU starts from the H100's
+    figures), named with the real device name and its memory."""
+    from refit_engine.topology import gpu_preset, preset
+    if device == "cpu":
+        return preset("cpu")
+    import torch
+    name = torch.cuda.get_device_name(device)
+    memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return replace(preset(gpu_preset(name)), name=name, memory_gib=round(memory_gib, 1))
+
+
+def measure_here(device: str, world: int):
+    """The topology of `device` (device_topology) with this job's nodes, its bandwidths
+    measured here (collective): named e.g. "NVIDIA H200, measured" or "CPU (gloo), measured"."""
+    from refit_engine.topology import measure
     per_node = ranks_per_node(world)
-    base = preset(preset_name, world)
+    base = device_topology(device)
     return measure(replace(base, gpus_per_node=per_node, nodes=max(1, world // per_node)))
 
 

@@ -257,7 +257,8 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
     nodes = os.environ.get("SLURM_JOB_NUM_NODES", str(max(1, world // max(1, gpus_per_node))))
     cfg = bench.model_config(args.full_size, args.model_overrides)
     # The links and copies of this machine, for floors and predictions.
-    topo = bench.measure_here(args.gpu if args.backend == "nccl" else "cpu", world)
+    # (--gpu is the preset of the memory checks; this is the device the ranks run on.)
+    topo = bench.measure_here(bench.rank_device(), world)
     bench.log(rank, f"measured: copy {topo.copy_gbps:.0f} GB/s, same-node link "
                     f"{topo.intra_node_gbps:.1f} GB/s, cross-node link "
                     f"{topo.inter_node_gbps:.1f} GB/s" + (" (preset: one node)" if world <=

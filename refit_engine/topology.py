@@ -63,6 +63,14 @@ PRESETS = {
 }
 
 
+def gpu_preset(device_name: str) -> str:
+    """The preset whose datasheet figures fit a GPU named `device_name` (as
+    torch.cuda.get_device_name gives it): h200 for H200s, h100 for H100s and any other GPU
+    (whose measured figures replace the bandwidths; callers name the topology after the real
+    device)."""
+    return "h200" if "H200" in device_name.upper() else "h100"
+
+
 def preset(name: str, gpus: int | None = None) -> Topology:
     try:
         topo = PRESETS[name]

@@ -143,3 +143,23 @@ def test_every_option_has_help():
     missing = [a.option_strings for a in bench.build_parser()._actions
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert not missing, f"options without help: {missing}"
+
+
+@pytest.mark.parametrize("device_name, preset_name", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "h100")])
+def test_the_topology_is_named_after_the_device_it_runs_on(monkeypatch, device_name, preset_name):
+    # An H200 was labelled "H100 SXM, measured": the preset follows torch's device name and the
+    # label is the real device's, whatever GPU it is.
+    from dataclasses import replace
+
+    import refit_engine.topology as topology
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: argparse.Namespace(total_memory=141 * 2**30))
+    monkeypatch.setattr(topology, "measure", lambda base: replace(base, name=f"{base.name}, measured"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    topo = bench.measure_here("cuda:0", 4)
+    assert topo.name == f"{device_name}, measured" and topo.memory_gib == 141.0
+    assert topo.copy_gbps == topology.PRESETS[preset_name].copy_gbps
+    assert (topo.nodes, topo.gpus_per_node) == (1, 4)
+    assert bench.measure_here("cpu", 4).name == "CPU (gloo), measured"  # CPU runs say cpu
