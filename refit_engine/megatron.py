@@ -7,9 +7,10 @@ holds, from megatron's own parameter attributes and process groups:
 - `tensor_model_parallel`, `partition_dim`, `partition_stride` give the TP split (stride 2 on
   SwiGLU fc1, its experts and shared experts); routed-expert parameters split over the
   expert-TP group, all others over the TP group; everything else is replicated;
-- canonical names use global layer numbers (`layer_number` of each transformer layer, so PP
-  stages agree) and global expert indices (each MoE layer's `local_expert_indices`), for both
-  SequentialMLP (`experts.local_experts.{k}.`) and TEGroupedMLP (`experts.linear_fc1.weight{k}`).
+- canonical names use global layer numbers (`layer_number` of each decoder and MTP layer, so
+  PP stages agree) and global expert indices (each MoE layer's `local_expert_indices`, in
+  decoder and MTP layers alike), for both SequentialMLP (`experts.local_experts.{k}.`) and
+  TEGroupedMLP (`experts.linear_fc1.weight{k}`): see `Naming`.
 
 Switching from megatron-core's refit is one import:
 
@@ -31,12 +32,11 @@ from refit_engine.errors import RefitError
 from refit_engine.layouts import Split
 from refit_engine.local import ShardedTensors
 
-_LAYER = re.compile(r"^(?P<pre>(?:.*\.)?decoder\.layers\.)(?P<i>\d+)\.")
-_SEQUENTIAL_EXPERT = re.compile(r"\.experts\.local_experts\.(?P<k>\d+)\.")
 # TE grouped expert weights (`linear_fc1.weight3`): the only expert names megatron-core's own
 # refit maps to global experts.
 GROUPED_EXPERT = re.compile(r"\.experts\.(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)(?P<k>\d+)$")
-_LEGACY_GROUPED = re.compile(r"\.experts\.weight[12]$")
+_SEQUENTIAL_TAIL = re.compile(r"^local_experts\.(?P<k>\d+)\.(?P<rest>.+)$")
+_GROUPED_TAIL = re.compile(r"^(?P<fc>linear_fc[12])\.(?P<kind>weight|bias)(?P<k>\d+)$")
 
 
 def _chunks(model) -> list:
@@ -64,29 +64,82 @@ def _group_part(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _layers(chunk) -> dict[int, tuple[int, list[int]]]:
-    """Local layer index in the module names -> (global layer index, global index of each
-    local expert). megatron names layers per pipeline stage but numbers them globally
-    (`layer_number`, 1-based), and each MoE layer lists its experts' global indices."""
-    layers = getattr(getattr(chunk, "decoder", None), "layers", None) or []
-    return {i: (int(layer.layer_number) - 1,
-                [int(e) for e in getattr(getattr(layer, "mlp", None), "local_expert_indices", [])])
-            for i, layer in enumerate(layers)}
+class Naming:
+    """Local -> canonical names of one model chunk, read from its modules.
 
+    - Layers: every `ModuleList` named `layers` whose modules carry a `layer_number` (decoder
+      layers: global and 1-based, so pipeline stages agree; MTP layers: 1-based after the MTP
+      layers of earlier stages) is renumbered `layer_number - 1`.
+    - Experts: every module with `local_expert_indices` and an `experts` child (MoELayer, in
+      decoder and MTP layers alike) maps its experts' local index to the global one; an
+      `...experts` module without such a parent maps local k to ep_rank * num_local_experts + k.
+      SequentialMLP `experts.local_experts.{k}.{rest}` and TEGroupedMLP
+      `experts.linear_fc{1,2}.{weight,bias}{k}` both become `experts.{global}.{...}`.
+    """
 
-def canonical_name(name: str, layers: dict[int, tuple[int, list[int]]]) -> str:
-    """Global layer and expert indices in place of this rank's local ones."""
-    m = _LAYER.match(name)
-    if not m:
+    def __init__(self, chunk):
+        self.layers: dict[str, dict[int, int]] = {}  # "<path>.layers." -> {local: global}
+        self.experts: dict[str, list[int]] = {}  # "<path>.experts." -> global index of local k
+        modules = list(chunk.named_modules())
+        for name, module in modules:
+            dot = f"{name}." if name else ""
+            if name.rsplit(".", 1)[-1] == "layers" and hasattr(module, "__iter__"):
+                try:
+                    numbers = [int(getattr(layer, "layer_number")) for layer in module]
+                except (AttributeError, TypeError, ValueError):
+                    numbers = []
+                if numbers and len(set(numbers)) == len(numbers):
+                    self.layers[dot] = {i: n - 1 for i, n in enumerate(numbers)}
+            indices = getattr(module, "local_expert_indices", None)
+            if indices is not None and getattr(module, "experts", None) is not None:
+                self.experts[f"{dot}experts."] = [int(e) for e in indices]
+        for name, module in modules:  # experts modules no MoE layer above lists
+            prefix = f"{name}."
+            if name.rsplit(".", 1)[-1] != "experts" or prefix in self.experts:
+                continue
+            local, ep = getattr(module, "num_local_experts", None), getattr(module, "ep_group", None)
+            if local is not None:
+                size, rank = _group_part(ep)
+                self.experts[prefix] = [rank * int(local) + k for k in range(int(local))]
+        # Innermost first: an inner prefix still holds the outer local index.
+        self._experts = sorted(self.experts.items(), key=lambda kv: -len(kv[0]))
+        self._layers = sorted(self.layers.items(), key=lambda kv: -len(kv[0]))
+
+    def expert_prefix(self, name: str) -> str | None:
+        """The experts module prefix `name` lies under (None: not a routed expert tensor)."""
+        for prefix, _ in self._experts:
+            if name.startswith(prefix):
+                return prefix
+        return None
+
+    def canonical(self, name: str, is_param: bool = True) -> str:
+        """Global layer and expert indices in place of this rank's local ones."""
+        prefix = self.expert_prefix(name)
+        if prefix is not None:
+            indices, tail = self.experts[prefix], name[len(prefix):]
+            m = _SEQUENTIAL_TAIL.match(tail)
+            g = None if m else _GROUPED_TAIL.match(tail)
+            if m or g:
+                k = int((m or g)["k"])
+                if k >= len(indices):
+                    raise RefitError(f"local expert {k} of a module with {len(indices)} local "
+                                     "experts", tensor=name, ranks=[dist.get_rank()])
+                rest = m["rest"] if m else f"{g['fc']}.{g['kind']}"
+                name = f"{prefix}{indices[k]}.{rest}"
+            elif is_param:
+                kind = ("legacy GroupedMLP weights (experts stored transposed in one matrix)"
+                        if re.fullmatch(r"weight[12]", tail) else
+                        "expert weights stored as one grouped parameter (e.g. "
+                        "moe_single_grouped_weight)")
+                raise RefitError(f"{kind} are not supported; use SequentialMLP or TEGroupedMLP "
+                                 "with one parameter per expert", tensor=name,
+                                 ranks=[dist.get_rank()])
+        for prefix, mapping in self._layers:
+            if name.startswith(prefix):
+                index, dot, rest = name[len(prefix):].partition(".")
+                if dot and index.isdigit() and int(index) in mapping:
+                    name = f"{prefix}{mapping[int(index)]}.{rest}"
         return name
-    layer, experts = layers.get(int(m["i"]), (int(m["i"]), []))
-    name = f"{m['pre']}{layer}." + name[m.end():]
-    e = _SEQUENTIAL_EXPERT.search(name) or GROUPED_EXPERT.search(name)
-    if e:
-        expert = experts[int(e["k"])]
-        tail = name[e.end():] if "fc" not in e.groupdict() else f"{e['fc']}.{e['kind']}"
-        return f"{name[:e.start()]}.experts.{expert}.{tail}"
-    return name
 
 
 def _tensors(chunk):
@@ -107,19 +160,15 @@ def describe(model) -> ShardedTensors:
     for index, chunk in enumerate(chunks):
         pgc = _pg_collection(chunk)
         tp, expert_tp, ep = getattr(pgc, "tp", None), getattr(pgc, "expt_tp", None), getattr(pgc, "ep", None)
-        layers = _layers(chunk)
+        naming = Naming(chunk)
         for name, tensor, is_param in _tensors(chunk):
-            if _LEGACY_GROUPED.search(name):
-                raise RefitError("legacy GroupedMLP weights (experts stored transposed in one "
-                                 "matrix) are not supported; use SequentialMLP or TEGroupedMLP",
-                                 tensor=name, ranks=[dist.get_rank()])
-            canonical = canonical_name(name, layers)
+            canonical = naming.canonical(name, is_param)
             data = tensor.data if is_param else tensor
             split, part = None, 0
             if is_param and getattr(tensor, "tensor_model_parallel", False):
-                # Routed experts split over the expert-TP group. Known by name: megatron marks
-                # them allreduce=False only when EP > 1.
-                is_expert = bool(_SEQUENTIAL_EXPERT.search(name) or GROUPED_EXPERT.search(name))
+                # Routed experts split over the expert-TP group. Known by their module: megatron
+                # marks them allreduce=False only when EP > 1.
+                is_expert = naming.expert_prefix(name) is not None
                 parts, part = _group_part(expert_tp if is_expert else tp)
                 if parts > 1:
                     split = Split(int(tensor.partition_dim), parts,

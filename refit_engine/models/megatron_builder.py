@@ -26,8 +26,13 @@ Weights are by default drawn per canonical tensor (`init="canonical"`): the same
 weights at every layout, every routed expert distinct (through `refit_engine.megatron.describe`,
 the same description of local tensors that a refit uses).
 
+`mtp_num_layers=` adds multi-token-prediction layers (`mtp.layers.{i}.`), whose routed experts
+are named by global index like the decoder's.
+
 All work-arounds for running megatron-core on a host without CUDA / Transformer Engine live in
-`_patch_megatron_for_cpu()` and nowhere else.
+`_patch_megatron_for_cpu()` and nowhere else; those for building MTP layers from this model's
+process groups rather than megatron's global `parallel_state` in `_pipeline_stage()` and
+`_mtp_process_groups()`, both scoped to one model's construction.
 """
 
 from __future__ import annotations
@@ -381,6 +386,82 @@ def _patch_megatron_for_cpu() -> None:
     _PATCHED = True
 
 
+def _init_parameters(spec) -> set:
+    """Named parameters of the constructor a megatron `build_module(spec, ...)` call runs (empty
+    when it cannot be told, or when it takes **kwargs)."""
+    cls = spec if isinstance(spec, type) else getattr(spec, "module", None)
+    if not isinstance(cls, type):
+        return set()
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set()
+    return set(params)
+
+
+@contextlib.contextmanager
+def _mtp_process_groups(pg_collection):
+    """While active, MTP modules are built with this model's process groups.
+
+    megatron-core 0.16.1's GPTModel builds `MultiTokenPredictionBlock` without its
+    `pg_collection`, and `MultiTokenPredictionLayer` builds its `transformer_layer` without
+    `pg_collection` and its `eh_proj` without `tp_group`: they fall back to megatron's global
+    `parallel_state` groups (absent here, and wrong for a second model of another layout in the
+    same processes). Here the block gets `pg_collection` when not given one, and every
+    `build_module` call of `multi_token_prediction` gets `pg_collection` / `tp_group`
+    (= pg_collection.tp) wherever the built class accepts them and the call leaves them out.
+    Releases that pass them (0.19: `pg_collection` to the block and to `mtp_model_layer`,
+    `tp_group` to `eh_proj`) build exactly as without this. Scoped to one model's construction.
+    """
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    block = mtp.MultiTokenPredictionBlock
+    block_init, build = block.__dict__["__init__"], mtp.build_module
+    takes_groups = "pg_collection" in inspect.signature(block_init).parameters
+
+    @functools.wraps(block_init)
+    def init_with_groups(self, *args, **kwargs):
+        if takes_groups and kwargs.get("pg_collection") is None:
+            kwargs["pg_collection"] = pg_collection
+        return block_init(self, *args, **kwargs)
+
+    def build_with_groups(spec, *args, **kwargs):
+        accepted = _init_parameters(spec)
+        if "pg_collection" in accepted and kwargs.get("pg_collection") is None:
+            kwargs["pg_collection"] = pg_collection
+        if "tp_group" in accepted and kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = pg_collection.tp
+        return build(spec, *args, **kwargs)
+
+    block.__init__, mtp.build_module = init_with_groups, build_with_groups
+    try:
+        yield
+    finally:
+        block.__init__, mtp.build_module = block_init, build
+
+
+@contextlib.contextmanager
+def _pipeline_stage(pp_group):
+    """While active, megatron's `parallel_state` reports this model's pipeline rank and size.
+
+    MTP placement reads them from there, not from the model's process groups: which stage
+    builds MTP layers (`get_mtp_num_layers_to_build`, 0.16.1 and 0.19), `mtp_on_this_rank`
+    (GPTModel, 0.19) and the MTP layer's transformer-layer offset (0.16.1). megatron's own
+    override (`set_pipeline_model_parallel_rank` / `_world_size`) is set and then restored."""
+    from megatron.core import parallel_state as ps
+    saved = (getattr(ps, "_MPU_PIPELINE_MODEL_PARALLEL_RANK", None),
+             getattr(ps, "_MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE", None))
+    ps.set_pipeline_model_parallel_rank(pp_group.rank())
+    ps.set_pipeline_model_parallel_world_size(pp_group.size())
+    try:
+        yield
+    finally:
+        ps.set_pipeline_model_parallel_rank(saved[0])
+        ps.set_pipeline_model_parallel_world_size(saved[1])
+
+
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
@@ -536,7 +617,7 @@ def _canonical_init(chunks, seed: int) -> None:
 def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, device="cpu",
                   seed: int = 1234, use_transformer_engine: bool | None = None,
                   duplicated_down_proj: bool = True, max_sequence_length: int = 4096,
-                  init: str = "canonical", **config_overrides) -> list:
+                  init: str = "canonical", mtp_num_layers: int = 0, **config_overrides) -> list:
     """Kimi K2 `cfg` as megatron-core GPTModel chunks at `layout` ([] off the layout).
 
     `pg_collection` comes from `build_process_groups(layout)` on this rank. Weights are
@@ -548,6 +629,11 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, devi
       layout; routed experts with the same local index are equal on every EP rank, which hides
       expert misrouting from a refit check).
     `use_transformer_engine` None: TE when it is installed and `device` is CUDA.
+    `mtp_num_layers` > 0 adds that many multi-token-prediction layers (DeepSeek-V3 / Kimi K2
+    MTP; the last pipeline stage holds them, with a copy of the word embedding when pp > 1: a
+    CUDA host is then needed, as megatron all-reduces that copy on the GPU); each is a
+    transformer layer like the last decoder layer (MoE), under `mtp.layers.{i}.`
+    (`transformer_layer.` in 0.16.1, `mtp_model_layer.` in 0.19).
     Extra keyword arguments override `MLATransformerConfig` fields.
     """
     if pg_collection is None:
@@ -565,28 +651,47 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, devi
 
     if use_transformer_engine:
         config_overrides.setdefault("sequence_parallel", layout.tp > 1)
+    if mtp_num_layers:
+        if layout.pp > 1 and not torch.cuda.is_available():
+            raise ValueError("MTP layers with pp > 1 need CUDA: megatron-core all-reduces the "
+                             "last stage's copy of the word embedding on the GPU")
+        config_overrides["mtp_num_layers"] = int(mtp_num_layers)
     config = make_transformer_config(cfg, layout, **config_overrides)
     pp_rank = pg_collection.pp.rank()
     spec_kwargs = {}
     if "pp_rank" in inspect.signature(get_gpt_decoder_block_spec).parameters:
         spec_kwargs["pp_rank"] = pp_rank
-    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
-                                            **spec_kwargs)
-    if duplicated_down_proj and not use_transformer_engine:
-        block_spec = _duplicate_down_projections(block_spec)
+    def mtp_context(context):  # MTP placement and groups (see each); nothing else changes
+        return context if mtp_num_layers else contextlib.nullcontext()
+
+    with mtp_context(_pipeline_stage(pg_collection.pp)):
+        block_spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_transformer_engine, **spec_kwargs)
+        if duplicated_down_proj and not use_transformer_engine:
+            block_spec = _duplicate_down_projections(block_spec)
+        mtp_block_spec = None
+        if mtp_num_layers:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+            mtp_kwargs = {k: v for k, v in spec_kwargs.items()
+                          if k in inspect.signature(get_gpt_mtp_block_spec).parameters}
+            mtp_block_spec = get_gpt_mtp_block_spec(
+                config, block_spec, use_transformer_engine=use_transformer_engine, **mtp_kwargs)
 
     torch.manual_seed(seed)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=block_spec,
-        vocab_size=cfg.vocab,
-        max_sequence_length=max_sequence_length,
-        pre_process=pp_rank == 0,
-        post_process=pp_rank == layout.pp - 1,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        pg_collection=pg_collection,
-    )
+    with mtp_context(_pipeline_stage(pg_collection.pp)), \
+            mtp_context(_mtp_process_groups(pg_collection)):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec,
+            vocab_size=cfg.vocab,
+            max_sequence_length=max_sequence_length,
+            pre_process=pp_rank == 0,
+            post_process=pp_rank == layout.pp - 1,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            pg_collection=pg_collection,
+            **({"mtp_block_spec": mtp_block_spec} if mtp_block_spec is not None else {}),
+        )
     # The local spec's torch norms ignore params_dtype (float32); bring every parameter to
     # cfg.dtype as TE's norms would. Buffers (router.expert_bias: float32) are left alone.
     dtype = _DTYPES[cfg.dtype]
@@ -596,6 +701,7 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, devi
                 param.data = param.data.to(dtype)
     if init == "canonical":
         _canonical_init([model], seed)
-    if device.type != "cpu":
-        model = model.to(device)
+    # Always: on a machine with CUDA, megatron allocates some buffers (the router's expert_bias
+    # and token counts, rotary tables) on torch.cuda.current_device() even for a CPU model.
+    model = model.to(device)
     return [model]
