@@ -528,6 +528,16 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def decide_backend(requested: str, ranks_here: int) -> tuple[str, str]:
+    """Where the main job and the sweep run `ranks_here` ranks on this node: choose_backend
+    with this node's GPUs (none counted when gloo is asked for). ValueError as choose_backend."""
+    return choose_backend(requested, ranks_here, 0 if requested == "gloo" else _gpu_count())
+
+
+def where_text(backend: str) -> str:
+    return "one GPU each" if backend == "nccl" else "every tensor on CPU"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -548,11 +558,10 @@ def main(argv=None) -> int:
         parser.error(exc.reason)
     ranks_here = ranks_per_node(world) if launched() else world
     try:
-        args.backend, why = choose_backend(args.backend, ranks_here,
-                                           0 if args.backend == "gloo" else _gpu_count())
+        args.backend, why = decide_backend(args.backend, ranks_here)
     except ValueError as exc:
         parser.error(str(exc))
-    where = "one GPU each" if args.backend == "nccl" else "every tensor on CPU"
+    where = where_text(args.backend)
 
     if launched():  # by torchrun / srun: this process is one rank
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:

@@ -126,13 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m refit_engine.sweep",
                                      description="Kimi K2 refit sweep")
     parser.add_argument("--configs", default=os.environ.get(
-        "CONFIGS", "8:4:collocated:nccl 8:2:collocated:nccl 8:1:collocated:nccl "
-                   "4:2:collocated:nccl 4:1:collocated:nccl"),
-        help="SRC_TP:DST_TP[:MODE[:METHOD]] list, MODE collocated or non-collocated "
-             "(env CONFIGS)")
-    parser.add_argument("--backend", default=os.environ.get("BACKEND", "nccl"),
-                        choices=["nccl", "gloo"],
-                        help="nccl (one GPU per rank) or gloo (CPU processes) (env BACKEND)")
+        "CONFIGS", "8:4:collocated 8:2:collocated 8:1:collocated 4:2:collocated 4:1:collocated"),
+        help="SRC_TP:DST_TP[:MODE[:METHOD]] list, MODE collocated or non-collocated, METHOD "
+             "the backend (default: the sweep's) (env CONFIGS)")
+    parser.add_argument("--backend", default=os.environ.get("BACKEND") or "auto",
+                        choices=["auto", "nccl", "gloo"],
+                        help="auto (default): nccl with one GPU per rank when this node has a GPU "
+                             "for every rank, else gloo with every tensor on CPU, as the main "
+                             "job decides; nccl or gloo to insist (env BACKEND)")
     parser.add_argument("--world", type=positive_int, default=4,
                         help="processes to spawn without a launcher (default 4)")
     parser.add_argument("--iters", type=positive_int,
@@ -192,19 +193,42 @@ def main(argv=None) -> int:
         parser.error(f"--configs: {exc}")
     if args.check_only:
         return check_only(args, configs)
-    if not bench.launched():
+    if not bench.launched():  # before any process starts: where, and one error if it cannot
+        try:
+            args.backend, why = bench.decide_backend(args.backend, args.world)
+        except ValueError as exc:
+            parser.error(str(exc))
+        check_methods(parser, configs, args.backend)
+        print(f"[sweep] spawning {args.world} {args.backend} processes, "
+              f"{bench.where_text(args.backend)}: {why}", flush=True)
         return _spawn(args)
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    try:
+        args.backend, why = bench.decide_backend(args.backend, bench.ranks_per_node(world))
+    except ValueError as exc:
+        parser.error(str(exc))
+    check_methods(parser, configs, args.backend)
     bench.init_from_env(args.backend, args.timeout)
     import torch.distributed as dist
     rank, world = dist.get_rank(), dist.get_world_size()
+    bench.log(rank, f"{world} {args.backend} ranks, {bench.where_text(args.backend)}: {why}")
     return run_sweep(rank, world, args, configs)
+
+
+def check_methods(parser, configs: list[dict], backend: str) -> None:
+    """A configuration's METHOD, where given, is the backend the sweep runs (one error,
+    exit 2, otherwise: its results would be labelled with a backend they did not use)."""
+    for c in configs:
+        if c["method"] not in (None, backend):
+            parser.error(f"--configs: TP{c['src_tp']} -> TP{c['dst_tp']} asks for "
+                         f"{c['method']} but the sweep runs {backend} (--backend / BACKEND)")
 
 
 def check_only(args, configs) -> int:
     """Before any job step: every configuration must fit (weights + staging on the GPU)."""
     from refit_engine.memory import check_fits
     from refit_engine.topology import preset
-    if args.backend != "nccl":
+    if args.backend == "gloo":  # auto: the GPUs' question, whatever this host has
         print("[sweep] memory check skipped: CPU backend")
         return 0
     cfg = bench.model_config(args.full_size, args.model_overrides)
@@ -265,7 +289,7 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
                                                           gpus_per_node else ""))
     results = []
     for i, c in enumerate(configs):
-        method = c["method"] or args.backend
+        method = args.backend  # check_methods: a configuration's METHOD is the backend
         name = f"{args.run_id}_tp{c['src_tp']}_to_tp{c['dst_tp']}_{c['mode']}_{method}"
         log_file = open(logs / f"{name}.log", "w") if rank == 0 else None
         if log_file:

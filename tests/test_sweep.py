@@ -101,3 +101,62 @@ def test_bad_configurations_and_counts_are_refused_in_one_line(capsys):
             main(["--check-only"] + argv)
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err and "Traceback" not in err, argv
+
+
+class _Spawned(Exception):
+    pass
+
+
+def _sweep_spawning(monkeypatch, gpus, argv):
+    """sweep.main with `gpus` GPUs visible and no launcher, stopped where it would spawn."""
+    from refit_engine import bench
+    seen = {}
+
+    def spawn(target, world, args, env=None):
+        seen.update(world=world, backend=args.backend, env=env)
+        raise _Spawned
+
+    monkeypatch.setattr(bench, "_gpu_count", lambda: gpus)
+    monkeypatch.setattr(bench, "spawn_ranks", spawn)
+    for name in ("RANK", "SLURM_PROCID", "BACKEND", "CONFIGS"):
+        monkeypatch.delenv(name, raising=False)
+    import pytest
+    with pytest.raises(_Spawned):
+        main(list(argv))
+    return seen
+
+
+def test_sweep_without_a_launcher_decides_its_backend_as_the_main_job(monkeypatch, capsys):
+    # The default was nccl whatever the machine: on a CPU host every child failed inside.
+    seen = _sweep_spawning(monkeypatch, 0, ["--world", "4", "--configs", "2:1"])
+    assert seen == {"world": 4, "backend": "gloo", "env": {"CUDA_VISIBLE_DEVICES": ""}}
+    assert "[sweep] spawning 4 gloo processes, every tensor on CPU: no GPU visible" in \
+        capsys.readouterr().out
+    seen = _sweep_spawning(monkeypatch, 1, ["--world", "4", "--configs", "2:1"])
+    assert seen["backend"] == "gloo" and "4 ranks but 1 GPU" in capsys.readouterr().out
+    seen = _sweep_spawning(monkeypatch, 8, ["--world", "4", "--configs", "2:1"])
+    assert seen == {"world": 4, "backend": "nccl", "env": None}
+    assert "one GPU each: 8 GPUs for 4 ranks" in capsys.readouterr().out
+
+
+def test_sweep_refuses_nccl_without_a_gpu_per_rank_before_spawning(monkeypatch, capsys):
+    import pytest
+
+    from refit_engine import bench
+
+    def spawn(*a, **k):
+        raise AssertionError("spawned")
+    monkeypatch.setattr(bench, "spawn_ranks", spawn)
+    monkeypatch.setattr(bench, "_gpu_count", lambda: 1)
+    for name in ("RANK", "SLURM_PROCID", "BACKEND", "CONFIGS"):
+        monkeypatch.delenv(name, raising=False)
+    for argv, message in (
+            (["--backend", "nccl", "--world", "4", "--configs", "2:1"],
+             "--backend nccl needs one GPU per rank: 4 ranks on this node but 1 GPU(s) visible"),
+            (["--world", "4", "--configs", "2:1:collocated:nccl"],  # auto chose gloo here
+             "--configs: TP2 -> TP1 asks for nccl but the sweep runs gloo")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and err.count("error:") == 1, err
+        assert "Traceback" not in err
