@@ -325,19 +325,109 @@ def measure_here(device: str, world: int):
     return measure(replace(base, gpus_per_node=per_node, nodes=max(1, world // per_node)))
 
 
-def init_from_env(backend: str, timeout: float) -> None:
-    """init_process_group from torchrun's or srun's environment (RANK / SLURM_PROCID, ...)."""
-    import torch
-    import torch.distributed as dist
-    if "RANK" not in os.environ:  # srun without torchrun: map SLURM's variables
+def _map_slurm_env() -> None:
+    """srun without torchrun: RANK / WORLD_SIZE / LOCAL_RANK from SLURM's variables."""
+    if "RANK" not in os.environ:
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
                           LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+
+
+def init_from_env(backend: str, timeout: float, store=None) -> None:
+    """init_process_group from torchrun's or srun's environment (RANK / SLURM_PROCID, ...);
+    `store`: the rendezvous store already made (init_launched), else env:// makes one."""
+    import torch
+    import torch.distributed as dist
+    _map_slurm_env()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
         # NCCL for CUDA tensors (megatron-core's refit), gloo for the small CPU collectives
         # (layout gathering, timing reductions).
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    td = datetime.timedelta(seconds=timeout)
+    if store is None:
+        dist.init_process_group(backend, timeout=td)
+    else:  # as init_process_group does with the store env:// gives it
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store),
+                                rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=td)
+
+
+def agree_backend(decisions: list[dict]) -> tuple[str, str]:
+    """(backend, why) that every rank of a launched job uses, from each rank's own decision
+    ({"rank", "backend", "why"}, or {"rank", "error"} where choose_backend refused): NCCL only
+    where every rank chose it; gloo everywhere as soon as one rank cannot have a GPU of its own
+    (nodes with fewer GPUs than ranks), naming that rank; ValueError with the first refusal
+    (--backend nccl on a node without enough GPUs) when any rank refused. Pure: every rank
+    that sees the same decisions decides the same."""
+    decisions = sorted(decisions, key=lambda d: d["rank"])
+    refused = [d for d in decisions if d.get("error")]
+    if refused:
+        more = f" and {len(refused) - 1} more" if len(refused) > 1 else ""
+        raise ValueError(f"{refused[0]['error']} (rank {refused[0]['rank']}{more})")
+    gloo = [d for d in decisions if d["backend"] != "nccl"]
+    if not gloo:
+        return "nccl", decisions[0]["why"]
+    if len(gloo) == len(decisions):
+        return "gloo", decisions[0]["why"]
+    return "gloo", (f"rank {gloo[0]['rank']}: {gloo[0]['why']} ({len(gloo)} of "
+                    f"{len(decisions)} ranks), so every rank uses gloo")
+
+
+def exchange_decisions(store, rank: int, world: int, decision: dict, prefix: str,
+                       timeout: float = 300.0) -> tuple[str, str]:
+    """agree_backend over `store` before any process group exists: every rank posts its
+    decision, rank 0 reads them all and posts the agreed one, every rank reads that (2 x world
+    store operations in all). Every rank returns the same (backend, why) or raises the same
+    ValueError; rank 0 (the store's host under srun) waits until every rank has read it."""
+    import time as _time
+    store.set(f"{prefix}/{rank}", json.dumps({**decision, "rank": rank}))
+    if rank == 0:
+        decisions = [json.loads(store.get(f"{prefix}/{r}")) for r in range(world)]
+        try:
+            agreed = dict(zip(("backend", "why"), agree_backend(decisions)))
+        except ValueError as exc:
+            agreed = {"error": str(exc)}
+        store.set(f"{prefix}/agreed", json.dumps(agreed))
+    agreed = json.loads(store.get(f"{prefix}/agreed"))
+    read = store.add(f"{prefix}/read", 1)
+    if rank == 0:
+        deadline = _time.monotonic() + timeout
+        while read < world and _time.monotonic() < deadline:
+            _time.sleep(0.02)
+            read = store.add(f"{prefix}/read", 0)
+    if "error" in agreed:
+        raise ValueError(agreed["error"])
+    return agreed["backend"], agreed["why"]
+
+
+def agree_launched(requested: str, timeout: float):
+    """One rank of a torchrun / srun job: decide the backend with every other rank. Each rank
+    decides for its own node (decide_backend with the node's ranks and GPUs); the ranks agree
+    over the rendezvous store before any process group or NCCL state exists, so nodes with
+    different GPU counts never pick different backends (which hangs). Returns (backend, why,
+    store); ValueError on every rank where one refused."""
+    import torch.distributed as dist
+    _map_slurm_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    td = datetime.timedelta(seconds=timeout)
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=td))
+    store.set_timeout(td)
+    try:
+        backend, why = decide_backend(requested, ranks_per_node(world))
+        decision = {"backend": backend, "why": why}
+    except ValueError as exc:
+        decision = {"error": str(exc)}
+    # A torchrun restart keeps the agent's store: one set of keys per attempt.
+    prefix = f"refit_engine/backend/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    backend, why = exchange_decisions(store, rank, world, decision, prefix, timeout)
+    return backend, why, store
+
+
+def init_launched(requested: str, timeout: float) -> tuple[str, str]:
+    """agree_launched, then init_process_group with the agreed backend: (backend, why)."""
+    backend, why, store = agree_launched(requested, timeout)
+    init_from_env(backend, timeout, store=store)
+    return backend, why
 
 
 def spawn_ranks(target, world: int, *args, env: dict | None = None) -> list:
@@ -556,21 +646,26 @@ def main(argv=None) -> int:
                      f"(known: {', '.join(known)})")
     except RefitError as exc:
         parser.error(exc.reason)
-    ranks_here = ranks_per_node(world) if launched() else world
-    try:
-        args.backend, why = decide_backend(args.backend, ranks_here)
-    except ValueError as exc:
-        parser.error(str(exc))
-    where = where_text(args.backend)
-
     if launched():  # by torchrun / srun: this process is one rank
-        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
-            print(f"[refit-bench] {world} {args.backend} ranks, {where}: {why}", flush=True)
-        init_from_env(args.backend, args.timeout)
+        first = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
+        try:  # agreed by every rank (a node with fewer GPUs makes every rank use gloo)
+            args.backend, why = init_launched(args.backend, args.timeout)
+        except ValueError as exc:  # the same refusal on every rank; rank 0 says it
+            if first:
+                parser.error(str(exc))
+            return 2
+        if first:
+            print(f"[refit-bench] {world} {args.backend} ranks, {where_text(args.backend)}: "
+                  f"{why}", flush=True)
         import torch.distributed as dist
         result = run_rank(dist.get_rank(), dist.get_world_size(), args)
         dist.destroy_process_group()
     else:
+        try:
+            args.backend, why = decide_backend(args.backend, world)
+        except ValueError as exc:
+            parser.error(str(exc))
+        where = where_text(args.backend)
         import multiprocessing as mp
         queue = mp.get_context("spawn").Queue()
         print(f"[refit-bench] spawning {args.world} {args.backend} processes, {where}: {why}",

@@ -202,13 +202,18 @@ def main(argv=None) -> int:
         print(f"[sweep] spawning {args.world} {args.backend} processes, "
               f"{bench.where_text(args.backend)}: {why}", flush=True)
         return _spawn(args)
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    try:
-        args.backend, why = bench.decide_backend(args.backend, bench.ranks_per_node(world))
-    except ValueError as exc:
-        parser.error(str(exc))
-    check_methods(parser, configs, args.backend)
-    bench.init_from_env(args.backend, args.timeout)
+    first = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
+    try:  # agreed by every rank before any process group (bench.agree_launched)
+        args.backend, why, store = bench.agree_launched(args.backend, args.timeout)
+    except ValueError as exc:  # the same refusal on every rank; rank 0 says it
+        if first:
+            parser.error(str(exc))
+        return 2
+    if any(c["method"] not in (None, args.backend) for c in configs):  # the same on every rank
+        if first:
+            check_methods(parser, configs, args.backend)
+        return 2
+    bench.init_from_env(args.backend, args.timeout, store=store)
     import torch.distributed as dist
     rank, world = dist.get_rank(), dist.get_world_size()
     bench.log(rank, f"{world} {args.backend} ranks, {bench.where_text(args.backend)}: {why}")

@@ -163,3 +163,77 @@ def test_the_topology_is_named_after_the_device_it_runs_on(monkeypatch, device_n
     assert topo.copy_gbps == topology.PRESETS[preset_name].copy_gbps
     assert (topo.nodes, topo.gpus_per_node) == (1, 4)
     assert bench.measure_here("cpu", 4).name == "CPU (gloo), measured"  # CPU runs say cpu
+
+
+def test_ranks_agree_on_one_backend():
+    nccl = {"backend": "nccl", "why": "8 GPUs for 8 ranks: one GPU per rank"}
+    short = {"backend": "gloo", "why": "8 ranks but 4 GPUs: NCCL cannot put several ranks on one GPU"}
+    assert bench.agree_backend([{**nccl, "rank": r} for r in range(3)]) == ("nccl", nccl["why"])
+    # One node short of GPUs: every rank on gloo (alone it would have built NCCL and hung).
+    backend, why = bench.agree_backend([{**nccl, "rank": 0}, {**short, "rank": 9},
+                                        {**short, "rank": 8}, {**nccl, "rank": 1}])
+    assert backend == "gloo" and why.startswith("rank 8: 8 ranks but 4 GPUs") \
+        and "(2 of 4 ranks), so every rank uses gloo" in why
+    gloo = {"backend": "gloo", "why": "asked for (--backend gloo)"}
+    assert bench.agree_backend([{**gloo, "rank": r} for r in range(2)]) == ("gloo", gloo["why"])
+    # --backend nccl refused on one node: the same error on every rank.
+    with pytest.raises(ValueError, match=r"needs one GPU per rank \(rank 5 and 1 more\)"):
+        bench.agree_backend([{**nccl, "rank": 0}, {"rank": 6, "error": "other"},
+                             {"rank": 5, "error": "needs one GPU per rank"}])
+
+
+def test_decisions_are_exchanged_over_the_store_before_any_group():
+    import threading
+
+    import torch.distributed as dist
+    for decisions, expect in (
+            ([{"backend": "nccl", "why": "a"}, {"backend": "gloo", "why": "b"},
+              {"backend": "nccl", "why": "a"}], ("gloo", "rank 1: b (1 of 3 ranks), so every rank uses gloo")),
+            ([{"backend": "nccl", "why": "a"}, {"error": "no GPUs"}, {"backend": "nccl", "why": "a"}],
+             ValueError("no GPUs (rank 1)"))):
+        store, out = dist.HashStore(), {}
+
+        def rank_main(rank):
+            try:
+                out[rank] = bench.exchange_decisions(store, rank, 3, decisions[rank], "t", 30)
+            except ValueError as exc:
+                out[rank] = exc
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in (2, 1, 0)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        got = [out[r] if not isinstance(out[r], ValueError) else repr(out[r]) for r in range(3)]
+        want = expect if not isinstance(expect, ValueError) else repr(expect)
+        assert got == [want] * 3
+
+
+def _launched_rank(rank, world, port, gpus, queue):
+    """One rank as srun / torchrun starts it, on a node with gpus[rank] GPUs and one rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    import torch.distributed as dist
+    bench._gpu_count = lambda: gpus[rank]
+    try:
+        backend, why = bench.init_launched("auto", 60)
+        queue.put((rank, backend, why, dist.get_backend()))
+        dist.destroy_process_group()
+    except BaseException as exc:
+        queue.put((rank, "failed", repr(exc), None))
+
+
+def test_launched_ranks_on_unequal_nodes_choose_the_same_backend():
+    # Rank 0's node has 2 GPUs for its one rank (NCCL alone), rank 1's none: both use gloo.
+    import multiprocessing as mp
+    queue = mp.get_context("spawn").Queue()
+    procs = bench.spawn_ranks(_launched_rank, 2, [2, 0], queue)
+    try:
+        got = sorted(queue.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [g[1] for g in got] == ["gloo", "gloo"], got
+    assert got[0][2] == got[1][2] == "rank 1: no GPU visible (1 of 2 ranks), so every rank uses gloo"
+    assert got[0][3] == "gloo"
