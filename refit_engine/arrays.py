@@ -92,7 +92,6 @@ def _info(kind: str, array) -> ArrayInfo:
 # freed since is refused before any byte is copied into or out of memory it no longer owns.
 # (The byte size follows from shape and dtype.) Kept to a few attribute reads: it runs for
 # every bound tensor on every refit.
-PROBE_FIELDS = ("address", "shape", "dtype", "storage bytes", "storage")
 
 
 def _probe_torch(t):
@@ -111,5 +110,5 @@ def _probe_cupy(a):  # CuPy arrays cannot get new memory in place; their shape c
 
 
 def probe_of(array):
-    """The probe function for `array`'s kind (see PROBE_FIELDS)."""
+    """The probe function for `array`'s kind (see above)."""
     return {"torch": _probe_torch, "numpy": _probe_numpy, "cupy": _probe_cupy}[kind_of(array)]
