@@ -24,43 +24,88 @@ constexpr int kBufferCols = 3;                // rank, numel, itemsize
 constexpr int kPieceCols = 4 + 3 * kMaxDims;  // tensor, holders first/count, local_offset,
                                               // start, extent, stride
 
-const int64_t* rows_of(const Int64Array& table, int cols, const char* what, int64_t& n) {
-    if (table.ndim() != 2 || table.shape(1) != cols) {
-        throw PlanError("*", {}, std::string(what) + " table must have shape (n, " +
-                                     std::to_string(cols) + ")");
-    }
-    n = table.shape(0);
-    return table.data();
+// Short repr of a bad argument, for error messages.
+std::string shown(const py::handle& value) {
+    std::string text = py::repr(value).cast<std::string>();
+    return text.size() > 60 ? text.substr(0, 57) + "..." : text;
 }
 
-// A (n, cols) C-contiguous int64 array, used in place (no conversion, so no hidden copy whose
-// memory could vanish under the Planner's views; the Planner keeps the arrays alive).
+// An integer argument (bucket_bytes, ranks_per_node): a Python int or anything usable as one
+// (NumPy integers), within int64. Anything else is a RefitError naming the argument, rather
+// than pybind11's TypeError listing overloads or an OverflowError.
+int64_t int64_arg(const py::handle& value, const char* what) {
+    if (PyBool_Check(value.ptr())) {
+        throw PlanError("*", {}, std::string(what) + " must be an integer, got " + shown(value));
+    }
+    PyObject* index = PyNumber_Index(value.ptr());
+    if (!index) {
+        PyErr_Clear();
+        throw PlanError("*", {}, std::string(what) + " must be an integer, got " + shown(value));
+    }
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    Py_DECREF(index);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        throw PlanError("*", {}, std::string(what) + " " + shown(value) +
+                                     " is out of range (a 64-bit integer)");
+    }
+    return int64_t(v);
+}
+
+// Aligned, C-contiguous int64: what the tables are read as (an unaligned array would be read
+// through misaligned int64 loads).
+constexpr int kAligned = py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+using AlignedInt64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast | kAligned>;
+
+// The tensor table (copied into TensorSpecs, so it may be converted): a (n, cols) array of
+// integers of any width. Floats, booleans and objects are refused rather than truncated.
+AlignedInt64Array tensor_table(const py::handle& table, int cols) {
+    py::array array = py::array::ensure(table);
+    const std::string want = "tensor table must be an integer array of shape (n, " +
+                             std::to_string(cols) + ")";
+    if (!array) throw PlanError("*", {}, want + ", got " + shown(table));
+    const char kind = array.dtype().kind();
+    if ((kind != 'i' && kind != 'u') || array.ndim() != 2 || array.shape(1) != cols) {
+        throw PlanError("*", {}, want + ", got dtype " + shown(array.dtype()) + " and shape " +
+                                     shown(py::tuple(array.attr("shape"))));
+    }
+    return AlignedInt64Array::ensure(array);
+}
+
+bool usable_in_place(const py::array& array) {
+    return py::isinstance<py::array_t<int64_t>>(array) &&
+           (array.flags() & py::array::c_style) && (array.flags() & kAligned);
+}
+
+// A (n, cols) C-contiguous, aligned int64 array, used in place (no conversion, so no hidden
+// copy whose memory could vanish under the Planner's views; the Planner keeps the arrays alive).
 const int64_t* table_rows(const py::array& table, int cols, const char* what, int64_t& n) {
-    if (!py::isinstance<py::array_t<int64_t>>(table) || table.ndim() != 2 ||
-        table.shape(1) != cols || !(table.flags() & py::array::c_style)) {
-        throw PlanError("*", {}, std::string(what) + " table must be a C-contiguous int64 array "
-                                 "of shape (n, " + std::to_string(cols) + ")");
+    if (!usable_in_place(table) || table.ndim() != 2 || table.shape(1) != cols) {
+        throw PlanError("*", {}, std::string(what) + " table must be an aligned, C-contiguous "
+                                 "int64 array of shape (n, " + std::to_string(cols) + ")");
     }
     n = table.shape(0);
     return static_cast<const int64_t*>(table.data());
 }
 
-// A C-contiguous 1-D int64 array, used in place like table_rows.
+// An aligned, C-contiguous 1-D int64 array, used in place like table_rows.
 const int64_t* flat_items(const py::array& array, const char* what, int64_t& n) {
-    if (!py::isinstance<py::array_t<int64_t>>(array) || array.ndim() != 1 ||
-        !(array.flags() & py::array::c_style)) {
-        throw PlanError("*", {}, std::string(what) + " must be a C-contiguous 1-D int64 array");
+    if (!usable_in_place(array) || array.ndim() != 1) {
+        throw PlanError("*", {}, std::string(what) + " must be an aligned, C-contiguous 1-D "
+                                                     "int64 array");
     }
     n = array.shape(0);
     return static_cast<const int64_t*>(array.data());
 }
 
-Side make_side(std::vector<std::string> names, const Int64Array& tensors, const py::array& buffers,
-               const py::array& pieces, const py::array& holders) {
+Side make_side(std::vector<std::string> names, const py::object& tensor_rows,
+               const py::array& buffers, const py::array& pieces, const py::array& holders) {
     Side side;
     side.names = std::move(names);
-    int64_t n = 0;
-    const int64_t* row = rows_of(tensors, kTensorCols, "tensor", n);
+    const AlignedInt64Array tensors = tensor_table(tensor_rows, kTensorCols);
+    int64_t n = tensors.shape(0);
+    const int64_t* row = tensors.data();
     side.tensors.resize(n);
     for (int64_t i = 0; i < n; ++i, row += kTensorCols) {
         TensorSpec& t = side.tensors[i];
@@ -121,26 +166,26 @@ void bind_plan(py::module_& m) {
     m.attr("MESSAGE_FIELDS") = std::vector<std::string>{"peer", "bucket", "offset", "bytes"};
 
     py::class_<Planner>(m, "Planner", "Validated, indexed layouts of both sides; compiles plans.")
-        .def(py::init([](std::vector<std::string> src_names, const Int64Array& src_tensors,
+        .def(py::init([](std::vector<std::string> src_names, const py::object& src_tensors,
                          const py::array& src_buffers, const py::array& src_pieces,
                          const py::array& src_holders, std::vector<std::string> dst_names,
-                         const Int64Array& dst_tensors, const py::array& dst_buffers,
+                         const py::object& dst_tensors, const py::array& dst_buffers,
                          const py::array& dst_pieces, const py::array& dst_holders,
-                         int64_t bucket_bytes, int64_t ranks_per_node) {
+                         const py::object& bucket_bytes, const py::object& ranks_per_node) {
                  Side src = make_side(std::move(src_names), src_tensors, src_buffers, src_pieces,
                                       src_holders);
                  Side dst = make_side(std::move(dst_names), dst_tensors, dst_buffers, dst_pieces,
                                       dst_holders);
-                 PlanOptions options;
-                 options.bucket_bytes = bucket_bytes;
-                 options.ranks_per_node = ranks_per_node;
+                 PlanOptions options;  // range-checked by the Planner
+                 options.bucket_bytes = int64_arg(bucket_bytes, "bucket_bytes");
+                 options.ranks_per_node = int64_arg(ranks_per_node, "ranks_per_node");
                  py::gil_scoped_release release;
                  return new Planner(std::move(src), std::move(dst), options);
              }),
              py::arg("src_names"), py::arg("src_tensors"), py::arg("src_buffers"),
              py::arg("src_pieces"), py::arg("src_holders"), py::arg("dst_names"),
              py::arg("dst_tensors"), py::arg("dst_buffers"), py::arg("dst_pieces"),
-             py::arg("dst_holders"), py::arg("bucket_bytes"), py::arg("ranks_per_node") = 0,
+             py::arg("dst_holders"), py::arg("bucket_bytes"), py::arg("ranks_per_node") = py::int_(0),
              // The Planner reads the buffer, piece and holder tables in place: keep them alive.
              py::keep_alive<1, 4>(), py::keep_alive<1, 5>(), py::keep_alive<1, 6>(),
              py::keep_alive<1, 9>(), py::keep_alive<1, 10>(), py::keep_alive<1, 11>())

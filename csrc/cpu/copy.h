@@ -16,8 +16,11 @@ struct CpuSide {
     uint8_t* staging;
 };
 
-// Runs every segment: reads from `src`, writes to `dst`. Checks that buffer indices are in
-// range (throws std::out_of_range) before copying anything.
+// Runs every segment: reads from `src`, writes to `dst`. Before copying anything, checks that
+// buffer indices are in range and bases are not null (throws std::out_of_range), and that each
+// segment's row count and size are not negative and the bytes it touches lie at non-negative
+// offsets that fit in int64 (std::invalid_argument). Whether those bytes lie inside the
+// memory at the addresses given is the caller's to ensure.
 void cpu_copy_segments(const Segment* segs, int64_t n, const CpuSide& src, const CpuSide& dst,
                        int threads);
 

@@ -23,7 +23,14 @@ std::string Box::str() const {
     std::ostringstream out;
     out << "[";
     for (int d = 0; d < ndim; ++d) {
-        out << (d ? ", " : "") << start[d] << ":" << start[d] + extent[d];
+        // Error messages show boxes that failed validation: the end may not fit in int64.
+        int64_t end;
+        out << (d ? ", " : "") << start[d] << ":";
+        if (__builtin_add_overflow(start[d], extent[d], &end)) {
+            out << "+" << extent[d];
+        } else {
+            out << end;
+        }
     }
     out << "]";
     return out.str();
@@ -81,8 +88,12 @@ Dims merged_dims(const Box& box, const Index& src_stride, const Index& dst_strid
     for (int d = 0; d < box.ndim; ++d) {
         if (box.extent[d] == 1) continue;
         const int prev = dims.n - 1;
-        if (prev >= 0 && dims.src_stride[prev] == box.extent[d] * src_stride[d] &&
-            dims.dst_stride[prev] == box.extent[d] * dst_stride[d]) {
+        // extent * stride can pass int64 (a dimension with a huge stride, reaching the end of
+        // a huge buffer, after a small one): such a dimension does not continue the previous.
+        int64_t src_step, dst_step;
+        if (prev >= 0 && !__builtin_mul_overflow(box.extent[d], src_stride[d], &src_step) &&
+            !__builtin_mul_overflow(box.extent[d], dst_stride[d], &dst_step) &&
+            dims.src_stride[prev] == src_step && dims.dst_stride[prev] == dst_step) {
             dims.extent[prev] *= box.extent[d];  // dim d continues the previous one
             dims.src_stride[prev] = src_stride[d];
             dims.dst_stride[prev] = dst_stride[d];

@@ -96,8 +96,13 @@ std::vector<int64_t> Planner::holder_ranks(const Side& side, int64_t tensor) con
     const int64_t num_holders = int64_t(side.holders.size());
     const int64_t num_buffers = int64_t(side.buffers.size());
     for (const Piece& piece : side.pieces) {
-        if (piece.tensor != tensor || piece.holders_first < 0 || piece.holders_count < 0) continue;
-        const int64_t end = std::min(num_holders, piece.holders_first + std::min(piece.holders_count, num_holders));
+        if (piece.tensor != tensor || piece.holders_first < 0 || piece.holders_count < 0 ||
+            piece.holders_first >= num_holders) {
+            continue;
+        }
+        // No overflow: holders_first < num_holders (a huge first + count wrapped around).
+        const int64_t end =
+            piece.holders_first + std::min(piece.holders_count, num_holders - piece.holders_first);
         for (int64_t i = piece.holders_first; i < end; ++i) {
             const int64_t b = side.holders[i];
             if (b >= 0 && b < num_buffers) ranks.push_back(side.buffers[b].rank);
@@ -219,7 +224,8 @@ inline void check_buffer(const Buffer& buffer, const char* side_name) {
 }
 
 // Whether every offset `piece` reaches (local_offset + sum of (extent - 1) * stride, per
-// sign) fits in int64, so the hull and the copies' pitches cannot wrap around.
+// sign) fits in int64, and one past the highest too, so the hull and the copies' pitches
+// cannot wrap around.
 bool footprint_in_range(const Piece& piece, int ndim) {
     int64_t lo = piece.local_offset, hi = piece.local_offset, span = 0;
     for (int d = 0; d < ndim; ++d) {
@@ -228,7 +234,8 @@ bool footprint_in_range(const Piece& piece, int ndim) {
         if (__builtin_mul_overflow(piece.extent[d] - 1, piece.local_stride[d], &reach)) return false;
         if (__builtin_add_overflow(reach < 0 ? lo : hi, reach, reach < 0 ? &lo : &hi)) return false;
     }
-    return !__builtin_sub_overflow(hi, lo, &span);  // the sum of |reach| below, too
+    // hi < INT64_MAX: the hull ends at hi + 1.
+    return hi < INT64_MAX && !__builtin_sub_overflow(hi, lo, &span);  // the sum of |reach|, too
 }
 
 // Whether `piece`'s elements land on distinct buffer elements: taking the dimensions in
@@ -403,7 +410,6 @@ void Planner::index_source_replicas() {
             return a < b;
         });
         const size_t first_group = groups_.size();
-        int64_t covered = 0;
         for (size_t i = 0; i < pieces.size();) {
             const Box box = piece_box(src_.pieces[pieces[i]], ndim);
             size_t j = i + 1;
@@ -428,7 +434,6 @@ void Planner::index_source_replicas() {
                     merged_buffers_.push_back(m.buffer);
                 }
             }
-            covered += box.volume();
             i = j;
         }
         // Distinct boxes must tile the tensor: pairwise disjoint and adding up to all of it.
@@ -447,6 +452,10 @@ void Planner::index_source_replicas() {
                 }
             }
         }
+        // Disjoint boxes inside the shape: their volumes add up to at most numel, no overflow
+        // (summed before the overlap check, overlapping huge boxes could pass int64).
+        int64_t covered = 0;
+        for (size_t g = first_group; g < groups_.size(); ++g) covered += groups_[g].box.volume();
         if (covered != numel(spec)) {
             throw PlanError(src_.names[s], holder_ranks(src_, s),
                             "source pieces cover " + std::to_string(covered) + " of " +
@@ -511,15 +520,19 @@ void Planner::check_destination_buffers(const BufferUses& uses) {
     for (size_t i = 0; i < pairs.size();) {
         const int64_t b = int64_t(pairs[i] >> piece_bits);
         placed.clear();
-        int64_t covered = 0;
         for (; i < pairs.size() && int64_t(pairs[i] >> piece_bits) == b; ++i) {
             const int64_t p = int64_t(pairs[i] & piece_mask);
             const Piece& piece = dst_.pieces[p];
-            const int ndim = dst_.tensors[piece.tensor].ndim;
-            placed.push_back({footprint_hull(piece, ndim), p});
-            covered += piece_box(piece, ndim).volume();
+            placed.push_back({footprint_hull(piece, dst_.tensors[piece.tensor].ndim), p});
         }
         check_disjoint(b, placed);
+        // Disjoint pieces inside the local tensor: their volumes add up to at most its size
+        // (summed before the check, overlapping huge pieces could pass int64).
+        int64_t covered = 0;
+        for (const Placed& x : placed) {
+            const Piece& piece = dst_.pieces[x.piece];
+            covered += piece_box(piece, dst_.tensors[piece.tensor].ndim).volume();
+        }
         if (covered != dst_.buffers[b].numel) throw never_written(b, covered);
     }
 }
@@ -753,6 +766,7 @@ void cut_into_buckets(const std::vector<Segment>& in, int64_t limit, bool staged
             part.rows = std::min(fit, seg.rows);
             put(part);
             seg.rows -= part.rows;
+            if (seg.rows == 0) break;  // no next row: its offset may not fit in int64
             seg.src_offset += part.rows * seg.src_pitch;
             seg.dst_offset += part.rows * seg.dst_pitch;
         }
