@@ -478,6 +478,70 @@ def _worker(rank, world, port, args, queue):
         raise SystemExit(1) from exc
 
 
+def exit_text(code: int | None) -> str:
+    """A process's exit code in words: "exit code 1", "killed by signal 9 (SIGKILL)"."""
+    import signal
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-code} ({name})"
+    return f"exit code {code}"
+
+
+def wait_for_ranks(procs: list, queue, timeout: float, grace: float = 2.0,
+                   poll: float = 0.2) -> tuple[dict, dict]:
+    """Every spawned rank's report (rank, value, error) from `queue`, watching the processes
+    meanwhile. A rank whose process ends without reporting (a crash, a signal, os._exit) is
+    named with its exit code or signal `grace` seconds after it ended (time for a report
+    already on its way to arrive); the ranks still running are then stopped, since they would
+    wait on it until their own timeout. Nothing at all within `timeout`: the silent ranks are
+    named and stopped. Returns ({rank: value}, {rank: error text})."""
+    import queue as queue_mod
+    values, failures, ended = {}, {}, {}
+    deadline = time.monotonic() + timeout
+    while len(values) + len(failures) < len(procs):
+        try:
+            rank, value, error = queue.get(timeout=poll)
+            if error:
+                failures[rank] = error
+            else:
+                values[rank] = value
+            continue
+        except queue_mod.Empty:
+            pass
+        now = time.monotonic()
+        silent = [r for r in range(len(procs)) if r not in values and r not in failures]
+        for r in silent:
+            if procs[r].exitcode is not None:
+                ended.setdefault(r, now)
+        dead = [r for r in silent if r in ended and now - ended[r] >= grace]
+        if dead:
+            for r in dead:
+                failures[r] = (f"process {procs[r].pid} died without reporting: "
+                               f"{exit_text(procs[r].exitcode)}\n")
+            others = ", ".join(map(str, dead))
+            for r in silent:
+                if r not in dead:
+                    failures[r] = (f"stopped: rank{'s' if len(dead) > 1 else ''} {others} "
+                                   f"died without reporting\n")
+            break
+        if now > deadline:
+            for r in silent:
+                failures[r] = f"did not report within {timeout:g} s: stopped\n"
+            break
+    for p in procs:  # the ones still running: stopped (they wait on a dead or silent rank)
+        if p.is_alive() and p.pid is not None:
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=10)
+    return values, failures
+
+
 def failure_report(failures: dict[int, str]) -> str:
     """Every failed rank's traceback, those ending in the same error printed once."""
     groups: dict[str, list[int]] = {}
@@ -672,15 +736,8 @@ def main(argv=None) -> int:
               flush=True)
         procs = spawn_ranks(_worker, args.world, args, queue,
                             env=GLOO_ENV if args.backend == "gloo" else None)
-        result, failures = None, {}
-        for _ in procs:
-            rank, value, error = queue.get(timeout=args.timeout + 600)
-            if error:
-                failures[rank] = error
-            if rank == 0:
-                result = value
-        for p in procs:
-            p.join()
+        values, failures = wait_for_ranks(procs, queue, args.timeout + 600)
+        result = values.get(0)
         if failures:
             print(failure_report(failures), file=sys.stderr)
             return 1

@@ -237,3 +237,38 @@ def test_launched_ranks_on_unequal_nodes_choose_the_same_backend():
     assert [g[1] for g in got] == ["gloo", "gloo"], got
     assert got[0][2] == got[1][2] == "rank 1: no GPU visible (1 of 2 ranks), so every rank uses gloo"
     assert got[0][3] == "gloo"
+
+
+def _dying_worker(rank, world, port, args, queue):
+    """Rank 1 is killed before reporting; rank 0 waits on it (as in a collective)."""
+    import signal
+    import time
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(90)
+
+
+def test_a_rank_that_dies_without_reporting_is_named_within_seconds(monkeypatch, capsys):
+    # The main job waited --timeout + 600 s for a report that never came.
+    import threading
+    import time
+    monkeypatch.setattr(bench, "_worker", _dying_worker)
+    monkeypatch.setattr(bench, "_gpu_count", lambda: 0)
+    for name in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    out = {}
+    t0 = time.monotonic()
+    thread = threading.Thread(target=lambda: out.update(code=bench.main(
+        ["--world", "2", "--src", "tp=1", "--dst", "tp=1", "--timeout", "30"])), daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "still waiting on the dead rank"
+    assert out["code"] != 0 and time.monotonic() - t0 < 60
+    err = capsys.readouterr().err
+    assert "rank 1:\nprocess" in err and "died without reporting: killed by signal 9 (SIGKILL)" in err
+    assert "rank 0:\nstopped: rank 1 died without reporting" in err
+
+
+def test_exit_codes_in_words():
+    assert bench.exit_text(-9) == "killed by signal 9 (SIGKILL)"
+    assert bench.exit_text(3) == "exit code 3"
