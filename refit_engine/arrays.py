@@ -87,7 +87,7 @@ def _info(kind: str, array) -> ArrayInfo:
 
 # -- what an array's memory looks like, for the per-refit check -----------------------------
 #
-# A probe returns (address, shape, dtype, storage bytes, storage id): taken when a plan binds
+# A probe returns (address, shape, dtype, storage bytes, storage id, strides): taken when a plan binds
 # the array and compared before every refit, so a tensor replaced, resized, reallocated or
 # freed since is refused before any byte is copied into or out of memory it no longer owns.
 # (The byte size follows from shape and dtype.) Kept to a few attribute reads: it runs for
@@ -96,17 +96,18 @@ def _info(kind: str, array) -> ArrayInfo:
 
 def _probe_torch(t):
     storage = t.untyped_storage()
-    return t.data_ptr(), t.shape, t.dtype, storage.nbytes(), storage.data_ptr()
+    # Strides too: an in-place t_() or as_strided_() keeps address, shape and storage.
+    return t.data_ptr(), t.shape, t.dtype, storage.nbytes(), storage.data_ptr(), t.stride()
 
 
 def _probe_numpy(a):
     # NumPy frees or moves memory only through resize(refcheck=False) (a new address) or a
     # different base; the shape can be reassigned in place.
-    return a.ctypes.data, a.shape, a.dtype, a.nbytes, id(a.base)
+    return a.ctypes.data, a.shape, a.dtype, a.nbytes, id(a.base), a.strides
 
 
 def _probe_cupy(a):  # CuPy arrays cannot get new memory in place; their shape can change
-    return a.data.ptr, a.shape, a.dtype, a.nbytes, 0
+    return a.data.ptr, a.shape, a.dtype, a.nbytes, 0, a.strides
 
 
 def probe_of(array):

@@ -125,12 +125,15 @@ def _what_changed(side, key, local, array, probe, expected, owner, owned) -> str
         now = probe(array)
     except Exception as exc:  # noqa: BLE001
         return f"{where} can no longer be read after planning ({type(exc).__name__}: {exc}){tail}"
-    address, shape, dtype, storage_bytes, storage = now
+    address, shape, dtype, storage_bytes, storage, strides = now
     if (tuple(shape), dtype) != (tuple(expected[1]), expected[2]):
         return (f"{where} was resized or retyped after planning (shape {tuple(expected[1])} "
                 f"{expected[2]} -> {tuple(shape)} {dtype}){tail}")
     if storage_bytes != expected[3]:
         return (f"{where}: its storage was resized or freed after planning ({expected[3]} -> "
                 f"{storage_bytes} bytes){tail}")
+    if address == expected[0] and tuple(strides) != tuple(expected[5]):
+        return (f"{where} was restrided in place after planning (strides {tuple(expected[5])} "
+                f"-> {tuple(strides)}, e.g. t_() or as_strided_()){tail}")
     return (f"{where} was replaced after planning (its data moved from {expected[0]:#x} to "
             f"{address:#x}){tail}")

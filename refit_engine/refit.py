@@ -77,7 +77,7 @@ class Plan:
     dst_tensors: dict = field(repr=False, default_factory=dict)
     broken: str | None = None
     refits: int = 0
-    # (side, buffer index) -> (owner, address, shape, dtype) as bound: see binding.stale_reason.
+    # What every bound tensor looked like when bound: see binding.bind / stale_reason.
     current: dict = field(repr=False, default_factory=dict)
     # One refit at a time: two threads running one plan would interleave its messages.
     lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
@@ -254,6 +254,10 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
                 executor, src_tensors, dst_tensors, current={**src_current, **dst_current})
 
 
+class _RefusedCall(RefitError):
+    """execute() refused for its arguments before any byte moved; the plan stays usable."""
+
+
 def _option_flags(plan: Plan, options: dict) -> tuple[str | None, list[int]]:
     """(this rank's problem with the options, the flags every rank must agree on)."""
     problem = None
@@ -280,13 +284,13 @@ def _check_still_valid(plan: Plan, options: dict) -> None:
     if reduced[0]:
         for rank, bad_option, bad_tensor in _gather(found, plan.channel, "refit problems"):
             if bad_option:
-                raise RefitError(bad_option, ranks=[rank])
+                raise _RefusedCall(bad_option, ranks=[rank])
             if bad_tensor:
                 raise RefitError(bad_tensor[1], tensor=bad_tensor[0], ranks=[rank])
     split = [name for i, name in enumerate(options) if reduced[1 + 2 * i] and reduced[2 + 2 * i]]
     if split:
-        raise RefitError(f"ranks disagree on execute's options {split}: every rank of the plan "
-                         "must pass the same", ranks=plan.channel.ranks)
+        raise _RefusedCall(f"ranks disagree on execute's options {split}: every rank of the "
+                           "plan must pass the same", ranks=plan.channel.ranks)
 
 
 class CudaRefitRunner:
@@ -365,17 +369,19 @@ def _execute_locked(plan: Plan, graph, stream, sync, verify, check) -> dict:
         if check:
             _check_still_valid(plan, options)
         elif (problem := _option_flags(plan, options)[0]) is not None:
-            raise RefitError(problem, ranks=[plan.rank])  # unchecked: this rank alone knows
+            raise _RefusedCall(problem, ranks=[plan.rank])  # unchecked: this rank alone knows
         t0 = time.perf_counter()
         plan.executor.run(graph, stream, sync, plan.timeout_s)
         elapsed = time.perf_counter() - t0
         plan.refits += 1
         if verify:
             _verify(plan)
+    except _RefusedCall:
+        raise  # the call was wrong, not the plan: every rank refused it at the same step
     except RefitError as exc:
-        # Every failure, a refused check included, ends the plan: after a timeout the peers'
-        # state is unknown, and a replaced tensor stays replaced. Callers build a new plan
-        # (the drop-in swap_model_weights does so by itself).
+        # Every other failure ends the plan: after a timeout the peers' state is unknown, and
+        # a replaced tensor stays replaced. Callers build a new plan (the drop-in
+        # swap_model_weights does so by itself).
         plan.broken = str(exc)
         raise
     except Exception as exc:

@@ -508,3 +508,27 @@ def test_numpy_and_torch_checksums_agree():
     b = a.copy()
     b.reshape(-1).view(np.uint8)[10 + 96 * 3 + 5] ^= 1
     assert segment_checksum(b, 10, 96, 20, 30) != segment_checksum(a, 10, 96, 20, 30)
+
+
+def _restrided_worker(rank, world):
+    import refit_engine
+    from refit_engine import RefitError, ShardedTensors
+    src, dst = ShardedTensors(), ShardedTensors()
+    src.add("w", torch.arange(16, dtype=torch.float32).reshape(4, 4) + rank * 0, (4, 4))
+    target = torch.empty(4, 4)
+    target.view(torch.uint8).fill_(0xA5)
+    dst.add("w", target, (4, 4))
+    plan = refit_engine.plan(src, dst, timeout_s=30)
+    if rank == 1:
+        target.t_()  # same address, shape and storage; the element order changed
+    try:
+        refit_engine.execute(plan)
+        return "no error", None
+    except RefitError as exc:
+        return (exc.tensor, exc.ranks, exc.reason), bool(target.contiguous().view(torch.uint8).eq(0xA5).all())
+
+
+def test_tensor_restrided_in_place_after_planning_refused():
+    for outcome, untouched in run_world(_restrided_worker, 2):
+        assert outcome != "no error" and outcome[1] == [1] and "restrided" in outcome[2], outcome
+        assert untouched
