@@ -17,6 +17,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+
 from refit_engine import arrays, dtypes
 from refit_engine.errors import RefitError
 from refit_engine.layouts import (MAX_DIMS, Layout, Split, TensorMeta, part_pieces,
@@ -71,6 +73,7 @@ class ShardedTensors:
             self.errors.append(exc)
 
     def _add(self, name, tensor, global_shape, split, part, key, offset, part_shape) -> None:
+        _check_arguments(name, global_shape, split, part, key, offset, part_shape)
         key = key or name
         try:
             info = arrays.info(tensor)
@@ -89,6 +92,43 @@ class ShardedTensors:
                                                        offset):
             self.entries.append(Entry(name, global_shape, info.dtype, key, info.shape, start,
                                       extent, local_offset, strides))
+
+
+def _writable(array) -> bool:
+    flags = getattr(array, "flags", None)  # NumPy; torch tensors and CuPy arrays are writable
+    return bool(getattr(flags, "writeable", True)) if flags is not None else True
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_arguments(name, global_shape, split, part, key, offset, part_shape) -> None:
+    """ShardedTensors.add's arguments, before anything uses them: a float or negative size
+    silently truncated, or a TypeError on one rank, would be worse than this error."""
+    if not isinstance(name, str) or not name:
+        raise RefitError(f"tensor name must be a non-empty string, not {name!r}", tensor=str(name))
+    if key is not None and (not isinstance(key, str) or not key):
+        raise RefitError(f"key must be None or a non-empty string, not {key!r}", tensor=name)
+    for what, shape in (("global_shape", global_shape), ("part_shape", part_shape)):
+        if shape is None and what == "part_shape":
+            continue
+        try:
+            dims = list(shape)
+        except TypeError:
+            raise RefitError(f"{what} must be a sequence of sizes, not {shape!r}",
+                             tensor=name) from None
+        if not all(_is_index(d) and d >= 0 for d in dims):
+            raise RefitError(f"{what} {tuple(dims)} must hold non-negative integers",
+                             tensor=name)
+        if math.prod(int(d) for d in dims) >= 1 << 56:
+            raise RefitError(f"{what} {tuple(dims)} is too large to address", tensor=name)
+    if split is not None and not isinstance(split, Split):
+        raise RefitError(f"split must be a refit_engine.Split or None, not {split!r}",
+                         tensor=name)
+    if not _is_index(part) or not _is_index(offset) or offset < 0:
+        raise RefitError(f"part and offset must be integers (offset >= 0), not {part!r} and "
+                         f"{offset!r}", tensor=name)
 
 
 def _check_arrangement(name: str, key: str, shape: tuple, part_shape: tuple) -> None:
@@ -123,6 +163,8 @@ def checked_info(meta, tensor, side: str, device: str | None = None) -> arrays.A
         problem = f"has {info.nbytes} bytes, expected {expected}"
     elif device is not None and info.device != device:
         problem = f"is on {info.device}, expected {device}"
+    elif side == "destination" and not _writable(tensor):
+        problem = "is read-only (a NumPy array with writeable=False)"
     if problem:
         raise RefitError(f"{side} local tensor '{meta.key}' {problem}", tensor=meta.key,
                          ranks=[meta.rank])

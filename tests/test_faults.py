@@ -20,15 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import faults  # noqa: E402
 
 # case -> what it does today (not handled yet)
-XFAIL = {
-    "NumPy arrays with verify=True": "verify's checksums call .detach() on NumPy arrays "
-                                     "(AttributeError, reported as RefitError)",
-    "read-only NumPy destination": "accepted: the refit writes into a read-only NumPy array",
-    "float dim in global shape": "accepted: global_shape (24.5, 24) is truncated to (24, 24)",
-    "negative dim in global shape": "the RefitError names no rank",
-    "huge global shape (2**62 rows)": "the RefitError names no rank",
-    "part given as a string": "ShardedTensors.add raises TypeError ('<=' between int and str)",
-    "tensor name not a string": "TypeError from the C++ Planner constructor on every rank",
+XFAIL: dict[str, str] = {
 }
 
 
