@@ -42,13 +42,13 @@ def bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
     """Buffer index -> tensor for this rank's buffers, checked; the address table; devices;
     and {(side, buffer index): record} of every bound tensor, for `stale_reason`."""
     addresses = np.zeros(len(layout.buffers), dtype=np.int64)
-    bound, devices, current = {}, set(), {}
+    bound, devices, current = {}, {}, {}  # devices: device -> the first tensor on it
     for index in layout.buffers_of(rank):
         rec = record(layout.buffers[index], local, side)
         info = rec[7][1]
         bound[index] = rec[2]
         addresses[index] = info.address
-        devices.add(info.device)
+        devices.setdefault(info.device, f"{side} '{key}'")
         current[(side, index)] = rec
     return bound, addresses, devices, current
 
@@ -86,11 +86,14 @@ def check_overlaps(rank: int, *currents: dict) -> None:
             reach_dst = span
 
 
-def device_of(devices: set, rank: int) -> str:
-    """The one device all of this rank's tensors are on ("cpu" when it holds none)."""
+def device_of(devices: dict, rank: int) -> str:
+    """The one device all of this rank's tensors are on ("cpu" when it holds none); `devices`
+    maps each device to a tensor on it, for the error."""
     if len(devices) > 1:
-        raise RefitError(f"this rank's tensors are on several devices {sorted(devices)}; a refit "
-                         "moves tensors of one device per rank", ranks=[rank])
+        seen = ", ".join(f"{tensor} on {device}" for device, tensor in sorted(devices.items()))
+        raise RefitError(f"this rank's tensors are on several devices ({seen}); a refit moves "
+                         "tensors of one device per rank: move the models to one device",
+                         tensor=next(iter(devices.values())).split("'")[1], ranks=[rank])
     return next(iter(devices), "cpu")
 
 

@@ -532,3 +532,13 @@ def test_tensor_restrided_in_place_after_planning_refused():
     for outcome, untouched in run_world(_restrided_worker, 2):
         assert outcome != "no error" and outcome[1] == [1] and "restrided" in outcome[2], outcome
         assert untouched
+
+
+def test_tensors_on_several_devices_are_named():
+    from refit_engine.binding import device_of
+    assert device_of({}, 0) == "cpu"
+    assert device_of({"cuda:0": "source 'a'"}, 0) == "cuda:0"
+    with pytest.raises(RefitError, match=r"source 'w' on cpu, destination 'router.expert_bias' "
+                                         r"on cuda:0") as info:
+        device_of({"cpu": "source 'w'", "cuda:0": "destination 'router.expert_bias'"}, 3)
+    assert info.value.ranks == [3] and info.value.tensor == "w"
