@@ -50,7 +50,12 @@ def _chunks(model) -> list:
 
 
 def _pg_collection(chunk):
+    """The chunk's process groups: `pg_collection` (megatron-core >= 0.15; from 0.19 a
+    collection answers None for groups it was not given), `model_comm_pgs` (0.14), else
+    megatron's global `parallel_state` groups."""
     pgc = getattr(chunk, "pg_collection", None)
+    if pgc is None:
+        pgc = getattr(chunk, "model_comm_pgs", None)
     if pgc is None:
         from megatron.core.process_groups_config import ProcessGroupCollection
         pgc = ProcessGroupCollection.use_mpu_process_groups()
@@ -62,6 +67,10 @@ def _group_part(group) -> tuple[int, int]:
     if group is None:
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _this_rank() -> list[int]:
+    return [dist.get_rank()] if dist.is_initialized() else []
 
 
 class Naming:
@@ -123,7 +132,7 @@ class Naming:
                 k = int((m or g)["k"])
                 if k >= len(indices):
                     raise RefitError(f"local expert {k} of a module with {len(indices)} local "
-                                     "experts", tensor=name, ranks=[dist.get_rank()])
+                                     "experts", tensor=name, ranks=_this_rank())
                 rest = m["rest"] if m else f"{g['fc']}.{g['kind']}"
                 name = f"{prefix}{indices[k]}.{rest}"
             elif is_param:
@@ -133,7 +142,7 @@ class Naming:
                         "moe_single_grouped_weight)")
                 raise RefitError(f"{kind} are not supported; use SequentialMLP or TEGroupedMLP "
                                  "with one parameter per expert", tensor=name,
-                                 ranks=[dist.get_rank()])
+                                 ranks=_this_rank())
         for prefix, mapping in self._layers:
             if name.startswith(prefix):
                 index, dot, rest = name[len(prefix):].partition(".")

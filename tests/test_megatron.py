@@ -150,3 +150,23 @@ def _standard_attention_worker(rank, world):
 def test_standard_attention_gqa_refits_like_megatron():
     for ours, megatron, has_qkv in run_world(_standard_attention_worker, 2):
         assert has_qkv and ours == [] and megatron == []
+
+
+def _devices_worker(rank, world):
+    import warnings
+
+    from refit_engine.models.kimi_k2 import KimiK2Config
+    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+                                                      build_process_groups)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    layout = ParallelLayout(tp=1, ep=2)
+    model = build_kimi_k2(KimiK2Config.toy(num_layers=2, num_experts=4), layout,
+                          build_process_groups(layout), seed=1, mtp_num_layers=1)
+    return sorted({str(t.device) for t in list(model[0].parameters()) + list(model[0].buffers())})
+
+
+def test_cpu_models_hold_only_cpu_tensors():
+    # On a CUDA host megatron puts the router's buffers on the current GPU whatever
+    # use_cpu_initialization says: a "cpu" model must still be CPU only (or plans refuse it).
+    for devices in run_world(_devices_worker, 2):
+        assert devices == ["cpu"], devices

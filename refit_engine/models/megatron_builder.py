@@ -51,12 +51,13 @@ import torch.distributed as dist
 
 from refit_engine.models.kimi_k2 import KimiK2Config
 
-try:  # the names are stable from megatron-core 0.14 to 0.19
+try:  # ProcessGroupCollection from 0.15 (0.14: ModelCommProcessGroups); HyperCommGrid.get_rank_enum
+    # from 0.16; both unchanged through 0.19
     from megatron.core.hyper_comm_grid import HyperCommGrid
     from megatron.core.process_groups_config import ProcessGroupCollection
 except ImportError as exc:  # pragma: no cover - depends on the installed megatron-core
     raise ImportError(
-        "refit_engine.models.megatron_builder needs megatron-core >= 0.14 "
+        "refit_engine.models.megatron_builder needs megatron-core >= 0.16 "
         "(megatron.core.hyper_comm_grid.HyperCommGrid and "
         f"megatron.core.process_groups_config.ProcessGroupCollection): {exc}") from exc
 
@@ -417,8 +418,12 @@ def _mtp_process_groups(pg_collection):
     """
     from megatron.core.transformer import multi_token_prediction as mtp
 
-    block = mtp.MultiTokenPredictionBlock
-    block_init, build = block.__dict__["__init__"], mtp.build_module
+    block = getattr(mtp, "MultiTokenPredictionBlock", None)
+    block_init = block.__dict__.get("__init__") if block is not None else None
+    build = getattr(mtp, "build_module", None)
+    if block_init is None or build is None:  # another structure: nothing to give groups to
+        yield
+        return
     takes_groups = "pg_collection" in inspect.signature(block_init).parameters
 
     @functools.wraps(block_init)
