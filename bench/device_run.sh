@@ -26,6 +26,9 @@ if [[ $what == suite ]]; then
     --timeout=${TEST_TIMEOUT_S:-180} -p no:cacheprovider tests 2>&1 | tee "$OUT/suite.log" \
     | grep -v -i "warn" | tail -40 || rc=1
   timeout ${MAIN_TIMEOUT_S:-180} python3 -m refit_engine.bench 2>&1 | tee "$OUT/mainjob.log" | tail -12 || rc=1
+  # The fault catalogue: every bad-input and fault case, last line its JSON summary.
+  timeout ${FAULTS_TIMEOUT_S:-300} python3 bench/faults.py --json "$OUT/faults.json" 2>&1 \
+    | tee "$OUT/faults.log" | tail -3 || rc=1
 fi
 if [[ $what == all || $what == tests ]]; then
   python3 -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/tests_gpu.log" | tail -25 || rc=1
