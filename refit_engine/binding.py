@@ -48,7 +48,7 @@ def bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
         info = rec[7][1]
         bound[index] = rec[2]
         addresses[index] = info.address
-        devices.setdefault(info.device, f"{side} '{key}'")
+        devices.setdefault(info.device, f"{side} '{rec[0]}'")
         current[(side, index)] = rec
     return bound, addresses, devices, current
 
