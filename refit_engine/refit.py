@@ -258,36 +258,35 @@ class _RefusedCall(RefitError):
     """execute() refused for its arguments before any byte moved; the plan stays usable."""
 
 
-def _option_flags(plan: Plan, options: dict) -> tuple[str | None, list[int]]:
-    """(this rank's problem with the options, the flags every rank must agree on)."""
-    problem = None
+def _option_problem_of(options: dict) -> str | None:
     for name, value in options.items():
         if not isinstance(value, (bool, np.bool_)):
-            problem = f"{name} must be True or False, not {value!r}"
-    if problem is None and options["verify"] and not options["sync"]:
-        problem = "verify=True needs sync=True (the checksums need the refit finished)"
-    # Each flag twice, as itself and negated: after a MAX reduction both are set iff ranks
-    # disagree.
-    flags = [int(bool(v)) for v in options.values()]
-    return problem, [f for flag in flags for f in (flag, 1 - flag)]
+            return f"{name} must be True or False, not {value!r}"
+    if options["verify"] and not options["sync"]:
+        return "verify=True needs sync=True (the checksums need the refit finished)"
+    return None
 
 
 def _check_still_valid(plan: Plan, options: dict) -> None:
     """Collective, before any byte moves: every rank raises if any rank's tensors changed since
-    planning, if a rank's options are invalid, or if ranks disagree on them. One tiny all-reduce
-    when all is well; the reasons are gathered only when something is wrong."""
-    problem, flags = _option_flags(plan, options)
+    planning, if a rank's options are invalid, or if ranks disagree on them. One all-reduce of
+    one int64 when all is well; the reasons are gathered only when something is wrong."""
+    problem = _option_problem_of(options)
     stale = None if problem else stale_reason(plan)
-    found = (plan.rank, problem, stale)
-    reduced = plan.channel.max([int(problem is not None or stale is not None), *flags],
-                               f"refit {plan.refits + 1} check")
-    if reduced[0]:
-        for rank, bad_option, bad_tensor in _gather(found, plan.channel, "refit problems"):
+    # Bit 0: something is wrong here. Then each option twice, set and clear: after the OR over
+    # ranks both bits of an option are set iff the ranks disagree on it.
+    bits = int(problem is not None or stale is not None)
+    for i, value in enumerate(options.values()):
+        bits |= 1 << (1 + 2 * i + (0 if value else 1))
+    union = plan.channel.union(bits, f"refit {plan.refits + 1} check")
+    if union & 1:
+        for rank, bad_option, bad_tensor in _gather((plan.rank, problem, stale), plan.channel,
+                                                    "refit problems"):
             if bad_option:
                 raise _RefusedCall(bad_option, ranks=[rank])
             if bad_tensor:
                 raise RefitError(bad_tensor[1], tensor=bad_tensor[0], ranks=[rank])
-    split = [name for i, name in enumerate(options) if reduced[1 + 2 * i] and reduced[2 + 2 * i]]
+    split = [name for i, name in enumerate(options) if (union >> (1 + 2 * i)) & 3 == 3]
     if split:
         raise _RefusedCall(f"ranks disagree on execute's options {split}: every rank of the "
                            "plan must pass the same", ranks=plan.channel.ranks)
@@ -368,7 +367,7 @@ def _execute_locked(plan: Plan, graph, stream, sync, verify, check) -> dict:
     try:
         if check:
             _check_still_valid(plan, options)
-        elif (problem := _option_flags(plan, options)[0]) is not None:
+        elif (problem := _option_problem_of(options)) is not None:
             raise _RefusedCall(problem, ranks=[plan.rank])  # unchecked: this rank alone knows
         t0 = time.perf_counter()
         plan.executor.run(graph, stream, sync, plan.timeout_s)
