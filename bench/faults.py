@@ -509,17 +509,20 @@ def _disagree(option):
 
 # -- the drop-in swap_model_weights ------------------------------------------------------------
 
-def _swap_new_source(rank, world, case):
+def _swap_twice(src1, src2, dst):
+    """The drop-in from src1, then from src2 into the same target: the first error, or None."""
     from refit_engine.megatron import swap_model_weights
+    for what, src in (("swap 1", src1), ("swap 2 (new source)", src2)):
+        _, err = attempt(what, swap_model_weights, src, dst, refit_method="gloo")
+        if err:
+            return err
+    return None
+
+
+def _swap_new_source(rank, world, case):
     src1, dst, _ = _pair(rank, world, seed=1)
     src2, _, want2 = _pair(rank, world, seed=2)
-    _, err = attempt("swap 1", swap_model_weights, src1, dst, refit_method="gloo")
-    if err:
-        return err
-    _, err = attempt("swap 2 (new source)", swap_model_weights, src2, dst, refit_method="gloo")
-    if err:
-        return err
-    return {"exact": exact(dst, want2)}
+    return _swap_twice(src1, src2, dst) or {"exact": exact(dst, want2)}
 
 
 def _swap_neither(rank, world, case):
@@ -939,13 +942,9 @@ def _megatron_models(rank, world, dst_dtype="bfloat16", seeds=(11,)):
 
 def _megatron_swap_new_source(rank, world, case):
     import refit_engine
-    from refit_engine.megatron import swap_model_weights
     from refit_engine.verify import check_exact
     (src1, src2), dst = _megatron_models(rank, world, seeds=(11, 12))
-    _, err = attempt("swap 1", swap_model_weights, src1, dst, refit_method="gloo")
-    if err:
-        return err
-    _, err = attempt("swap 2 (new source)", swap_model_weights, src2, dst, refit_method="gloo")
+    err = _swap_twice(src1, src2, dst)
     if err:
         return err
     reference = refit_engine.plan(src2, dst)  # planned, not executed: check_exact's view
