@@ -31,7 +31,7 @@ from refit_engine.errors import RefitError
 
 # Plans built so far per group (ranks tuple): every rank of a group numbers its plans the same
 # way, so the n-th plan of a group gets the same store prefix on every rank.
-_plans_per_group: dict[tuple[int, ...], itertools.count] = {}
+_plans_per_group: dict[tuple, itertools.count] = {}
 _plans_lock = threading.Lock()
 
 
@@ -76,13 +76,15 @@ class Channel:
         self.timeout_s = float(timeout_s)
         self.timeout = datetime.timedelta(seconds=self.timeout_s)
         self.broken: str | None = None
-        self._step, self._what = 0, "arrival"
-        key = tuple(self.ranks)
+        self._step, self._what, self._started = 0, "arrival", time.monotonic()
+        # Channels are numbered per (group, what): the n-th plan named `what` of a group meets
+        # the other ranks' n-th one; differently named plans never meet.
+        key = (tuple(self.ranks), what)
         with _plans_lock:
-            number = next(_plans_per_group.setdefault(key, itertools.count()))
+            self.number = next(_plans_per_group.setdefault(key, itertools.count()))
         tag = hashlib.blake2b(repr(key).encode(), digest_size=6).hexdigest()
-        self.name = f"{what} {number} of group {tag}"
-        self.store = dist.PrefixStore(f"refit_engine/{tag}/{number}/", _default_store())
+        self.name = f"{what} {self.number} of group {tag}"
+        self.store = dist.PrefixStore(f"refit_engine/{tag}/{self.number}/", _default_store())
         self._arrive()
         try:
             self.pg = dist.ProcessGroupGloo(self.store, self.index, len(self.ranks), self.timeout)
@@ -103,7 +105,7 @@ class Channel:
             raise RefitError(f"the plan's channel is unusable after an earlier failure "
                              f"({self.broken}); build a new plan", ranks=[self.rank])
         self._step += 1
-        self._what = what
+        self._what, self._started = what, time.monotonic()
         if record:
             self._record()
 
@@ -131,17 +133,36 @@ class Channel:
                 out[r] = f"at step {step} ({what}), not ({self._what})"
         return out
 
+    # How long a failing rank waits for its live peers to report the same step before it names
+    # the ranks still behind (a live peer that fails records its step in `_failure` too).
+    _SETTLE_S = 1.0
+
     def _failure(self, doing: str, exc: BaseException) -> RefitError:
-        behind = self._behind()
+        elapsed = time.monotonic() - self._started
         self.broken = f"{doing} failed"
+        try:
+            self._record()
+        except Exception:  # the store is gone: _behind says so
+            pass
+        timed_out = elapsed >= 0.9 * self.timeout_s
+        behind = self._behind()
+        # A fast failure (a connection reset) reaches every live rank at about the same time:
+        # give them a moment to record it, so that only the dead or stopped ones stay behind.
+        # After a real timeout, whoever is behind now is the answer.
+        settle_until = time.monotonic() + (0.0 if timed_out else self._SETTLE_S)
+        while behind and time.monotonic() < settle_until:
+            time.sleep(0.05)
+            behind = self._behind()
+        what = (f"did not complete within {self.timeout_s:g} s" if timed_out else
+                f"failed after {elapsed:.2f} s ({type(exc).__name__}: {str(exc)[:160]})")
         if behind:
             who = "; ".join(f"rank {r} {where}" for r, where in sorted(behind.items()))
-            reason = (f"{doing} did not complete within {self.timeout_s:g} s: {who} (a rank "
-                      f"that is late, stopped or dead, or that runs plans in another order)")
+            cause = ("late, stopped or dead, or running plans in another order" if timed_out
+                     else "dead, or gave up on this plan")
+            reason = f"{doing} {what}: {who} ({cause})"
             ranks = [self.rank, *behind]
         else:
-            reason = (f"{doing} failed within {self.timeout_s:g} s "
-                      f"({type(exc).__name__}: {exc})")
+            reason = f"{doing} {what}"
             ranks = self.ranks
         return RefitError(f"{self.name}: {reason}", ranks=ranks)
 

@@ -263,40 +263,21 @@ def _options_key(plan_kwargs: dict) -> tuple:
     return tuple(items)
 
 
-def _collective_device(group):
-    """Where this group's small collectives put their tensors (NCCL groups: CUDA)."""
-    backend = str(dist.get_backend(group))
-    if "gloo" in backend or "nccl" not in backend:
-        return "cpu"
-    import torch
-    return f"cuda:{torch.cuda.current_device()}"
+# One channel per group for the cache's agreement (refit_engine.channel: bounded waits, the
+# caller's groups never used), made again after a failure.
+_AGREEMENT: dict = {}
 
 
-def _agree_on_plan(candidates: list[int], group) -> int:
+def _agree_on_plan(candidates: list[int], group, timeout_s: float) -> int:
     """Collective over `group`: the newest plan id in every rank's `candidates` (0: none)."""
-    import torch
-    device = _collective_device(group)
-    mine = torch.zeros(MAX_PLANS_PER_KEY, dtype=torch.int64)
-    mine[:len(candidates)] = torch.tensor(candidates[-MAX_PLANS_PER_KEY:], dtype=torch.int64)
-    mine = mine.to(device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, mine, group=group)
-    common = None
-    for ids in everyone:
-        found = {int(i) for i in ids.cpu().tolist() if i}
-        common = found if common is None else common & found
+    from refit_engine.channel import Channel
+    key = _group_key(group)
+    channel = _AGREEMENT.get(key)
+    if channel is None or channel.broken:
+        channel = _AGREEMENT[key] = Channel(group, timeout_s, what="swap_model_weights cache")
+    everyone = channel.gather(candidates[-MAX_PLANS_PER_KEY:], "cached plans")
+    common = set.intersection(*(set(ids) for ids in everyone))
     return max(common) if common else 0
-
-
-def _new_plan_id(group) -> int:
-    """A plan id every rank of `group` agrees on (the largest of each rank's random draw)."""
-    import secrets
-
-    import torch
-    draw = torch.tensor([secrets.randbits(62) + 1], dtype=torch.int64,
-                        device=_collective_device(group))
-    dist.all_reduce(draw, op=dist.ReduceOp.MAX, group=group)
-    return int(draw.item())
 
 
 _WATCHED: set[int] = set()  # ids of chunks whose collection drops their plans
@@ -321,18 +302,27 @@ def cached_plan(src_model, target_model, group=None, **plan_kwargs):
     key = (src_key, dst_key, _group_key(group), _options_key(plan_kwargs))
     chunks = src_chunks + dst_chunks
     bucket = _PLANS.get(key, [])
-    bucket[:] = [c for c in bucket if c.usable(chunks)]
-    chosen = _agree_on_plan([c.plan_id for c in bucket], group)
+    unusable = [c for c in bucket if not c.usable(chunks)]
+    for cached in unusable:  # its own gloo group goes now, not at garbage collection
+        cached.plan.close()
+    bucket[:] = [c for c in bucket if c not in unusable]
+    from refit_engine.refit import DEFAULT_TIMEOUT_S
+    chosen = _agree_on_plan([c.plan_id for c in bucket], group,
+                            plan_kwargs.get("timeout_s", DEFAULT_TIMEOUT_S))
     for cached in bucket:
         if cached.plan_id == chosen:
             bucket.remove(cached)
             bucket.append(cached)  # most recently used last
             return cached.plan
     plan = refit_engine.plan(src_model, target_model, group=group, **plan_kwargs)
-    plan_id = _new_plan_id(group)
+    plan_id = plan.channel.number + 1  # the same on every rank: plans of a group are numbered
     if src_key is not None and dst_key is not None:
-        bucket.clear()  # both models pin the key: an older plan of it is never chosen again
+        for older in bucket:  # both models pin the key: an older plan is never chosen again
+            older.plan.close()
+        bucket.clear()
     bucket.append(_Cached(plan_id, plan, [weakref.ref(c) for c in chunks]))
+    for evicted in bucket[:-MAX_PLANS_PER_KEY]:
+        evicted.plan.close()
     del bucket[:-MAX_PLANS_PER_KEY]
     _PLANS[key] = bucket
     for chunk in chunks:

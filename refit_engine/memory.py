@@ -21,7 +21,7 @@ import numpy as np
 
 from refit_engine import dtypes
 from refit_engine.errors import RefitError
-from refit_engine.grid import ParallelGrid, parse_layout_spec, parse_overrides
+from refit_engine.grid import ParallelGrid, parse_layout_spec
 from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_tables
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
 from refit_engine.topology import Topology, preset

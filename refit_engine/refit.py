@@ -21,9 +21,9 @@ import numpy as np
 
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout
-from refit_engine.binding import bind, device_of, stale_reason
+from refit_engine.binding import bind, check_overlaps, device_of, stale_reason
 from refit_engine.channel import Channel, group_ranks
-from refit_engine.local import ShardedTensors, build_layout
+from refit_engine.local import ShardedTensors, build_layout, check_empty_tensors
 from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner, RankPlan
 
 # Seconds any wait of a refit may take before it raises (override per plan or with
@@ -101,10 +101,33 @@ class Plan:
 def _nccl_communicator(channel: Channel, device: int):
     """An NCCL communicator over the channel's ranks, its id sent over the channel."""
     from refit_engine import _core
-    uid = _core.NcclCommunicator.unique_id() if channel.index == 0 else None
-    uid = channel.gather(uid, "NCCL unique id")[0]
+    uid, problem = None, None
+    if channel.index == 0:
+        try:
+            uid = _core.NcclCommunicator.unique_id()
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+    uid, problem = channel.gather((uid, problem), "NCCL unique id")[0]
+    if problem:
+        raise RefitError(f"rank {channel.ranks[0]} could not create an NCCL unique id: {problem}",
+                         ranks=channel.ranks)
+    # NOTE: ncclCommInitRank blocks until every rank joins; a rank that fails before it leaves
+    # the others waiting inside NCCL (no deadline yet: non-blocking init is future work).
     comm = _core.NcclCommunicator(uid, len(channel.ranks), channel.index, device)
     return comm, dict(channel.index_of)
+
+
+def _check_same_options(options_of: dict) -> None:
+    """Every rank passed the same mode, timeout_s and threads (bucket_bytes and ranks_per_node
+    are in the plan fingerprint)."""
+    groups: dict = {}
+    for rank, options in sorted(options_of.items()):
+        groups.setdefault(options, []).append(rank)
+    if len(groups) > 1:
+        seen = "; ".join(f"ranks {ranks}: mode={o[0]!r}, timeout_s={o[1]}, threads={o[2]}"
+                         for o, ranks in groups.items())
+        raise RefitError(f"ranks disagree on plan()'s options ({seen})",
+                         ranks=list(options_of))
 
 
 def _check_ranks(gathered, group, mode: str) -> None:
@@ -128,24 +151,29 @@ def _check_ranks(gathered, group, mode: str) -> None:
 
 def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
          timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None,
-         mode: str = "auto", ranks_per_node: int | None = None) -> Plan:
+         mode: str = "auto", ranks_per_node: int | None = None, name: str = "plan") -> Plan:
     """Gather every rank's layouts over `group`, validate, compile this rank's plan and bind it.
 
     mode: "collocated" (both models on the same ranks), "non-collocated" (disjoint ranks) or
     "auto" (whatever the models say). ranks_per_node: consecutive ranks sharing a node, for the
     link-aware choice among source replicas (default: $LOCAL_WORLD_SIZE as torchrun sets it,
-    else 0: no node preference). Raises RefitError on every rank, before any byte moves,
-    if any rank's input is bad, and when ranks disagree on the plan.
+    else 0: no node preference). name: plans are matched across ranks by (group, name, how
+    many plans of that name the group built before); give each refit its own name when ranks
+    may build plans in different orders (say "policy->rollout" and "policy->reference" over
+    models of the same shapes, which nothing else could tell apart). Raises RefitError on every
+    rank, before any byte moves, if any rank's input is bad, and when ranks disagree on the plan.
     """
     import torch.distributed as dist
     if not dist.is_initialized():
         raise RefitError("torch.distributed is not initialized: call init_process_group first")
     rank = dist.get_rank()
+    if not isinstance(name, str) or not name:
+        raise RefitError(f"name must be a non-empty string, not {name!r}", ranks=[rank])
     problem = _option_problem(bucket_bytes=bucket_bytes, timeout_s=timeout_s, threads=threads,
                               mode=mode, ranks_per_node=ranks_per_node)
     # Every later wait of this plan, this first arrival included, is bounded by timeout_s
     # (the default when timeout_s itself is the problem: reported on every rank below).
-    channel = Channel(group, DEFAULT_TIMEOUT_S if problem else timeout_s)
+    channel = Channel(group, DEFAULT_TIMEOUT_S if problem else timeout_s, what=name)
     try:
         return _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes,
                      timeout_s, threads, mode, ranks_per_node)
@@ -188,10 +216,13 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     except Exception as exc:  # reported on every rank below
         src_local = dst_local = ShardedTensors()
         status = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+    options = (mode, float(timeout_s) if problem is None else None, threads)
     gathered = _gather((rank, status, src_local.entries, dst_local.entries,
-                        sorted(src_local.claimed_ranks | dst_local.claimed_ranks)), channel,
-                       "layout exchange")
+                        sorted(src_local.claimed_ranks | dst_local.claimed_ranks), options),
+                       channel, "layout exchange")
     _raise_first([(r, s) for r, s, *_ in gathered], "describing the models")
+    _check_same_options({g[0]: g[5] for g in gathered})
+    gathered = [g[:5] for g in gathered]
     _check_ranks(gathered, group, mode)
     src_layout = build_layout([(r, s) for r, _, s, _, _ in gathered])
     dst_layout = build_layout([(r, d) for r, _, _, d, _ in gathered])
@@ -214,14 +245,13 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
                                                                 "source")
         dst_tensors, dst_addr, dst_devices, dst_current = bind(dst_layout, dst_local, rank,
                                                                 "destination")
-        from refit_engine.binding import check_overlaps
-        from refit_engine.local import check_empty_tensors
         check_overlaps(rank, src_current, dst_current)
         check_empty_tensors(src_layout, dst_layout)
         device = device_of(src_devices | dst_devices, rank)
         status = None
-    except RefitError as exc:
-        status, device = exc, "cpu"
+    except Exception as exc:  # reported on every rank below
+        status = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+        device = "cpu"
     checks = _gather((rank, status, layouts_digest, device.split(":")[0]), channel,
                      "binding check")
     _raise_first([(r, s) for r, s, _, _ in checks], "binding tensors")
@@ -238,20 +268,34 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         raise RefitError(f"some ranks hold CPU tensors and others CUDA tensors ({sorted(kinds)})",
                          ranks=[r for r, *_ in checks])
 
-    if kinds == {"cuda"}:
+    # Building the executors can fail on one rank (no CUDA build, out of memory): every rank
+    # learns it in one more small step, so no rank returns a plan its peers do not have.
+    executor, failure = None, None
+    try:
+        executor = _build_executor(kinds == {"cuda"}, device, rank_plan, src_addr, dst_addr,
+                                   channel, threads, ranks_per_node)
+    except Exception as exc:
+        failure = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+    if channel.union(int(failure is not None), "executors ready"):
+        _raise_first(_gather((rank, failure), channel, "executor failures"),
+                     "building the executor")
+    return Plan(rank, rank_plan, src_layout, dst_layout, group, float(timeout_s), channel,
+                executor, src_tensors, dst_tensors, current={**src_current, **dst_current})
+
+
+def _build_executor(cuda: bool, device: str, rank_plan, src_addr, dst_addr, channel, threads,
+                    ranks_per_node):
+    if cuda:
         from refit_engine.executors.cuda import build_nccl_executor, require_cuda
         require_cuda("a refit of CUDA tensors")
         index = int(device.split(":")[1]) if ":" in device else 0
         comm, group_rank_of = _nccl_communicator(channel, index)
-        executor = CudaRefitRunner(*build_nccl_executor(rank_plan, src_addr, dst_addr, comm,
-                                                        group_rank_of, index), comm, index)
-    else:
-        from refit_engine.executors.cpu import GlooExecutor, default_threads
-        if threads is None:
-            threads = default_threads(ranks_per_node or len(channel.ranks))
-        executor = GlooExecutor(rank_plan, src_addr, dst_addr, channel, threads)
-    return Plan(rank, rank_plan, src_layout, dst_layout, group, float(timeout_s), channel,
-                executor, src_tensors, dst_tensors, current={**src_current, **dst_current})
+        return CudaRefitRunner(*build_nccl_executor(rank_plan, src_addr, dst_addr, comm,
+                                                    group_rank_of, index), comm, index)
+    from refit_engine.executors.cpu import GlooExecutor, default_threads
+    if threads is None:
+        threads = default_threads(ranks_per_node or len(channel.ranks))
+    return GlooExecutor(rank_plan, src_addr, dst_addr, channel, threads)
 
 
 class _RefusedCall(RefitError):
@@ -359,6 +403,11 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
         plan.lock.release()
 
 
+def _end(plan: Plan, why: str) -> None:
+    plan.broken = why
+    plan.channel.close()
+
+
 def _execute_locked(plan: Plan, graph, stream, sync, verify, check) -> dict:
     if plan.broken:
         raise RefitError(f"plan is unusable after an earlier failure ({plan.broken}); build a "
@@ -380,13 +429,16 @@ def _execute_locked(plan: Plan, graph, stream, sync, verify, check) -> dict:
     except RefitError as exc:
         # Every other failure ends the plan: after a timeout the peers' state is unknown, and
         # a replaced tensor stays replaced. Callers build a new plan (the drop-in
-        # swap_model_weights does so by itself).
-        plan.broken = str(exc)
+        # swap_model_weights does so by itself). Closing its group makes peers still waiting
+        # on this rank fail at once rather than at their timeout.
+        _end(plan, str(exc))
+        if not exc.ranks:  # found by this rank's executor: this rank reports it
+            raise RefitError(exc.reason, tensor=exc.tensor, ranks=[plan.rank]) from exc
         raise
     except Exception as exc:
-        plan.broken = f"{type(exc).__name__}: {exc}"
+        _end(plan, f"{type(exc).__name__}: {exc}")
         raise RefitError(f"refit failed: {plan.broken}", ranks=[plan.rank]) from exc
     except BaseException as exc:  # KeyboardInterrupt, SystemExit: propagate, plan unusable
-        plan.broken = f"interrupted ({type(exc).__name__})"
+        _end(plan, f"interrupted ({type(exc).__name__})")
         raise
     return {**plan.traffic, "elapsed_s": elapsed}

@@ -259,3 +259,67 @@ def _destroyed_group(rank, world):
         return "no error"
     except RefitError as exc:
         return exc.reason
+
+
+def _modes_differ(rank, world):
+    src, dst = _models(rank)
+    try:
+        refit_engine.plan(src, dst, mode="collocated" if rank == 0 else "auto", timeout_s=30)
+        return "no error"
+    except RefitError as exc:
+        return exc.ranks, exc.reason
+
+
+def test_ranks_passing_different_plan_options_get_one_error():
+    first, second = run_world(_modes_differ, 2)
+    assert first == second and first[0] == [0, 1] and "disagree on plan()'s options" in first[1]
+
+
+def _dead_between_refits(rank, world):
+    g = torch.Generator().manual_seed(7)
+    full = torch.randn(6, 4, generator=g)
+    src, dst = ShardedTensors(), ShardedTensors()
+    src.add("w", full.chunk(3, 0)[rank].clone(), (6, 4), Split(0, 3), rank)
+    dst.add("w", torch.zeros(6, 4), (6, 4))
+    plan = refit_engine.plan(src, dst, timeout_s=20)
+    refit_engine.execute(plan)
+    dist.barrier()
+    if rank == 2:
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        refit_engine.execute(plan)
+        return "no error", 0.0
+    except RefitError as exc:
+        return (exc.ranks, exc.reason), time.monotonic() - t0
+
+
+def test_dead_rank_between_refits_is_named_quickly():
+    for outcome, took in run_world(_dead_between_refits, 3, dying={2})[:2]:
+        assert outcome != "no error", outcome
+        ranks, reason = outcome
+        assert 2 in ranks and "rank 2" in reason, outcome
+        assert "rank 0 " not in reason and "rank 1 " not in reason, reason  # the living
+        assert took < 20, took  # a reset connection, not the timeout
+
+
+def _named_plans_in_crossed_order(rank, world):
+    a, b = _models(rank, seed=8), _models(rank, seed=9)
+    order = [("rollout", a), ("reference", b)]
+    if rank == 1:
+        order.reverse()
+    outcomes = []
+    for name, (src, dst) in order:
+        try:
+            refit_engine.plan(src, dst, timeout_s=TIMEOUT, name=name)
+            outcomes.append("planned")
+        except RefitError as exc:
+            outcomes.append(exc.reason)
+    return outcomes
+
+
+def test_named_plans_built_in_crossed_order_never_pair():
+    # Unnamed, the two ranks' first plans would pair (same names and shapes): a cross-wired
+    # plan. Named, each waits for its own partner and the mismatch raises.
+    for outcomes in run_world(_named_plans_in_crossed_order, 2):
+        assert outcomes[0] != "planned", outcomes
