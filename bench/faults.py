@@ -969,6 +969,30 @@ def _megatron_stale_param(rank, world, case):
     return out
 
 
+def _megatron_reassigned(what):
+    """A module attribute assigned a new Parameter / buffer after plan() on rank 1: the plan
+    would write into the orphaned tensor while the module reads the new one."""
+    def fn(rank, world, case):
+        torch = _torch()
+        (src,), dst = _megatron_models(rank, world)
+
+        def make():
+            return src, dst, {}
+
+        def mutate(plan, s, d, want):
+            if rank == 1:
+                norm = dst[0].decoder.final_layernorm
+                if what == "parameter":
+                    norm.weight = torch.nn.Parameter(norm.weight.detach().clone())
+                else:
+                    router = next(m for m in dst[0].modules() if "expert_bias" in m._buffers
+                                  and m._buffers["expert_bias"] is not None)
+                    router.expert_bias = router.expert_bias.clone()
+            return want
+        return run_refit(make, after_plan=mutate)
+    return fn
+
+
 def _megatron_dtypes(rank, world, case):
     (src,), dst = _megatron_models(rank, world, dst_dtype="float32")
 
@@ -1175,6 +1199,12 @@ def cases() -> list[Case]:
           expect="ok", share="megatron", needs="megatron", deadline=90),
         C("megatron: source parameter .data replaced after plan", _megatron_stale_param,
           words="replaced", ranks=[1], share="megatron", needs="megatron", deadline=60),
+        C("megatron: destination parameter reassigned on its module after plan",
+          _megatron_reassigned("parameter"), words="replaced", ranks=[1], share="megatron",
+          needs="megatron", deadline=60),
+        C("megatron: destination buffer reassigned on its module after plan",
+          _megatron_reassigned("buffer"), words="replaced", ranks=[1], share="megatron",
+          needs="megatron", deadline=60),
         C("megatron: models on different dtypes (bf16 -> fp32)", _megatron_dtypes,
           words="dtype", share="megatron", needs="megatron", deadline=60),
         C("megatron: MTP-layer experts with EP on both sides", _megatron_mtp, expect="ok",

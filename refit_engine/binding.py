@@ -19,8 +19,13 @@ from refit_engine.local import ShardedTensors, checked_info
 
 
 def _owner_state(owner) -> tuple:
-    """What a tensor's owner (a megatron Parameter, whose .data may be replaced) points at."""
-    return owner.data_ptr(), owner.shape, owner.dtype
+    """(address, shape, dtype, still the same object) of what a tensor's owner holds: a
+    megatron Parameter (whose .data may be replaced), or an adapter's slot object with a
+    `held()` method (a module attribute that may be assigned a new Parameter or buffer)."""
+    held = owner.held() if hasattr(owner, "held") else owner
+    if held is None:
+        return 0, (), None, False
+    return held.data_ptr(), held.shape, held.dtype, held is getattr(owner, "tensor", owner)
 
 
 def record(meta, local: ShardedTensors, side: str) -> tuple:
@@ -123,6 +128,10 @@ def _what_changed(side, key, local, array, probe, expected, owner, owned) -> str
     try:
         if owner is not None and _owner_state(owner) != owned:
             now = _owner_state(owner)
+            if not now[3]:
+                return (f"{where} was replaced after planning: its module holds another "
+                        f"{'tensor' if now[2] is not None else 'value (None)'} under that name "
+                        f"now (a new Parameter or buffer assigned){tail}")
             return (f"{where} was replaced after planning (shape {tuple(owned[1])} {owned[2]} -> "
                     f"{tuple(now[1])} {now[2]}, address {owned[0]:#x} -> {now[0]:#x}){tail}")
         now = probe(array)

@@ -151,15 +151,35 @@ class Naming:
         return name
 
 
+class _Slot:
+    """Where a module holds a parameter or buffer: a plan re-checks, before every refit, that
+    the module still holds this very tensor (`module.weight = nn.Parameter(...)` or
+    `load_state_dict(assign=True)` would leave the plan writing into an orphan)."""
+
+    __slots__ = ("table", "attr", "tensor")
+
+    def __init__(self, table: dict, attr: str, tensor):
+        self.table, self.attr, self.tensor = table, attr, tensor
+
+    def held(self):
+        return self.table.get(self.attr)
+
+
 def _tensors(chunk):
-    """(local name, tensor, is_parameter) for parameters and persistent buffers."""
+    """(local name, tensor, is_parameter, slot) for parameters and persistent buffers."""
+    slots = {}
+    for module in chunk.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                slots.setdefault(id(param), _Slot(module._parameters, attr, param))
     for name, param in chunk.named_parameters():
-        yield name, param, True
+        yield name, param, True, slots[id(param)]
     for module_name, module in chunk.named_modules():
         for buf_name, buf in module._buffers.items():
             if buf is None or buf_name in module._non_persistent_buffers_set:
                 continue
-            yield (f"{module_name}.{buf_name}" if module_name else buf_name), buf, False
+            yield ((f"{module_name}.{buf_name}" if module_name else buf_name), buf, False,
+                   _Slot(module._buffers, buf_name, buf))
 
 
 def describe(model) -> ShardedTensors:
@@ -170,7 +190,7 @@ def describe(model) -> ShardedTensors:
         pgc = _pg_collection(chunk)
         tp, expert_tp, ep = getattr(pgc, "tp", None), getattr(pgc, "expt_tp", None), getattr(pgc, "ep", None)
         naming = Naming(chunk)
-        for name, tensor, is_param in _tensors(chunk):
+        for name, tensor, is_param, slot in _tensors(chunk):
             canonical = naming.canonical(name, is_param)
             data = tensor.data if is_param else tensor
             split, part = None, 0
@@ -187,8 +207,7 @@ def describe(model) -> ShardedTensors:
                 shape[split.dim] *= split.parts
             key = f"{index}.{name}" if len(chunks) > 1 else name
             local.add(canonical, data, shape, split, part, key=key)
-            if is_param:  # the parameter may get a new .data later: plans re-check it
-                local.current[key] = tensor
+            local.current[key] = slot  # re-checked before every refit (binding.stale_reason)
         for group in (tp, expert_tp, ep, getattr(pgc, "pp", None)):
             if group is not None:
                 local.claimed_ranks.update(dist.get_process_group_ranks(group))
