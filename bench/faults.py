@@ -953,44 +953,35 @@ def _megatron_swap_new_source(rank, world, case):
             else ""}
 
 
-def _megatron_stale_param(rank, world, case):
-    torch = _torch()
-    (src,), dst = _megatron_models(rank, world)
-
-    def make():
-        return src, dst, {}
-
-    def mutate(plan, s, d, want):
-        if rank == 1:
-            p = dict(src[0].named_parameters())["decoder.final_layernorm.weight"]
-            p.data = p.data.clone()  # same shape and values, new storage
-        return want
-    out = run_refit(make, after_plan=mutate)
-    return out
-
-
-def _megatron_reassigned(what):
-    """A module attribute assigned a new Parameter / buffer after plan() on rank 1: the plan
-    would write into the orphaned tensor while the module reads the new one."""
+def _megatron_changed_after_plan(change):
+    """change(torch, src, dst) on rank 1 after plan(): the refit must refuse it before any
+    byte moves (a missed change writes into an orphaned or reallocated tensor)."""
     def fn(rank, world, case):
         torch = _torch()
         (src,), dst = _megatron_models(rank, world)
 
-        def make():
-            return src, dst, {}
-
         def mutate(plan, s, d, want):
             if rank == 1:
-                norm = dst[0].decoder.final_layernorm
-                if what == "parameter":
-                    norm.weight = torch.nn.Parameter(norm.weight.detach().clone())
-                else:
-                    router = next(m for m in dst[0].modules() if "expert_bias" in m._buffers
-                                  and m._buffers["expert_bias"] is not None)
-                    router.expert_bias = router.expert_bias.clone()
+                change(torch, src, dst)
             return want
-        return run_refit(make, after_plan=mutate)
+        return run_refit(lambda: (src, dst, {}), after_plan=mutate)
     return fn
+
+
+def _new_param_data(torch, src, dst):
+    p = dict(src[0].named_parameters())["decoder.final_layernorm.weight"]
+    p.data = p.data.clone()  # same shape and values, new storage
+
+
+def _new_module_parameter(torch, src, dst):
+    norm = dst[0].decoder.final_layernorm
+    norm.weight = torch.nn.Parameter(norm.weight.detach().clone())
+
+
+def _new_module_buffer(torch, src, dst):
+    router = next(m for m in dst[0].modules()
+                  if m._buffers.get("expert_bias") is not None)
+    router.expert_bias = router.expert_bias.clone()
 
 
 def _megatron_dtypes(rank, world, case):
@@ -1197,13 +1188,14 @@ def cases() -> list[Case]:
     out += [
         C("megatron: swap_model_weights with a new source model", _megatron_swap_new_source,
           expect="ok", share="megatron", needs="megatron", deadline=90),
-        C("megatron: source parameter .data replaced after plan", _megatron_stale_param,
+        C("megatron: source parameter .data replaced after plan",
+          _megatron_changed_after_plan(_new_param_data),
           words="replaced", ranks=[1], share="megatron", needs="megatron", deadline=60),
         C("megatron: destination parameter reassigned on its module after plan",
-          _megatron_reassigned("parameter"), words="replaced", ranks=[1], share="megatron",
+          _megatron_changed_after_plan(_new_module_parameter), words="replaced", ranks=[1], share="megatron",
           needs="megatron", deadline=60),
         C("megatron: destination buffer reassigned on its module after plan",
-          _megatron_reassigned("buffer"), words="replaced", ranks=[1], share="megatron",
+          _megatron_changed_after_plan(_new_module_buffer), words="replaced", ranks=[1], share="megatron",
           needs="megatron", deadline=60),
         C("megatron: models on different dtypes (bf16 -> fp32)", _megatron_dtypes,
           words="dtype", share="megatron", needs="megatron", deadline=60),
