@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -622,7 +622,6 @@ def _overlapping_destinations(rank, world):
 
 def _destination_over_source(rank, world):
     src, dst, want = _pair(rank, world)
-    torch = _torch()
     # this rank's source fc1 (rows of fc1) reinterpreted as the destination's norm (16 values)
     over = src.tensors["fc1"].reshape(-1)[:16]
     _replace(dst, "norm", over, (16,))
@@ -645,7 +644,6 @@ def _zero_size(rank, world):
 
 def _sparse(side):
     def build(rank, world):
-        torch = _torch()
         src, dst, want = _pair(rank, world)
         model = src if side == "source" else dst
         dense = model.tensors["proj"]
@@ -705,7 +703,6 @@ def _meta_source(rank, world):
 
 
 def _replica_dtype(rank, world):
-    torch = _torch()
     src, dst, want = _pair(rank, world)
     if rank == 1:  # the replicated norm in float32 on this rank only
         _replace(src, "norm", src.tensors["norm"].float(), (16,))
@@ -779,7 +776,6 @@ def _check_flat(fn):
 def _bad_add(**add_kw):
     """A source tensor added with a bad argument (the rest of the model is fine)."""
     def build(rank, world):
-        torch = _torch()
         src, dst, want = _pair(rank, world)
         kw = dict(add_kw)
         name = kw.pop("name", "proj")
@@ -799,7 +795,6 @@ def _bad_add(**add_kw):
 
 def _corrupt_after_transfer(rank, world):
     """verify=True must catch a destination byte that changed in flight (rank 1's fc1)."""
-    import refit_engine
 
     def make():
         return _pair(rank, world)
@@ -1023,7 +1018,7 @@ def _megatron_mtp(rank, world, case):
     # check_exact compares against the adapter's own canonical names, which a wrong expert
     # index would fool: also check each MTP expert against the source's draw of the expert
     # megatron's EP rank says it is (whole experts: etp=1 on the destination).
-    local, first = 8 // d.ep, dst_groups.ep.rank() * (8 // d.ep)
+    first = dst_groups.ep.rank() * (8 // d.ep)
     for name, param in dst[0].named_parameters():
         if name.startswith("mtp.") and ".local_experts." in name:
             head, tail = name.split(".local_experts.")
