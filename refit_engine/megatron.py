@@ -28,6 +28,8 @@ import re
 
 import torch.distributed as dist
 
+from refit_engine.binding import stale_reason
+from refit_engine.channel import Channel, group_ranks
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Split
 from refit_engine.local import ShardedTensors
@@ -240,7 +242,6 @@ class _Cached:
         self.plan_id, self.plan, self.refs = plan_id, plan, refs
 
     def usable(self, chunks) -> bool:
-        from refit_engine.binding import stale_reason
         if any(ref() is not chunk for ref, chunk in zip(self.refs, chunks)):
             return False
         plan = self.plan
@@ -267,8 +268,7 @@ def _model_key(model):
 
 
 def _group_key(group) -> tuple:
-    resolved = group if group is not None else dist.group.WORLD
-    return id(resolved), tuple(dist.get_process_group_ranks(resolved))
+    return id(group if group is not None else dist.group.WORLD), tuple(group_ranks(group))
 
 
 def _options_key(plan_kwargs: dict) -> tuple:
@@ -289,7 +289,6 @@ _AGREEMENT: dict = {}
 
 def _agree_on_plan(candidates: list[int], group, timeout_s: float) -> int:
     """Collective over `group`: the newest plan id in every rank's `candidates` (0: none)."""
-    from refit_engine.channel import Channel
     key = _group_key(group)
     channel = _AGREEMENT.get(key)
     if channel is None or channel.broken:

@@ -45,9 +45,10 @@ def describe(model) -> ShardedTensors:
     return local
 
 
-def _gather(obj, channel: Channel, what: str = "exchange"):
-    """Every rank's `obj`, in group order, within the channel's timeout."""
-    return channel.gather(obj, what)
+def _status_of(exc: Exception):
+    """What a rank reports of its own failure for `_raise_first`: the RefitError itself, or
+    the exception in words (any other exception, which may not pickle)."""
+    return exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
 
 
 def _raise_first(statuses, what: str):
@@ -215,11 +216,11 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
             src_local = dst_local = ShardedTensors()
     except Exception as exc:  # reported on every rank below
         src_local = dst_local = ShardedTensors()
-        status = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+        status = _status_of(exc)
     options = (mode, float(timeout_s) if problem is None else None, threads)
-    gathered = _gather((rank, status, src_local.entries, dst_local.entries,
-                        sorted(src_local.claimed_ranks | dst_local.claimed_ranks), options),
-                       channel, "layout exchange")
+    gathered = channel.gather((rank, status, src_local.entries, dst_local.entries,
+                               sorted(src_local.claimed_ranks | dst_local.claimed_ranks),
+                               options), "layout exchange")
     _raise_first([(r, s) for r, s, *_ in gathered], "describing the models")
     _check_same_options({g[0]: g[5] for g in gathered})
     gathered = [g[:5] for g in gathered]
@@ -250,10 +251,10 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         device = device_of(src_devices | dst_devices, rank)
         status = None
     except Exception as exc:  # reported on every rank below
-        status = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+        status = _status_of(exc)
         device = "cpu"
-    checks = _gather((rank, status, layouts_digest, device.split(":")[0]), channel,
-                     "binding check")
+    checks = channel.gather((rank, status, layouts_digest, device.split(":")[0]),
+                            "binding check")
     _raise_first([(r, s) for r, s, _, _ in checks], "binding tensors")
     digests = {}
     for r, _, d, _ in checks:
@@ -275,9 +276,9 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         executor = _build_executor(kinds == {"cuda"}, device, rank_plan, src_addr, dst_addr,
                                    channel, threads, ranks_per_node)
     except Exception as exc:
-        failure = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+        failure = _status_of(exc)
     if channel.union(int(failure is not None), "executors ready"):
-        _raise_first(_gather((rank, failure), channel, "executor failures"),
+        _raise_first(channel.gather((rank, failure), "executor failures"),
                      "building the executor")
     return Plan(rank, rank_plan, src_layout, dst_layout, group, float(timeout_s), channel,
                 executor, src_tensors, dst_tensors, current={**src_current, **dst_current})
@@ -324,8 +325,8 @@ def _check_still_valid(plan: Plan, options: dict) -> None:
         bits |= 1 << (1 + 2 * i + (0 if value else 1))
     union = plan.channel.union(bits, f"refit {plan.refits + 1} check")
     if union & 1:
-        for rank, bad_option, bad_tensor in _gather((plan.rank, problem, stale), plan.channel,
-                                                    "refit problems"):
+        for rank, bad_option, bad_tensor in plan.channel.gather((plan.rank, problem, stale),
+                                                                "refit problems"):
             if bad_option:
                 raise _RefusedCall(bad_option, ranks=[rank])
             if bad_tensor:
@@ -363,7 +364,7 @@ def _verify(plan: Plan) -> None:
     """Checksums of every piece as sent and as landed, compared on every rank."""
     from refit_engine.verify import checksums, compare_checksums
     sent, landed = checksums(plan.rank_plan, plan.src_tensors, plan.dst_tensors)
-    bad = compare_checksums(_gather((plan.rank, sent, landed), plan.channel, "verify"),
+    bad = compare_checksums(plan.channel.gather((plan.rank, sent, landed), "verify"),
                             [t.name for t in plan.dst_layout.tensors])
     if bad:
         names = sorted({name for name, _, _ in bad})

@@ -32,11 +32,10 @@ def _as_bits(tensor, dtype: str) -> np.ndarray:
 def check_exact(plan) -> list[str]:
     """Names of this rank's destination tensors that differ from the source (empty: exact).
     Collective over the plan's group."""
-    from refit_engine.refit import _gather
     src, dst = plan.src_layout, plan.dst_layout
     mine = {src.buffers[i].key: _as_bits(t, src.buffers[i].dtype)
             for i, t in plan.src_tensors.items()}
-    gathered = _gather((plan.rank, mine), plan.channel, "exact check")
+    gathered = plan.channel.gather((plan.rank, mine), "exact check")
     buffers = {(rank, key): array for rank, arrays in gathered for key, array in arrays.items()}
     globals_ = assemble(src, buffers)
     expected = materialize(dst, globals_, ranks={plan.rank})
