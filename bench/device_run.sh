@@ -31,8 +31,14 @@ if [[ $what == suite* ]]; then
     suite-a) files=$(echo "$files" | awk '$0 <= "tests/test_faults.py"') ;;
     suite-b) files=$(echo "$files" | awk '$0 > "tests/test_faults.py"') ;;
   esac
+  # With pytest-xdist carried in .whl (pure Python), test files run in parallel on the
+  # device's 16 cores: the whole suite then fits one call. PYTEST_WORKERS=0 runs serially.
+  parallel=""
+  if python3 -c "import xdist" 2>/dev/null && [[ ${PYTEST_WORKERS:-6} != 0 ]]; then
+    parallel="-n ${PYTEST_WORKERS:-6} --dist loadfile"
+  fi
   REFIT_ENGINE_SLURM_TEST=0 timeout ${SUITE_TIMEOUT_S:-540} python3 -m pytest -q -rfEs \
-    --timeout=${TEST_TIMEOUT_S:-180} -p no:cacheprovider $files 2>&1 | tee "$OUT/suite.log" \
+    --timeout=${TEST_TIMEOUT_S:-180} -p no:cacheprovider $parallel $files 2>&1 | tee "$OUT/suite.log" \
     | grep -v -i "warn" | tail -40 || rc=1
 fi
 if [[ $what == suite || $what == suite-b ]]; then
