@@ -14,13 +14,13 @@ _core = _load_core(_sys.modules[__name__])
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout, Split, TensorMeta
 from refit_engine.local import ShardedTensors
-from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner, RankPlan, compile_plans
+from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner, RankPlan, compile_plans
 from refit_engine.refit import DEFAULT_TIMEOUT_S, Plan, execute, plan
 
 
 def __getattr__(name):  # LoopbackRefit imports the CUDA executor only when asked for
     if name == "LoopbackRefit":
-        from refit_engine.loopback import LoopbackRefit
+        from refit_engine.executors.loopback import LoopbackRefit
         return LoopbackRefit
     raise AttributeError(name)
 

@@ -22,7 +22,7 @@ Every parallel layout reduces to pieces, built here by `Layout.place` from a `Sp
   the global dim is blocks of b_j * parts, and rank i holds chunk i of every block, in order;
 - EP: per-expert tensors named by global expert index, placed on the ranks holding the expert;
   grouped expert tensors: one buffer per rank (`key=`), each expert at its `offset`;
-- ETP, PP, non-collocated models: just which ranks are holders (see `refit_engine.grid`).
+- ETP, PP, non-collocated models: just which ranks are holders (see `refit_engine.harness.grid`).
 
 Tables cross into the C++ planner as int64 arrays (see `tables()` for the columns).
 """

@@ -24,7 +24,7 @@ from refit_engine.layouts import Layout
 from refit_engine.binding import bind, check_overlaps, device_of, stale_reason
 from refit_engine.channel import Channel, group_ranks
 from refit_engine.local import ShardedTensors, build_layout, check_empty_tensors
-from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner, RankPlan
+from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner, RankPlan
 
 # Seconds any wait of a refit may take before it raises (override per plan or with
 # REFIT_ENGINE_TIMEOUT_S): long enough for a multi-GiB bucket, short enough to not hang a job.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from refit_engine import arrays, dtypes
-from refit_engine.reference import assemble, materialize
+from refit_engine.executors.reference import assemble, materialize
 
 
 def _as_bits(tensor, dtype: str) -> np.ndarray:
@@ -77,7 +77,7 @@ def checksums(rank_plan, src_tensors: dict, dst_tensors: dict) -> tuple[dict, di
     """(sent, landed): {(peer, tensor index): [checksum per segment, in plan order]} for what
     this rank sent and what landed in its destination tensors; local copies appear in both
     under peer = this rank."""
-    from refit_engine.planner import SEG
+    from refit_engine.compiler import SEG
     sent, landed = {}, {}
 
     def add(out, seg, peer, tensors, side):

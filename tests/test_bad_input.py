@@ -76,7 +76,7 @@ def _bad_cases(rank):
         return s, _model(rank, 1, g, 0xA5), {}
 
     def ep_does_not_divide():
-        from refit_engine.grid import ParallelGrid
+        from refit_engine.harness.grid import ParallelGrid
         ParallelGrid(2, ep=2).expert_holders(0, num_experts=3)
         raise AssertionError("unreachable")
 

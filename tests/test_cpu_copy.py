@@ -5,8 +5,8 @@ import pytest
 
 import refit_engine
 from refit_engine import _core
-from refit_engine.planner import SEG, SEGMENT_FIELDS
-from refit_engine.reference import _copy
+from refit_engine.compiler import SEG, SEGMENT_FIELDS
+from refit_engine.executors.reference import _copy
 
 
 def random_segments(rng, n, buffers, staging_bytes):

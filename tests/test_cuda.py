@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 
 import refit_engine  # noqa: E402
 from refit_engine import _core  # noqa: E402
-from refit_engine.grid import ParallelGrid  # noqa: E402
-from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout  # noqa: E402
-from refit_engine.reference import materialize, random_globals  # noqa: E402
+from refit_engine.harness.grid import ParallelGrid  # noqa: E402
+from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout  # noqa: E402
+from refit_engine.executors.reference import materialize, random_globals  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

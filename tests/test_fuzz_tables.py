@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from refit_engine import Layout, RefitError, Split, _core
 from refit_engine.layouts import PIECE_COLUMNS, part_pieces, row_major_strides
-from refit_engine.planner import SEG, SEGMENT_FIELDS, Planner
-from refit_engine.reference import _copy
+from refit_engine.compiler import SEG, SEGMENT_FIELDS, Planner
+from refit_engine.executors.reference import _copy
 
 from refit_check import check_refit
 

@@ -3,7 +3,7 @@
 import pytest
 
 from refit_engine import RefitError
-from refit_engine.grid import ParallelGrid
+from refit_engine.harness.grid import ParallelGrid
 
 
 @pytest.mark.parametrize("layers,pp", [(4, 2), (5, 2), (7, 3), (61, 4), (3, 3)])

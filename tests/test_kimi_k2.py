@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from refit_engine.grid import ParallelGrid
+from refit_engine.harness.grid import ParallelGrid
 from refit_engine.layouts import expand_placements
-from refit_engine.models.kimi_k2 import (KimiK2Config, kimi_k2_layout, kimi_k2_tables,
+from refit_engine.harness.models.kimi_k2 import (KimiK2Config, kimi_k2_layout, kimi_k2_tables,
                                          parameter_count)
 
 

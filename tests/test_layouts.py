@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from refit_engine import Layout, RefitError, Split
-from refit_engine.grid import ParallelGrid
-from refit_engine.reference import assemble, materialize, random_globals
+from refit_engine.harness.grid import ParallelGrid
+from refit_engine.executors.reference import assemble, materialize, random_globals
 
 from refit_check import check_refit, dense
 

@@ -25,10 +25,10 @@ def _cases_worker(rank, world, cases, with_megatron):
     import torch
 
     import refit_engine
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
                                                       build_process_groups)
-    from refit_engine.models.megatron_refit import megatron_refit
+    from refit_engine.harness.baselines.megatron_refit import megatron_refit
     from refit_engine.verify import check_exact
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = KimiK2Config.toy(num_layers=3, num_experts=8)
@@ -94,8 +94,8 @@ def _names_worker(rank, world):
     import warnings
 
     from refit_engine.megatron import describe
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
                                                       build_process_groups)
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = KimiK2Config.toy(num_layers=4, num_experts=8)
@@ -108,7 +108,7 @@ def _names_worker(rank, world):
 
 def test_canonical_names_follow_megatron_rank_order():
     """Independent of the adapter: expert and layer placement from ParallelGrid's rank math."""
-    from refit_engine.grid import ParallelGrid
+    from refit_engine.harness.grid import ParallelGrid
     per_rank = run_world(_names_worker, 4)
     grid = ParallelGrid(4, pp=2, ep=2)
     for rank, names in enumerate(per_rank):
@@ -126,10 +126,10 @@ def _standard_attention_worker(rank, world):
     import warnings
 
     import refit_engine
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
                                                       build_process_groups)
-    from refit_engine.models.megatron_refit import megatron_refit
+    from refit_engine.harness.baselines.megatron_refit import megatron_refit
     from refit_engine.verify import check_exact
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
@@ -155,8 +155,8 @@ def test_standard_attention_gqa_refits_like_megatron():
 def _devices_worker(rank, world):
     import warnings
 
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
                                                       build_process_groups)
     warnings.filterwarnings("ignore", category=UserWarning)
     layout = ParallelLayout(tp=1, ep=2)

@@ -44,8 +44,8 @@ def _swap_and_check(original_plan, src, dst):
 
 def _collocated_worker(rank, world):
     original_plan, planned = _setup()
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
                                                       build_process_groups)
     from refit_engine.megatron import cached_plan, clear_caches
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
@@ -107,8 +107,8 @@ def _bystander_worker(rank, world):
     """Source on ranks 0-1; two destinations on rank 2 and rank 3 in turn, so that each of
     ranks 2 and 3 holds neither model in every other refit."""
     original_plan, planned = _setup()
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
                                                       build_process_groups)
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
     s = ParallelLayout(tp=2, ep=2, ranks=(0, 1))

@@ -24,8 +24,8 @@ def _mtp_worker(rank, world, cases):
     import torch
 
     import refit_engine
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.models.megatron_builder import (ParallelLayout, _canonical_values,
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.models.megatron_builder import (ParallelLayout, _canonical_values,
                                                       build_kimi_k2, build_process_groups)
     from refit_engine.verify import check_exact
     warnings.filterwarnings("ignore", category=UserWarning)

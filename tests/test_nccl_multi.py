@@ -32,10 +32,10 @@ CASES = [  # (name, source grid kwargs, destination grid kwargs, non-collocated)
 
 def _refit_cases(rank, world, device="cuda"):
     import refit_engine
-    from refit_engine.grid import ParallelGrid
+    from refit_engine.harness.grid import ParallelGrid
     from refit_engine.local import from_layout
-    from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout
-    from refit_engine.reference import materialize, random_globals
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
+    from refit_engine.executors.reference import materialize, random_globals
     if device == "cuda":
         torch.cuda.set_device(rank)
     cfg = KimiK2Config.toy()

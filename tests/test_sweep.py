@@ -1,6 +1,6 @@
 """The sweep's memory check (no GPUs used)."""
 
-from refit_engine.sweep import main
+from refit_engine.harness.sweep import main
 
 
 def test_memory_check_uses_the_layouts_the_sweep_runs(capsys):
@@ -21,7 +21,7 @@ def test_sweep_spawns_its_ranks_and_writes_its_outputs(tmp_path):
     from pathlib import Path
     repo = Path(__file__).resolve().parent.parent
     out = subprocess.run(
-        [sys.executable, "-m", "refit_engine.sweep", "--backend", "gloo", "--world", "2",
+        [sys.executable, "-m", "refit_engine.harness.sweep", "--backend", "gloo", "--world", "2",
          "--configs", "2:1:collocated:gloo", "--model", "num_layers=2", "--iters", "2",
          "--warmup", "1", "--output-dir", str(tmp_path), "--run-id", "t"],
         cwd=repo, capture_output=True, text=True, timeout=600)
@@ -39,8 +39,8 @@ def test_a_tp_that_does_not_divide_the_ranks_is_refused_with_that_reason():
     import pytest
 
     from refit_engine import RefitError
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.sweep import layout_extras
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.sweep import layout_extras
     args = argparse.Namespace(src_extra="", dst_extra="", gpu="cpu")
     with pytest.raises(RefitError) as exc:  # not "no expert-parallel size lets it fit"
         layout_extras(KimiK2Config.toy(), {"src_tp": 3, "dst_tp": 1, "mode": "collocated"}, args, 4)
@@ -54,8 +54,8 @@ def test_a_tp_that_does_not_divide_the_ranks_is_refused_with_that_reason():
 def test_a_sweep_where_every_configuration_failed_draws_no_plot(tmp_path, capsys):
     import argparse
 
-    from refit_engine.sweep import write_outputs
-    from refit_engine.topology import preset
+    from refit_engine.harness.sweep import write_outputs
+    from refit_engine.harness.topology import preset
     failed = {"config": {"src": {"tp": 3}, "dst": {"tp": 1}, "mode": "collocated",
                          "method": "gloo", "world": 4}, "error": "source TP 3 does not divide 4 ranks"}
     args = argparse.Namespace(run_id="t", backend="gloo")
@@ -83,7 +83,7 @@ def test_check_only_checks_the_full_size_model_unless_told_otherwise(capsys, mon
 def test_every_option_has_help():
     import argparse
 
-    from refit_engine.sweep import build_parser
+    from refit_engine.harness.sweep import build_parser
     missing = [a.option_strings for a in build_parser()._actions
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert not missing, f"options without help: {missing}"
@@ -109,15 +109,15 @@ class _Spawned(Exception):
 
 def _sweep_spawning(monkeypatch, gpus, argv):
     """sweep.main with `gpus` GPUs visible and no launcher, stopped where it would spawn."""
-    from refit_engine import bench
+    from refit_engine.harness import main_job
     seen = {}
 
     def spawn(target, world, args, env=None):
         seen.update(world=world, backend=args.backend, env=env)
         raise _Spawned
 
-    monkeypatch.setattr(bench, "_gpu_count", lambda: gpus)
-    monkeypatch.setattr(bench, "spawn_ranks", spawn)
+    monkeypatch.setattr(main_job, "_gpu_count", lambda: gpus)
+    monkeypatch.setattr(main_job, "spawn_ranks", spawn)
     for name in ("RANK", "SLURM_PROCID", "BACKEND", "CONFIGS"):
         monkeypatch.delenv(name, raising=False)
     import pytest
@@ -142,12 +142,12 @@ def test_sweep_without_a_launcher_decides_its_backend_as_the_main_job(monkeypatc
 def test_sweep_refuses_nccl_without_a_gpu_per_rank_before_spawning(monkeypatch, capsys):
     import pytest
 
-    from refit_engine import bench
+    from refit_engine.harness import main_job
 
     def spawn(*a, **k):
         raise AssertionError("spawned")
-    monkeypatch.setattr(bench, "spawn_ranks", spawn)
-    monkeypatch.setattr(bench, "_gpu_count", lambda: 1)
+    monkeypatch.setattr(main_job, "spawn_ranks", spawn)
+    monkeypatch.setattr(main_job, "_gpu_count", lambda: 1)
     for name in ("RANK", "SLURM_PROCID", "BACKEND", "CONFIGS"):
         monkeypatch.delenv(name, raising=False)
     for argv, message in (

@@ -15,7 +15,7 @@ import torch
 
 from refit_engine import _core
 from refit_engine.errors import RefitError
-from refit_engine.planner import RankPlan, messages_in_bucket, segments_in_bucket
+from refit_engine.compiler import RankPlan, messages_in_bucket, segments_in_bucket
 
 
 def default_threads(ranks_on_machine: int) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 
 from refit_engine import _core
 from refit_engine.errors import RefitError
-from refit_engine.planner import MSG, SEG, RankPlan, messages_in_bucket, segments_in_bucket
+from refit_engine.compiler import MSG, SEG, RankPlan, messages_in_bucket, segments_in_bucket
 
 _COLUMNS = ("src_pitch", "dst_pitch", "rows", "row_bytes")
 

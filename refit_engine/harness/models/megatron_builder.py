@@ -1,12 +1,12 @@
 """Build megatron-core `GPTModel`s of a (toy) Kimi K2 at any parallel layout (megatron-core's
-own refit between two of them: `refit_engine.models.megatron_refit`).
+own refit between two of them: `refit_engine.harness.baselines.megatron_refit`).
 
 Two models of different layouts live in the same processes (collocated: both layouts span the
 same ranks) or on disjoint ranks (non-collocated: `ParallelLayout.ranks`). Every model gets its
 own `ProcessGroupCollection`, so nothing here touches megatron's global `parallel_state`.
 
 Rank order inside a layout is megatron's default "tp-cp-ep-dp-pp" (the same as
-`refit_engine.grid.ParallelGrid`): for the dense part TP is fastest, then DP, then PP; for the
+`refit_engine.harness.grid.ParallelGrid`): for the dense part TP is fastest, then DP, then PP; for the
 expert part expert-TP is fastest, then EP, then expert-DP, then PP. The `i`-th rank of a layout
 is `layout.ranks[i]`.
 
@@ -49,7 +49,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from refit_engine.models.kimi_k2 import KimiK2Config
+from refit_engine.harness.models.kimi_k2 import KimiK2Config
 
 try:  # ProcessGroupCollection from 0.15 (0.14: ModelCommProcessGroups); HyperCommGrid.get_rank_enum
     # from 0.16; both unchanged through 0.19
@@ -57,7 +57,7 @@ try:  # ProcessGroupCollection from 0.15 (0.14: ModelCommProcessGroups); HyperCo
     from megatron.core.process_groups_config import ProcessGroupCollection
 except ImportError as exc:  # pragma: no cover - depends on the installed megatron-core
     raise ImportError(
-        "refit_engine.models.megatron_builder needs megatron-core >= 0.16 "
+        "refit_engine.harness.models.megatron_builder needs megatron-core >= 0.16 "
         "(megatron.core.hyper_comm_grid.HyperCommGrid and "
         f"megatron.core.process_groups_config.ProcessGroupCollection): {exc}") from exc
 

@@ -17,7 +17,7 @@ from refit_engine.executors.cuda import (build_direct_loopback_executor,
                                          build_loopback_executor, require_cuda)
 from refit_engine.layouts import Layout
 from refit_engine.local import checked_info
-from refit_engine.planner import DEFAULT_BUCKET_BYTES, Planner
+from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner
 from refit_engine.refit import DEFAULT_TIMEOUT_S, CudaRefitRunner
 
 

@@ -1,5 +1,5 @@
 """megatron-core's own refit (`swap_model_weights`) between two models built by
-`refit_engine.models.megatron_builder`: the baseline the benchmarks time ours against.
+`refit_engine.harness.models.megatron_builder`: the baseline the benchmarks time ours against.
 
 megatron-core's refit (`megatron_refit`), as found on 0.16.1 (CPU) and 0.19.2 (CPU, and CUDA
 without TE), on these models:
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from refit_engine.megatron import GROUPED_EXPERT
-from refit_engine.models.megatron_builder import (_patch_megatron_for_cpu,
+from refit_engine.harness.models.megatron_builder import (_patch_megatron_for_cpu,
                                                   megatron_version)
 
 __all__ = ["megatron_refit"]

@@ -5,11 +5,11 @@ import re
 import pytest
 
 from refit_engine import RefitError
-from refit_engine.cost import predict, predict_loopback, predict_rank
-from refit_engine.grid import ParallelGrid
-from refit_engine.memory import RankFigures, check_fits, dry_run, floor, main
-from refit_engine.models.kimi_k2 import KimiK2Config
-from refit_engine.topology import preset
+from refit_engine.harness.cost import predict, predict_loopback, predict_rank
+from refit_engine.harness.grid import ParallelGrid
+from refit_engine.harness.dry_run import RankFigures, check_fits, dry_run, floor, main
+from refit_engine.harness.models.kimi_k2 import KimiK2Config
+from refit_engine.harness.topology import preset
 
 
 def test_refuses_tp8_without_ep_on_128_h100s():
@@ -47,7 +47,7 @@ def test_floor_and_prediction_terms():
 def _measure_worker(rank, world, per_node):
     from dataclasses import replace
 
-    from refit_engine.topology import measure
+    from refit_engine.harness.topology import measure
     base = replace(preset("cpu"), nodes=world // per_node, gpus_per_node=per_node,
                    intra_node_gbps=-1.0, inter_node_gbps=-1.0, latency_us=-1.0, check_us=-1.0)
     topo = measure(base, nbytes=1 << 20, repeats=2)
@@ -70,8 +70,8 @@ def test_measure_topology_is_collective_and_positive(world, per_node):
 def test_stages_add_up_where_they_share_cores():
     from dataclasses import replace
 
-    from refit_engine.cost import predict_rank
-    from refit_engine.memory import RankFigures
+    from refit_engine.harness.cost import predict_rank
+    from refit_engine.harness.dry_run import RankFigures
     f = RankFigures(0, local_bytes=10**9, sent_intra=10**9, received_intra=10**9)
     gpu = replace(preset("h100"), copy_gbps=1000.0, intra_node_gbps=100.0, latency_us=1000.0)
     # By hand: pack 2 ms (1 GB read + written at 1000 GB/s), transfer 10 ms + 2 buckets x 1 ms,
@@ -84,7 +84,7 @@ def test_stages_add_up_where_they_share_cores():
 
 
 def test_report_names_the_busiest_rank_of_each_link():
-    from refit_engine.memory import report
+    from refit_engine.harness.dry_run import report
     topo = preset("h100", 16)
     ranks = [RankFigures(0, sent_intra=7 * 2**30, received_inter=1 * 2**30),
              RankFigures(9, sent_inter=3 * 2**30, received_intra=5 * 2**30, received_inter=2 * 2**30)]
@@ -96,7 +96,7 @@ def test_report_names_the_busiest_rank_of_each_link():
 
 
 def test_dry_run_weights_per_rank_match_the_parameter_count():
-    from refit_engine.memory import GIB, weights_per_gpu_gib
+    from refit_engine.harness.dry_run import GIB, weights_per_gpu_gib
     cfg = KimiK2Config.toy()
     src, dst = ParallelGrid(8, tp=4, ep=4), ParallelGrid(8, tp=2, ep=8, offset=8)
     ranks = dry_run(cfg, src, dst, preset("h100", 16))["ranks"]
@@ -166,7 +166,7 @@ def test_non_collocated_floor_counts_what_the_busiest_rank_moves():
 def test_every_option_has_help():
     import argparse
 
-    from refit_engine.memory import build_parser
+    from refit_engine.harness.dry_run import build_parser
     missing = [a.option_strings for a in build_parser()._actions
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert not missing, f"options without help: {missing}"
@@ -187,7 +187,7 @@ def test_refusal_on_cpu_ranks_speaks_of_ranks_not_gpus():
 
 
 def test_sweep_names_the_topology_when_no_expert_parallel_size_fits():
-    from refit_engine.sweep import choose_expert_parallel
+    from refit_engine.harness.sweep import choose_expert_parallel
     with pytest.raises(RefitError) as exc:
         choose_expert_parallel(KimiK2Config(), 4, 4, 4, True, "cpu")
     assert "fit on CPU (gloo), 4 ranks on 1 node of 4 (with source EP4" in exc.value.reason

@@ -17,8 +17,8 @@ check: it is what no executor can beat.
 
 from __future__ import annotations
 
-from refit_engine.memory import RankFigures
-from refit_engine.topology import Topology
+from refit_engine.harness.dry_run import RankFigures
+from refit_engine.harness.topology import Topology
 
 
 def predict_rank(f: RankFigures, topo: Topology, buckets: int) -> dict:

@@ -5,8 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refit_engine import Layout, Planner, RefitError, Split, compile_plans
-from refit_engine.grid import ParallelGrid
-from refit_engine.planner import MSG, SEG
+from refit_engine.harness.grid import ParallelGrid
+from refit_engine.compiler import MSG, SEG
 
 from refit_check import check_refit, dense
 
@@ -360,7 +360,7 @@ def test_link_aware_choice_prefers_replicas_on_the_destination_node():
 def test_planner_from_tables_equals_planner_from_layout():
     # kimi_k2_tables shares one run of holders between a part's blocks; a Layout gives each
     # piece its own: the same plans either way.
-    from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout, kimi_k2_tables
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout, kimi_k2_tables
     cfg = KimiK2Config.toy()
     grids = ParallelGrid(8, tp=4, ep=4), ParallelGrid(8, tp=2, ep=8)
     from_layouts = Planner(*(kimi_k2_layout(cfg, g) for g in grids), ranks_per_node=4).plan_all()

@@ -1,4 +1,4 @@
-"""The main job's harness (refit_engine.bench): where it runs, what it refuses before spawning,
+"""The main job's harness (refit_engine.harness.main_job): where it runs, what it refuses before spawning,
 and its options. The main job itself runs in test_slurm.py and the README's command."""
 
 import argparse
@@ -7,19 +7,19 @@ import os
 import pytest
 import torch
 
-from refit_engine import bench
+from refit_engine.harness import main_job
 
 
 def test_backend_follows_the_gpus_per_rank():
-    assert bench.choose_backend("auto", 4, 0) == ("gloo", "no GPU visible")
-    backend, why = bench.choose_backend("auto", 4, 1)  # NCCL cannot put 4 ranks on one GPU
+    assert main_job.choose_backend("auto", 4, 0) == ("gloo", "no GPU visible")
+    backend, why = main_job.choose_backend("auto", 4, 1)  # NCCL cannot put 4 ranks on one GPU
     assert backend == "gloo" and "4 ranks but 1 GPU" in why
-    assert bench.choose_backend("auto", 4, 4)[0] == "nccl"
-    assert bench.choose_backend("auto", 4, 8)[0] == "nccl"
-    assert bench.choose_backend("gloo", 4, 8)[0] == "gloo"
-    assert bench.choose_backend("nccl", 2, 2)[0] == "nccl"
+    assert main_job.choose_backend("auto", 4, 4)[0] == "nccl"
+    assert main_job.choose_backend("auto", 4, 8)[0] == "nccl"
+    assert main_job.choose_backend("gloo", 4, 8)[0] == "gloo"
+    assert main_job.choose_backend("nccl", 2, 2)[0] == "nccl"
     with pytest.raises(ValueError, match="one GPU per rank: 4 ranks .* 1 GPU"):
-        bench.choose_backend("nccl", 4, 1)
+        main_job.choose_backend("nccl", 4, 1)
 
 
 class _Spawned(Exception):
@@ -34,12 +34,12 @@ def _main_spawning(monkeypatch, gpus, argv=()):
         seen.update(world=world, backend=args.backend, env=env)
         raise _Spawned
 
-    monkeypatch.setattr(bench, "_gpu_count", lambda: gpus)
-    monkeypatch.setattr(bench, "spawn_ranks", spawn)
+    monkeypatch.setattr(main_job, "_gpu_count", lambda: gpus)
+    monkeypatch.setattr(main_job, "spawn_ranks", spawn)
     for name in ("RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(_Spawned):
-        bench.main(list(argv))
+        main_job.main(list(argv))
     return seen
 
 
@@ -67,7 +67,7 @@ def test_spawned_ranks_get_the_environment_from_the_start(monkeypatch):
     import multiprocessing as mp
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     queue = mp.get_context("spawn").Queue()
-    procs = bench.spawn_ranks(_report_environment, 1, queue, env=bench.GLOO_ENV)
+    procs = main_job.spawn_ranks(_report_environment, 1, queue, env=main_job.GLOO_ENV)
     assert queue.get(timeout=120) == ""
     for p in procs:
         p.join(timeout=60)
@@ -90,11 +90,11 @@ def test_place_on_moves_every_tensor_or_names_the_strays():
     # host leaves buffers such as the router's expert_bias on the current GPU.
     model = torch.nn.Linear(2, 2)
     model.register_buffer("expert_bias", torch.zeros(2))
-    bench.place_on([model], "meta")
+    main_job.place_on([model], "meta")
     assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"meta"}
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), _Stubborn())
-    with pytest.raises(bench.RefitError, match=r"1 tensors are not on meta.*1.expert_bias \(cpu\)"):
-        bench.place_on([model], "meta")
+    with pytest.raises(main_job.RefitError, match=r"1 tensors are not on meta.*1.expert_bias \(cpu\)"):
+        main_job.place_on([model], "meta")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -121,26 +121,26 @@ def test_place_on_moves_every_tensor_or_names_the_strays():
 def test_bad_options_are_refused_before_spawning(monkeypatch, capsys, argv, message):
     def spawn(*a, **k):
         raise AssertionError("spawned")
-    monkeypatch.setattr(bench, "spawn_ranks", spawn)
-    monkeypatch.setattr(bench, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(main_job, "spawn_ranks", spawn)
+    monkeypatch.setattr(main_job, "_gpu_count", lambda: 0)
     for name in ("RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SystemExit) as exc:
-        bench.main(argv)
+        main_job.main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("error:") == 1, err
 
 
 def test_identical_failures_are_reported_once():
-    text = bench.failure_report({2: "Traceback\nValueError: x\n", 0: "Traceback\nValueError: x\n",
+    text = main_job.failure_report({2: "Traceback\nValueError: x\n", 0: "Traceback\nValueError: x\n",
                                  1: "Traceback\nOSError: y\n"})
     assert text.count("ValueError: x") == 1 and text.startswith("ranks 0, 2:")
     assert "rank 1:\nTraceback\nOSError: y" in text
 
 
 def test_every_option_has_help():
-    missing = [a.option_strings for a in bench.build_parser()._actions
+    missing = [a.option_strings for a in main_job.build_parser()._actions
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert not missing, f"options without help: {missing}"
 
@@ -152,33 +152,33 @@ def test_the_topology_is_named_after_the_device_it_runs_on(monkeypatch, device_n
     # label is the real device's, whatever GPU it is.
     from dataclasses import replace
 
-    import refit_engine.topology as topology
+    import refit_engine.harness.topology as topology
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: argparse.Namespace(total_memory=141 * 2**30))
     monkeypatch.setattr(topology, "measure", lambda base: replace(base, name=f"{base.name}, measured"))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    topo = bench.measure_here("cuda:0", 4)
+    topo = main_job.measure_here("cuda:0", 4)
     assert topo.name == f"{device_name}, measured" and topo.memory_gib == 141.0
     assert topo.copy_gbps == topology.PRESETS[preset_name].copy_gbps
     assert (topo.nodes, topo.gpus_per_node) == (1, 4)
-    assert bench.measure_here("cpu", 4).name == "CPU (gloo), measured"  # CPU runs say cpu
+    assert main_job.measure_here("cpu", 4).name == "CPU (gloo), measured"  # CPU runs say cpu
 
 
 def test_ranks_agree_on_one_backend():
     nccl = {"backend": "nccl", "why": "8 GPUs for 8 ranks: one GPU per rank"}
     short = {"backend": "gloo", "why": "8 ranks but 4 GPUs: NCCL cannot put several ranks on one GPU"}
-    assert bench.agree_backend([{**nccl, "rank": r} for r in range(3)]) == ("nccl", nccl["why"])
+    assert main_job.agree_backend([{**nccl, "rank": r} for r in range(3)]) == ("nccl", nccl["why"])
     # One node short of GPUs: every rank on gloo (alone it would have built NCCL and hung).
-    backend, why = bench.agree_backend([{**nccl, "rank": 0}, {**short, "rank": 9},
+    backend, why = main_job.agree_backend([{**nccl, "rank": 0}, {**short, "rank": 9},
                                         {**short, "rank": 8}, {**nccl, "rank": 1}])
     assert backend == "gloo" and why.startswith("rank 8: 8 ranks but 4 GPUs") \
         and "(2 of 4 ranks), so every rank uses gloo" in why
     gloo = {"backend": "gloo", "why": "asked for (--backend gloo)"}
-    assert bench.agree_backend([{**gloo, "rank": r} for r in range(2)]) == ("gloo", gloo["why"])
+    assert main_job.agree_backend([{**gloo, "rank": r} for r in range(2)]) == ("gloo", gloo["why"])
     # --backend nccl refused on one node: the same error on every rank.
     with pytest.raises(ValueError, match=r"needs one GPU per rank \(rank 5 and 1 more\)"):
-        bench.agree_backend([{**nccl, "rank": 0}, {"rank": 6, "error": "other"},
+        main_job.agree_backend([{**nccl, "rank": 0}, {"rank": 6, "error": "other"},
                              {"rank": 5, "error": "needs one GPU per rank"}])
 
 
@@ -195,7 +195,7 @@ def test_decisions_are_exchanged_over_the_store_before_any_group():
 
         def rank_main(rank):
             try:
-                out[rank] = bench.exchange_decisions(store, rank, 3, decisions[rank], "t", 30)
+                out[rank] = main_job.exchange_decisions(store, rank, 3, decisions[rank], "t", 30)
             except ValueError as exc:
                 out[rank] = exc
         threads = [threading.Thread(target=rank_main, args=(r,)) for r in (2, 1, 0)]
@@ -213,9 +213,9 @@ def _launched_rank(rank, world, port, gpus, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     import torch.distributed as dist
-    bench._gpu_count = lambda: gpus[rank]
+    main_job._gpu_count = lambda: gpus[rank]
     try:
-        backend, why = bench.init_launched("auto", 60)
+        backend, why = main_job.init_launched("auto", 60)
         queue.put((rank, backend, why, dist.get_backend()))
         dist.destroy_process_group()
     except BaseException as exc:
@@ -226,7 +226,7 @@ def test_launched_ranks_on_unequal_nodes_choose_the_same_backend():
     # Rank 0's node has 2 GPUs for its one rank (NCCL alone), rank 1's none: both use gloo.
     import multiprocessing as mp
     queue = mp.get_context("spawn").Queue()
-    procs = bench.spawn_ranks(_launched_rank, 2, [2, 0], queue)
+    procs = main_job.spawn_ranks(_launched_rank, 2, [2, 0], queue)
     try:
         got = sorted(queue.get(timeout=120) for _ in procs)
     finally:
@@ -252,13 +252,13 @@ def test_a_rank_that_dies_without_reporting_is_named_within_seconds(monkeypatch,
     # The main job waited --timeout + 600 s for a report that never came.
     import threading
     import time
-    monkeypatch.setattr(bench, "_worker", _dying_worker)
-    monkeypatch.setattr(bench, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(main_job, "_worker", _dying_worker)
+    monkeypatch.setattr(main_job, "_gpu_count", lambda: 0)
     for name in ("RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
     out = {}
     t0 = time.monotonic()
-    thread = threading.Thread(target=lambda: out.update(code=bench.main(
+    thread = threading.Thread(target=lambda: out.update(code=main_job.main(
         ["--world", "2", "--src", "tp=1", "--dst", "tp=1", "--timeout", "30"])), daemon=True)
     thread.start()
     thread.join(timeout=60)
@@ -270,5 +270,5 @@ def test_a_rank_that_dies_without_reporting_is_named_within_seconds(monkeypatch,
 
 
 def test_exit_codes_in_words():
-    assert bench.exit_text(-9) == "killed by signal 9 (SIGKILL)"
-    assert bench.exit_text(3) == "exit code 3"
+    assert main_job.exit_text(-9) == "killed by signal 9 (SIGKILL)"
+    assert main_job.exit_text(3) == "exit code 3"

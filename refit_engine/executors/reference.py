@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import as_strided
 from refit_engine import dtypes
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout, placement_box
-from refit_engine.planner import SEG, RankPlan, messages_in_bucket, segments_in_bucket
+from refit_engine.compiler import SEG, RankPlan, messages_in_bucket, segments_in_bucket
 
 Buffers = dict  # (rank, key) -> contiguous NumPy array (any dtype; bytes are what count)
 

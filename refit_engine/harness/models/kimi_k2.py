@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-from refit_engine.grid import ParallelGrid
+from refit_engine.harness.grid import ParallelGrid
 from refit_engine.layouts import Layout, Split, part_pieces
 
 

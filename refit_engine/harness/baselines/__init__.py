@@ -1,0 +1,1 @@
+"""What our refit is compared with, run in the same job: megatron-core's own refit."""

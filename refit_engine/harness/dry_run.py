@@ -1,0 +1,285 @@
+"""Memory planner and dry run: will a refit configuration fit, and what will it move?
+
+For a Kimi K2 configuration (source and destination TP / PP / EP / ETP on a number of GPUs,
+collocated or not) this builds both layouts and every rank's plan without any GPU, then reports
+per GPU: weights of the source and destination models, staging, total against the GPU's
+memory; bytes moved locally and over links; and the floor (bytes over bandwidth, the largest
+over ranks). A configuration that cannot fit is refused with a message saying by how much.
+
+    python -m refit_engine.memory --src tp=8,ep=64 --dst tp=4,ep=128 --gpus 128 --gpu h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from refit_engine import dtypes
+from refit_engine.errors import RefitError
+from refit_engine.harness.grid import ParallelGrid, parse_layout_spec
+from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_tables
+from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner
+from refit_engine.harness.topology import Topology, preset
+
+GIB = 2**30
+
+
+@dataclass
+class RankFigures:
+    rank: int
+    src_bytes: int = 0
+    dst_bytes: int = 0
+    staging_bytes: int = 0
+    local_bytes: int = 0
+    sent_intra: int = 0
+    sent_inter: int = 0
+    received_intra: int = 0
+    received_inter: int = 0
+    messages: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.src_bytes + self.dst_bytes + self.staging_bytes
+
+    def link_seconds(self, topo: Topology) -> dict[str, float]:
+        """Time on each kind of link at full bandwidth, keyed by the link's name (nvlink,
+        network, loopback): on full-duplex links the busier direction; where both directions
+        share the link (`Topology.duplex` False: CPU ranks) everything this rank sends and
+        receives, at twice the per-direction figure measured with both directions busy. The
+        two agree for a rank that sends as much as it receives (collocated); a rank that only
+        sends or only receives (non-collocated) gets the whole link."""
+        def seconds(sent: int, received: int, gbps: float) -> float:
+            if topo.duplex:
+                return max(sent, received) / (gbps * 1e9)
+            return (sent + received) / (2 * gbps * 1e9)
+        return {topo.intra_link.lower(): seconds(self.sent_intra, self.received_intra,
+                                                 topo.intra_node_gbps),
+                topo.inter_link.lower(): seconds(self.sent_inter, self.received_inter,
+                                                 topo.inter_node_gbps)}
+
+
+def rank_figures(rank: int, bytes_local: int, per_peer: dict, topo: Topology,
+                 **fields) -> RankFigures:
+    """A rank's bytes split by link: peers on its node over NVLink, the others over the
+    network. per_peer: {peer: {"sent": bytes, "received": bytes}}, as RankPlan.bytes_per_peer()
+    and execute()'s statistics give it."""
+    f = RankFigures(rank, local_bytes=bytes_local, **fields)
+    for peer, b in per_peer.items():
+        where = "intra" if topo.node_of(int(peer)) == topo.node_of(rank) else "inter"
+        setattr(f, f"sent_{where}", getattr(f, f"sent_{where}") + b["sent"])
+        setattr(f, f"received_{where}", getattr(f, f"received_{where}") + b["received"])
+    return f
+
+
+def _weights_per_rank(tables, world: int) -> list[int]:
+    """Bytes of local tensors per rank, from a side's tables (columns: BUFFER_COLUMNS)."""
+    buffers = tables[2]
+    per_rank = np.bincount(buffers[:, 0], weights=buffers[:, 1] * buffers[:, 2], minlength=world)
+    return [int(b) for b in per_rank[:world]]
+
+
+def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid) -> float:
+    """Largest per-GPU weight bytes of one model, from parameter counts alone (no layout),
+    so hopeless configurations are refused in milliseconds."""
+    from refit_engine.harness.models.kimi_k2 import kimi_k2_parameters, stage_of
+    per_stage = [0.0] * grid.pp
+    for p in kimi_k2_parameters(cfg):
+        n = dtypes.itemsize(p.dtype) * math.prod(p.shape)
+        if p.expert is not None:
+            n /= grid.ep * grid.etp
+        elif p.split:
+            n /= grid.tp
+        per_stage[stage_of(cfg, grid, p)] += n
+    return max(per_stage) / GIB
+
+
+# Staging allowance before a plan exists: double-buffered send and receive, one bucket per peer,
+# for a typical 16 peers (the dry run replaces it with the plan's exact figure).
+TYPICAL_PEERS = 16
+
+
+def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collocated: bool,
+               headroom: float = 0.9, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[float, float]:
+    """Refuse (RefitError) a configuration whose weights and staging cannot fit, before
+    building anything. `headroom`: the fraction of GPU memory they may use. Returns the
+    largest per-GPU weights of each side, in GiB."""
+    budget = topo.memory_gib * headroom
+    src_gib, dst_gib = weights_per_gpu_gib(cfg, src), weights_per_gpu_gib(cfg, dst)
+    staging_gib = 4 * bucket_bytes * TYPICAL_PEERS / GIB
+    need = (src_gib + dst_gib if collocated else max(src_gib, dst_gib)) + staging_gib
+    if need > budget:
+        cpu = topo.intra_link == "loopback"  # CPU ranks over gloo: a memory budget, not a GPU
+        unit = "rank" if cpu else "GPU"
+        have = (f"CPU ranks (gloo) have {topo.memory_gib:.0f} GiB of memory budget each" if cpu
+                else f"{topo.name} GPUs have {topo.memory_gib:.0f} GiB")
+        raise RefitError(
+            f"does not fit: weights and staging need {need:.1f} GiB per {unit} (source {src_gib:.1f} GiB at "
+            f"TP{src.tp}/PP{src.pp}/EP{src.ep}/ETP{src.etp}"
+            + (f" + destination {dst_gib:.1f} GiB at TP{dst.tp}/PP{dst.pp}/EP{dst.ep}/ETP{dst.etp}"
+               if collocated else "") + f" + staging {staging_gib:.1f} GiB"
+            + f") but {have} ({budget:.0f} GiB usable "
+            f"at {headroom:.0%}); raise EP (experts are 99% of the weights) or TP")
+    return src_gib, dst_gib
+
+
+def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topology,
+            bucket_bytes: int = DEFAULT_BUCKET_BYTES, headroom: float = 0.9) -> dict:
+    collocated = src.offset == dst.offset
+    check_fits(cfg, src, dst, topo, collocated, headroom)
+    world = max(src.offset + src.world, dst.offset + dst.world)
+    # The planner's tables built with NumPy: a Layout of 2048 GPUs would take a minute.
+    src_tables, dst_tables = kimi_k2_tables(cfg, src), kimi_k2_tables(cfg, dst)
+    plans = Planner(src_tables, dst_tables, bucket_bytes, topo.gpus_per_node).plan_all()
+    src_w, dst_w = _weights_per_rank(src_tables, world), _weights_per_rank(dst_tables, world)
+    ranks = []
+    for r in range(world):
+        p = plans.get(r)
+        if p is None:
+            ranks.append(RankFigures(r, src_bytes=src_w[r], dst_bytes=dst_w[r]))
+            continue
+        staging = 2 * (max(p.send_staging_bytes, default=0) + max(p.recv_staging_bytes, default=0))
+        ranks.append(rank_figures(r, p.bytes_local, p.bytes_per_peer(), topo, src_bytes=src_w[r],
+                                  dst_bytes=dst_w[r], staging_bytes=staging,
+                                  messages=len(p.send_messages) + len(p.recv_messages)))
+    from refit_engine.harness.cost import predict
+    buckets = {r: p.num_buckets for r, p in plans.items()}
+    return {"ranks": ranks, "floor": floor(ranks, topo), "topology": topo,
+            "predicted": predict(ranks, topo, buckets),
+            "fits": max(f.total_bytes for f in ranks) <= topo.memory_gib * headroom * GIB}
+
+
+def floor(ranks: list[RankFigures], topo: Topology) -> dict:
+    """Lower bound of the refit time: per rank, the slowest of its traffic on each link
+    (`RankFigures.link_seconds`: full duplex or shared) and its local copies; the largest over
+    ranks. Seconds, and which rank and term (the link's name, or "local copy") set it."""
+    best = {"seconds": 0.0, "rank": None, "term": None}
+    for f in ranks:
+        terms = {**f.link_seconds(topo), "local copy": 2 * f.local_bytes / (topo.copy_gbps * 1e9)}
+        term, seconds = max(terms.items(), key=lambda kv: kv[1])
+        if seconds > best["seconds"]:
+            best = {"seconds": seconds, "rank": f.rank, "term": term}
+    return best
+
+
+def parse_grid(text: str, world: int, offset: int = 0) -> ParallelGrid:
+    return ParallelGrid(world, offset=offset, **parse_layout_spec(text))
+
+
+def report(result: dict) -> str:
+    ranks, topo = result["ranks"], result["topology"]
+    worst = max(ranks, key=lambda f: f.total_bytes)
+
+    def most(what: str, label: str) -> str:  # the largest figure over ranks, and whose it is
+        top = max(ranks, key=lambda f: getattr(f, what))
+        return f"{label + ' (rank ' + str(top.rank) + ')':<34}{getattr(top, what) / GIB:>10.2f}"
+    fl = result["floor"]
+    intra, inter = topo.intra_link, topo.inter_link
+    lines = [
+        f"{'per GPU (max over ranks)':<34}{'GiB':>10}",
+        f"{'source weights':<34}{max(f.src_bytes for f in ranks) / GIB:>10.2f}",
+        f"{'destination weights':<34}{max(f.dst_bytes for f in ranks) / GIB:>10.2f}",
+        f"{'staging (2 x send + 2 x recv)':<34}{max(f.staging_bytes for f in ranks) / GIB:>10.2f}",
+        f"{'total (rank ' + str(worst.rank) + ')':<34}{worst.total_bytes / GIB:>10.2f}"
+        f"   of {topo.memory_gib:.0f} GiB: {'fits' if result['fits'] else 'DOES NOT FIT'}",
+        f"{'local copy (max)':<34}{max(f.local_bytes for f in ranks) / GIB:>10.2f}",
+        most("sent_intra", f"sent over {intra}"), most("received_intra", f"received over {intra}"),
+        most("sent_inter", f"sent over {inter}"), most("received_inter", f"received over {inter}"),
+        f"predicted: {result['predicted']['seconds'] * 1e3:.2f} ms (rank "
+        f"{result['predicted']['rank']}, {result['predicted']['term']})",
+        f"floor: {fl['seconds'] * 1e3:.2f} ms (rank {fl['rank']}, {fl['term']}) on "
+        f"{topo.describe(len(ranks))}: {intra} {topo.intra_node_gbps:g} GB/s, {inter} "
+        f"{topo.inter_node_gbps:g} GB/s, copy {topo.copy_gbps:g} GB/s",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from refit_engine.harness.main_job import layout_arg, overrides_arg, positive_float, positive_int
+    from refit_engine.harness.topology import PRESETS
+    parser = argparse.ArgumentParser(prog="python -m refit_engine.memory",
+                                     description="Kimi K2 refit memory planner and dry run")
+    parser.add_argument("--src", type=layout_arg, default="tp=8,ep=64",
+                        help="source layout (default tp=8,ep=64)")
+    parser.add_argument("--dst", type=layout_arg, default="tp=4,ep=128",
+                        help="destination layout (default tp=4,ep=128)")
+    parser.add_argument("--gpus", type=positive_int, default=128,
+                        help="GPUs of each model (default 128)")
+    parser.add_argument("--gpu", default="h100", choices=sorted(PRESETS),
+                        help="topology preset: memory, bandwidths, GPUs per node (default h100)")
+    parser.add_argument("--non-collocated", action="store_true",
+                        help="destination on --gpus more GPUs after the source's")
+    parser.add_argument("--layers", type=positive_int, default=61,
+                        help="Kimi K2 layers (default 61, the published model)")
+    parser.add_argument("--model", type=overrides_arg, default={},
+                        help="Kimi K2 overrides, e.g. hidden=64,num_experts=8")
+    parser.add_argument("--bucket-mib", type=positive_int, default=DEFAULT_BUCKET_BYTES >> 20,
+                        help=f"largest message between two ranks in one bucket, MiB (default "
+                             f"{DEFAULT_BUCKET_BYTES >> 20})")
+    parser.add_argument("--headroom", type=positive_float, default=0.9,
+                        help="fraction of GPU memory weights and staging may use (default 0.9)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--per-rank", action="store_true",
+                        help="also print every rank's memory and bytes moved")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.headroom > 1:
+        parser.error(f"--headroom is a fraction of GPU memory, at most 1, not {args.headroom}")
+    try:
+        cfg = KimiK2Config(**{"num_layers": args.layers, **args.model})
+    except TypeError as exc:
+        parser.error(f"--model: {exc}")
+    try:
+        src = parse_grid(args.src, args.gpus)
+        dst = parse_grid(args.dst, args.gpus, offset=args.gpus if args.non_collocated else 0)
+    except RefitError as exc:
+        parser.error(f"{exc.reason} (--gpus {args.gpus})")
+    total = args.gpus * (2 if args.non_collocated else 1)
+    topo = preset(args.gpu, total)
+    try:
+        result = dry_run(cfg, src, dst, topo, args.bucket_mib << 20, args.headroom)
+    except RefitError as exc:
+        print(f"refused: {exc.reason}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"fits": False, "reason": exc.reason}))
+        return 2
+    if args.json:
+        worst = max(result["ranks"], key=lambda f: f.total_bytes)
+        print(json.dumps({"fits": result["fits"], "floor_s": result["floor"]["seconds"],
+                          "predicted_s": result["predicted"]["seconds"],
+                          "max_gpu_gib": worst.total_bytes / GIB, "topology": asdict(topo)}))
+    else:
+        print(f"Kimi K2 ({cfg.num_layers} layers) source {args.src} -> destination {args.dst} "
+              f"on {topo.describe(total)} "
+              f"({'non-collocated' if args.non_collocated else 'collocated'})")
+        print(report(result))
+        if args.per_rank:
+            print(per_rank_table(result["ranks"], topo))
+    return 0 if result["fits"] else 2
+
+
+def per_rank_table(ranks: list[RankFigures], topo: Topology | None = None) -> str:
+    intra = topo.intra_link if topo else "NVLink"
+    head = (f"{'rank':>5}{'source GiB':>11}{'dest GiB':>10}{'staging GiB':>12}{'total GiB':>10}"
+            f"{'local GiB':>10}{intra[:7] + ' out':>11}{intra[:7] + ' in':>10}{'net out':>9}"
+            f"{'net in':>8}")
+    rows = [head]
+    for f in ranks:
+        rows.append(f"{f.rank:>5}{f.src_bytes / GIB:>11.2f}{f.dst_bytes / GIB:>10.2f}"
+                    f"{f.staging_bytes / GIB:>12.2f}{f.total_bytes / GIB:>10.2f}"
+                    f"{f.local_bytes / GIB:>10.2f}{f.sent_intra / GIB:>11.2f}"
+                    f"{f.received_intra / GIB:>10.2f}{f.sent_inter / GIB:>9.2f}"
+                    f"{f.received_inter / GIB:>8.2f}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
