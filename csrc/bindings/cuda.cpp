@@ -8,12 +8,9 @@
 #include <vector>
 
 #include "bindings/bindings.h"
+#include "bindings/transports.h"
 #include "cuda/executor.h"
 #include "cuda/segment_table.h"
-#ifdef REFIT_ENGINE_WITH_NCCL
-#include "nccl/communicator.h"
-#include "nccl/nccl_api.h"
-#endif
 
 namespace py = pybind11;
 
@@ -39,10 +36,6 @@ cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>
 
 }  // namespace
 
-#ifndef REFIT_ENGINE_WITH_NCCL
-class NcclCommunicator {};  // never constructed in builds without NCCL
-#endif
-
 void bind_cuda(py::module_& m) {
     m.attr("HAS_CUDA") = true;
     py::class_<SegmentTable, std::shared_ptr<SegmentTable>>(
@@ -58,33 +51,14 @@ void bind_cuda(py::module_& m) {
         .def("launch", [](const SegmentTable& t, uintptr_t stream) { t.launch(as_stream(stream)); },
              py::arg("stream") = 0, "Enqueue the copies on a CUDA stream (integer handle).");
 
-    py::class_<NcclCommunicator, std::shared_ptr<NcclCommunicator>> comm(m, "NcclCommunicator");
-#ifdef REFIT_ENGINE_WITH_NCCL
-    m.attr("HAS_NCCL") = true;
-    m.def("nccl_version", [](const std::string& path) {
-        int v = 0;
-        REFIT_NCCL_CHECK(nccl(path).get_version(&v));
-        return py::make_tuple(v, nccl(path).path);
-    }, py::arg("path") = "", "(version code, library path) of the NCCL in use");
-    comm.def_static("unique_id", []() { return py::bytes(NcclCommunicator::unique_id()); })
-        .def(py::init([](py::bytes id, int nranks, int rank, int device) {
-                 std::string raw = id;
-                 py::gil_scoped_release release;
-                 return std::make_shared<NcclCommunicator>(raw, nranks, rank, device);
-             }),
-             py::arg("unique_id"), py::arg("nranks"), py::arg("rank"), py::arg("device"))
-        .def("abort", &NcclCommunicator::abort)
-        .def_property_readonly("aborted", &NcclCommunicator::aborted)
-        .def_property_readonly("rank", &NcclCommunicator::rank)
-        .def_property_readonly("size", &NcclCommunicator::size)
-        .def("async_error", [](const NcclCommunicator& c) { return int(c.async_error()); });
-#else
-    m.attr("HAS_NCCL") = false;
-#endif
+    // Each transport's Python classes; peer_transports() turns an executor's `comm` into them.
+    bind_nccl(m);
 
     py::class_<CudaExecutor>(m, "CudaExecutor", "Runs one rank's (or, loopback, all ranks') plan.")
-        .def(py::init<int, std::shared_ptr<NcclCommunicator>>(), py::arg("device"),
-             py::arg("comm") = nullptr)
+        .def(py::init([](int device, const py::object& comm) {
+                 return std::make_unique<CudaExecutor>(device, peer_transports(comm));
+             }),
+             py::arg("device"), py::arg("comm") = py::none())
         .def("set_local", &CudaExecutor::set_local, py::arg("table"))
         .def(
             "add_bucket",

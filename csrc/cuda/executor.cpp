@@ -5,19 +5,12 @@
 #include <string>
 #include <thread>
 
-#include "cuda/check.h"
-#ifdef REFIT_ENGINE_WITH_NCCL
-#include "nccl/communicator.h"
-#include "nccl/nccl_api.h"
-#endif
+#include "common/check.h"
 
 namespace refit {
 
-CudaExecutor::CudaExecutor(int device, std::shared_ptr<NcclCommunicator> comm)
-    : device_(device), comm_(std::move(comm)) {
-#ifndef REFIT_ENGINE_WITH_NCCL
-    if (comm_) throw std::runtime_error("this build of refit_engine has no NCCL transport");
-#endif
+CudaExecutor::CudaExecutor(int device, PeerTransports transports)
+    : device_(device), transports_(std::move(transports)) {
     REFIT_CUDA_CHECK(cudaSetDevice(device_));
     for (cudaStream_t* s : {&pack_stream_, &comm_stream_, &unpack_stream_}) {
         REFIT_CUDA_CHECK(cudaStreamCreateWithFlags(s, cudaStreamNonBlocking));
@@ -49,32 +42,63 @@ cudaEvent_t CudaExecutor::event() {
 
 void CudaExecutor::add_bucket(Bucket bucket) {
     if (graph_exec_) throw std::logic_error("cannot add buckets after capturing a graph");
-    if (!comm_ && (!bucket.sends.empty() || !bucket.recvs.empty())) {
-        throw std::invalid_argument("bucket has NCCL messages but the executor has no communicator");
+    if (transports_.empty() && (!bucket.sends.empty() || !bucket.recvs.empty())) {
+        throw std::invalid_argument(
+            "bucket has messages but the executor has no transport (no communicator was given)");
+    }
+    // Sorted by transport once here, so run() (and each graph capture) only posts.
+    std::vector<Exchange> exchanges;
+    for (Transport* t : transports_.distinct()) exchanges.push_back({t, {}, {}});
+    auto place = [&](const DeviceMessage& m, bool recv) {
+        Transport* t = transports_.of(m.peer);
+        if (!t) {
+            throw std::invalid_argument("bucket has a message " + std::string(recv ? "from" : "to") +
+                                        " peer " + std::to_string(m.peer) +
+                                        ", which has no transport");
+        }
+        for (Exchange& x : exchanges) {
+            if (x.transport == t) (recv ? x.recvs : x.sends).push_back(m);
+        }
+    };
+    for (const DeviceMessage& m : bucket.recvs) place(m, true);
+    for (const DeviceMessage& m : bucket.sends) place(m, false);
+    std::vector<Exchange> used;
+    for (Exchange& x : exchanges) {
+        if (!x.recvs.empty() || !x.sends.empty()) used.push_back(std::move(x));
     }
     buckets_.push_back(std::move(bucket));
+    exchanges_.push_back(std::move(used));
     packed_.push_back(event());
     exchanged_.push_back(event());
     unpacked_.push_back(event());
 }
 
-void CudaExecutor::exchange(const Bucket& bucket) {
-    if (bucket.exchange) bucket.exchange->launch(comm_stream_);
-    if (bucket.sends.empty() && bucket.recvs.empty()) return;
-#ifdef REFIT_ENGINE_WITH_NCCL
-    const NcclApi& api = nccl();
-    if (!comm_ || comm_->aborted()) throw std::runtime_error("NCCL communicator was aborted");
-    REFIT_NCCL_CHECK(api.group_start());
-    for (const DeviceMessage& m : bucket.recvs) {
-        REFIT_NCCL_CHECK(api.recv(reinterpret_cast<void*>(m.address), size_t(m.bytes), ncclUint8,
-                                  int(m.peer), comm_->get(), comm_stream_));
+void CudaExecutor::exchange(size_t b) {
+    if (buckets_[b].exchange) buckets_[b].exchange->launch(comm_stream_);
+    for (const Exchange& x : exchanges_[b]) {
+        // NOTE: receives before sends, in one bracket per transport: inside an NCCL group the
+        // order does not matter, and a transport without groups then has every receive posted
+        // before a send could wait for it.
+        x.transport->begin_exchange();
+        for (const DeviceMessage& m : x.recvs) {
+            x.transport->post_recv(m.peer, reinterpret_cast<void*>(m.address), size_t(m.bytes),
+                                   comm_stream_);
+        }
+        for (const DeviceMessage& m : x.sends) {
+            x.transport->post_send(m.peer, reinterpret_cast<const void*>(m.address),
+                                   size_t(m.bytes), comm_stream_);
+        }
+        x.transport->end_exchange();
     }
-    for (const DeviceMessage& m : bucket.sends) {
-        REFIT_NCCL_CHECK(api.send(reinterpret_cast<const void*>(m.address), size_t(m.bytes),
-                                  ncclUint8, int(m.peer), comm_->get(), comm_stream_));
+}
+
+std::string CudaExecutor::abort_all() {
+    std::string aborted;
+    for (Transport* t : transports_.distinct()) {
+        t->abort();
+        aborted += "; " + t->name() + " aborted";
     }
-    REFIT_NCCL_CHECK(api.group_end());
-#endif
+    return aborted;
 }
 
 void CudaExecutor::run(cudaStream_t stream) {
@@ -96,7 +120,7 @@ void CudaExecutor::run(cudaStream_t stream) {
 
         REFIT_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, packed_[b], 0));
         if (b >= 2) REFIT_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, unpacked_[b - 2], 0));
-        exchange(bucket);
+        exchange(b);
         REFIT_CUDA_CHECK(cudaEventRecord(exchanged_[b], comm_stream_));
 
         REFIT_CUDA_CHECK(cudaStreamWaitEvent(unpack_stream_, exchanged_[b], 0));
@@ -152,30 +176,22 @@ void CudaExecutor::wait(cudaStream_t stream, double timeout_s) {
         const cudaError_t state = cudaEventQuery(sync_);
         if (state == cudaSuccess) return;
         if (state != cudaErrorNotReady) REFIT_CUDA_CHECK(state);
-#ifdef REFIT_ENGINE_WITH_NCCL
-        if (comm_ && !comm_->aborted()) {
-            ncclResult_t err = ncclSuccess;
+        for (Transport* t : transports_.distinct()) {
+            if (t->aborted()) continue;
+            std::string err;
             try {
-                err = comm_->async_error();
-            } catch (...) {  // could not even ask: treat the communicator as failed
-                comm_->abort();
+                err = t->async_error();
+            } catch (...) {  // could not even ask: treat the transports as failed
+                abort_all();
                 throw;
             }
-            if (err != ncclSuccess && err != ncclInProgress) {
-                comm_->abort();
-                throw std::runtime_error(std::string("NCCL asynchronous error: ") +
-                                         nccl().error_string(err) + "; communicator aborted");
-            }
+            if (!err.empty()) throw std::runtime_error(err + abort_all());
         }
-#endif
         const double waited =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (waited > timeout_s) {
-#ifdef REFIT_ENGINE_WITH_NCCL
-            if (comm_) comm_->abort();
-#endif
             throw std::runtime_error("refit did not finish within " + std::to_string(timeout_s) +
-                                     " s" + (comm_ ? "; NCCL communicator aborted" : ""));
+                                     " s" + abort_all());
         }
         std::this_thread::sleep_for(std::chrono::microseconds(waited < 0.01 ? 20 : 500));
     }

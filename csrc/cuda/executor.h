@@ -1,6 +1,6 @@
-// The CUDA refit executor: per bucket one fused pack kernel, one exchange (an NCCL group of
-// send/recv, or a device copy for the loopback executor), one fused unpack kernel; local copies
-// alongside. Buckets are double-buffered on three streams, so bucket k+1 packs while bucket k is
+// The CUDA refit executor: per bucket one fused pack kernel, one exchange (messages over each
+// peer's Transport, or a device copy for the loopback executor), one fused unpack kernel; local
+// copies alongside. Buckets are double-buffered on three streams, so bucket k+1 packs while bucket k is
 // on the wire and bucket k-1 unpacks. A whole refit can be captured as one CUDA graph.
 #pragma once
 
@@ -11,10 +11,9 @@
 #include <vector>
 
 #include "cuda/segment_table.h"
+#include "transport/transport.h"
 
 namespace refit {
-
-class NcclCommunicator;  // nccl/communicator.h; absent in builds without nccl.h
 
 // One message of a bucket: `bytes` at device address `address`, to or from group rank `peer`.
 struct DeviceMessage {
@@ -25,14 +24,15 @@ struct DeviceMessage {
 
 struct Bucket {
     std::shared_ptr<SegmentTable> pack;      // sources -> send staging (may be empty)
-    std::vector<DeviceMessage> sends, recvs;  // NCCL transport
+    std::vector<DeviceMessage> sends, recvs;  // over the peers' transports
     std::shared_ptr<SegmentTable> exchange;  // loopback transport: send staging -> recv staging
     std::shared_ptr<SegmentTable> unpack;    // recv staging -> destinations
 };
 
 class CudaExecutor {
    public:
-    CudaExecutor(int device, std::shared_ptr<NcclCommunicator> comm);
+    // `transports` carries each peer's messages (empty: loopback and local copies only).
+    CudaExecutor(int device, PeerTransports transports);
     ~CudaExecutor();
     CudaExecutor(const CudaExecutor&) = delete;
     CudaExecutor& operator=(const CudaExecutor&) = delete;
@@ -47,20 +47,29 @@ class CudaExecutor {
     void capture(cudaStream_t stream);
     void replay(cudaStream_t stream);
     bool captured() const { return graph_exec_ != nullptr; }
-    // Blocks until the work enqueued so far on `stream` is done; polls NCCL for asynchronous
-    // errors. On an error or after `timeout_s` it aborts the communicator and throws.
+    // Blocks until the work enqueued so far on `stream` is done; polls the transports for
+    // asynchronous errors. On an error or after `timeout_s` it aborts every transport and throws.
     void wait(cudaStream_t stream, double timeout_s);
 
     int num_buckets() const { return int(buckets_.size()); }
 
    private:
-    void exchange(const Bucket& bucket);
+    // One bucket's messages over one transport: one begin/end bracket.
+    struct Exchange {
+        Transport* transport;
+        std::vector<DeviceMessage> recvs, sends;
+    };
+
+    void exchange(size_t b);
     cudaEvent_t event();
+    // Aborts every transport; "; <name> aborted" for each, to end an error message.
+    std::string abort_all();
 
     int device_;
-    std::shared_ptr<NcclCommunicator> comm_;
+    PeerTransports transports_;
     std::shared_ptr<SegmentTable> local_;
     std::vector<Bucket> buckets_;
+    std::vector<std::vector<Exchange>> exchanges_;  // per bucket, in transports_.distinct() order
     cudaStream_t pack_stream_ = nullptr, comm_stream_ = nullptr, unpack_stream_ = nullptr;
     cudaEvent_t start_ = nullptr, done_ = nullptr, sync_ = nullptr;
     std::vector<cudaEvent_t> packed_, exchanged_, unpacked_;

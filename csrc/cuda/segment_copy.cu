@@ -1,6 +1,6 @@
 #include <cuda_runtime.h>
 
-#include "cuda/check.h"
+#include "common/check.h"
 #include "cuda/segment_copy.h"
 
 namespace refit {

@@ -2,7 +2,7 @@
 
 #include <stdexcept>
 
-#include "cuda/check.h"
+#include "common/check.h"
 
 namespace refit {
 

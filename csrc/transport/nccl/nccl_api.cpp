@@ -1,4 +1,4 @@
-#include "nccl/nccl_api.h"
+#include "transport/nccl/nccl_api.h"
 
 #include <dlfcn.h>
 

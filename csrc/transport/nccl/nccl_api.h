@@ -1,6 +1,7 @@
 // NCCL through a function table filled by dlopen("libnccl.so.2") at run time, so the process
 // shares the libnccl that torch already loaded (one NCCL per process) and nothing is linked
-// at build time: only nccl.h (from the nvidia-nccl wheel) is needed to compile.
+// at build time: only nccl.h (from the nvidia-nccl wheel) is needed to compile. Its calls are
+// checked with REFIT_NCCL_CHECK (common/check.h).
 #pragma once
 
 #include <nccl.h>
@@ -31,13 +32,3 @@ struct NcclApi {
 const NcclApi& nccl(const std::string& path = "");
 
 }  // namespace refit
-
-#define REFIT_NCCL_CHECK(expr)                                                                \
-    do {                                                                                      \
-        ncclResult_t refit_res_ = (expr);                                                     \
-        if (refit_res_ != ncclSuccess && refit_res_ != ncclInProgress) {                      \
-            throw std::runtime_error(std::string("NCCL error at ") + __FILE__ + ":" +         \
-                                     std::to_string(__LINE__) + ": " + #expr + ": " +         \
-                                     ::refit::nccl().error_string(refit_res_));               \
-        }                                                                                     \
-    } while (0)
