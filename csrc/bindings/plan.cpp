@@ -1,7 +1,7 @@
 // Bindings of the plan compiler. Layout tables cross as int64 NumPy arrays (one row per
-// tensor, buffer or piece, and a flat array of holders; column order documented in
-// refit_engine/layouts.py), plans come back as int64 arrays with the fields of Segment and
-// Message as columns.
+// tensor, buffer or piece, and a flat array of holders), plans come back as int64 arrays with
+// the fields of Segment and Message as columns; every table's columns are plan/schema.h's,
+// exported by name (TENSOR_FIELDS, ..., MESSAGE_FIELDS).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -12,6 +12,7 @@
 #include "bindings/bindings.h"
 #include "plan/error.h"
 #include "plan/planner.h"
+#include "plan/schema.h"
 
 namespace py = pybind11;
 
@@ -19,10 +20,9 @@ namespace refit {
 
 namespace {
 
-constexpr int kTensorCols = 3 + kMaxDims;     // ndim, itemsize, dtype_code, shape...
-constexpr int kBufferCols = 3;                // rank, numel, itemsize
-constexpr int kPieceCols = 4 + 3 * kMaxDims;  // tensor, holders first/count, local_offset,
-                                              // start, extent, stride
+using schema::BufferCols;
+using schema::PieceCols;
+using schema::TensorCols;
 
 // Short repr of a bad argument, for error messages.
 std::string shown(const py::handle& value) {
@@ -103,31 +103,31 @@ Side make_side(std::vector<std::string> names, const py::object& tensor_rows,
                const py::array& buffers, const py::array& pieces, const py::array& holders) {
     Side side;
     side.names = std::move(names);
-    const AlignedInt64Array tensors = tensor_table(tensor_rows, kTensorCols);
+    const AlignedInt64Array tensors = tensor_table(tensor_rows, TensorCols::kCount);
     int64_t n = tensors.shape(0);
     const int64_t* row = tensors.data();
     side.tensors.resize(n);
-    for (int64_t i = 0; i < n; ++i, row += kTensorCols) {
+    for (int64_t i = 0; i < n; ++i, row += TensorCols::kCount) {
         TensorSpec& t = side.tensors[i];
         const std::string name = i < int64_t(side.names.size()) ? side.names[i] : "*";
-        if (row[0] < 0 || row[0] > kMaxDims) {
+        const int64_t ndim = row[TensorCols::kNdim], itemsize = row[TensorCols::kItemsize];
+        if (ndim < 0 || ndim > kMaxDims) {
             throw PlanError(name, {}, "tensors of more than " + std::to_string(kMaxDims) +
                                           " dimensions are not supported");
         }
-        if (row[1] <= 0 || row[1] > 64) {  // the widest dtype is 16 bytes
-            throw PlanError(name, {}, "element size " + std::to_string(row[1]) + " is not valid");
+        if (itemsize <= 0 || itemsize > 64) {  // the widest dtype is 16 bytes
+            throw PlanError(name, {}, "element size " + std::to_string(itemsize) + " is not valid");
         }
-        t.ndim = int32_t(row[0]);
-        t.itemsize = int32_t(row[1]);
-        t.dtype_code = row[2];
-        for (int d = 0; d < kMaxDims; ++d) t.shape[d] = row[3 + d];
+        t.ndim = int32_t(ndim);
+        t.itemsize = int32_t(itemsize);
+        t.dtype_code = row[TensorCols::kDtypeCode];
+        for (int d = 0; d < kMaxDims; ++d) t.shape[d] = row[TensorCols::kShape + d];
     }
-    // Buffer and Piece are the row layouts of their tables: view the rows in place.
-    static_assert(sizeof(Buffer) == kBufferCols * sizeof(int64_t), "Buffer must match a row");
-    static_assert(sizeof(Piece) == kPieceCols * sizeof(int64_t), "Piece must match a table row");
-    row = table_rows(buffers, kBufferCols, "buffer", n);
+    // Buffer and Piece are the row layouts of their tables (schema.h asserts it): view the
+    // rows in place.
+    row = table_rows(buffers, BufferCols::kCount, "buffer", n);
     side.buffers = View<Buffer>(reinterpret_cast<const Buffer*>(row), size_t(n));
-    row = table_rows(pieces, kPieceCols, "piece", n);
+    row = table_rows(pieces, PieceCols::kCount, "piece", n);
     side.pieces = View<Piece>(reinterpret_cast<const Piece*>(row), size_t(n));
     row = flat_items(holders, "holders", n);
     side.holders = View<int64_t>(row, size_t(n));
@@ -145,11 +145,11 @@ py::array_t<int64_t> as_array(const std::vector<T>& items, int fields) {
 py::dict plan_to_dict(const RankPlan& plan) {
     py::dict d;
     d["rank"] = plan.rank;
-    d["local"] = as_array(plan.local, kSegmentFields);
-    d["send"] = as_array(plan.send, kSegmentFields);
-    d["recv"] = as_array(plan.recv, kSegmentFields);
-    d["send_messages"] = as_array(plan.send_messages, kMessageFields);
-    d["recv_messages"] = as_array(plan.recv_messages, kMessageFields);
+    d["local"] = as_array(plan.local, schema::kSegmentCols);
+    d["send"] = as_array(plan.send, schema::kSegmentCols);
+    d["recv"] = as_array(plan.recv, schema::kSegmentCols);
+    d["send_messages"] = as_array(plan.send_messages, schema::kMessageCols);
+    d["recv_messages"] = as_array(plan.recv_messages, schema::kMessageCols);
     d["send_staging_bytes"] = plan.send_staging_bytes;
     d["recv_staging_bytes"] = plan.recv_staging_bytes;
     d["num_buckets"] = plan.num_buckets;
@@ -160,10 +160,14 @@ py::dict plan_to_dict(const RankPlan& plan) {
 
 void bind_plan(py::module_& m) {
     m.attr("MAX_DIMS") = kMaxDims;
-    m.attr("SEGMENT_FIELDS") = std::vector<std::string>{
-        "tensor", "peer",      "bucket",     "src_buffer", "src_offset", "src_pitch",
-        "dst_buffer", "dst_offset", "dst_pitch", "rows",  "row_bytes"};
-    m.attr("MESSAGE_FIELDS") = std::vector<std::string>{"peer", "bucket", "offset", "bytes"};
+    // The input tables' names as tuples; SEGMENT_FIELDS and MESSAGE_FIELDS stay the lists
+    // they have always been (callers wrap them in tuple()).
+    auto fields = [](const std::vector<std::string>& names) { return py::tuple(py::cast(names)); };
+    m.attr("TENSOR_FIELDS") = fields(schema::tensor_fields());
+    m.attr("BUFFER_FIELDS") = fields(schema::buffer_fields());
+    m.attr("PIECE_FIELDS") = fields(schema::piece_fields());
+    m.attr("SEGMENT_FIELDS") = schema::segment_fields();
+    m.attr("MESSAGE_FIELDS") = schema::message_fields();
 
     py::class_<Planner>(m, "Planner", "Validated, indexed layouts of both sides; compiles plans.")
         .def(py::init([](std::vector<std::string> src_names, const py::object& src_tensors,
