@@ -12,24 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from gpu_timing import copy_ceiling, device_name, time_cuda  # noqa: E402
-from timing import environment, save_json  # noqa: E402
+from refit_engine import Planner, _core, dtypes
+from refit_engine.compiler import SEG
+from refit_engine.harness.grid import ParallelGrid
+from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
+from refit_engine.harness.results import device_name, environment, results_dir, save_json
+from refit_engine.harness.timing import copy_ceiling, time_cuda
 
 
 def main(argv=None):
-    import torch
-
-    from refit_engine import Planner, _core, dtypes
-    from refit_engine.grid import ParallelGrid
-    from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout
-    from refit_engine.planner import SEG
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--iters", type=int, default=20)
@@ -122,11 +117,11 @@ def main(argv=None):
         pieces = len(recv) if "unpack" in r["name"] else len(send)
         print(f"{r['name']:<18}{r['bytes']:>14}{pieces:>8}{r['median_ms']:>11.3f}"
               f"{r['gbps_rw']:>10.0f}{r['of_ceiling']:>9.1%}")
-    payload = {"bench": "kernels", "env": {**environment(), "device": device_name()},
+    payload = {"bench": "kernels", "env": {**environment(__file__), "device": device_name()},
                "layers": args.layers, "ceiling": ceiling, "rows": rows,
                "send_segments": len(send), "recv_segments": len(recv)}
     out = os.environ.get("OUT")
-    path = save_json("kernels", payload)
+    path = save_json(results_dir(__file__), "kernels", payload)
     if out:
         with open(os.path.join(out, path.name), "w") as f:
             json.dump(payload, f, indent=1)

@@ -19,23 +19,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from gpu_timing import copy_ceiling, device_name, time_cuda  # noqa: E402
-from timing import environment, save_json  # noqa: E402
+from refit_engine import LoopbackRefit, dtypes
+from refit_engine.harness.grid import ParallelGrid
+from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
+from refit_engine.harness.results import device_name, environment, results_dir, save_json
+from refit_engine.harness.timing import copy_ceiling, time_cuda
 
 
 def main(argv=None):
-    import torch
-
-    from refit_engine import LoopbackRefit, dtypes
-    from refit_engine.grid import ParallelGrid
-    from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=32)
@@ -108,10 +103,10 @@ def main(argv=None):
             print(f"{mode + ' ' + kind:<16}{ms:>11.2f}{floor_ms / ms:>10.1%}"
                   f"{(r['graph_launch_us'] if kind == 'graph' else float('nan')):>11.1f}"
                   f"{r['buckets']:>9}")
-    payload = {"bench": "loopback", "env": {**environment(), "device": device_name()},
+    payload = {"bench": "loopback", "env": {**environment(__file__), "device": device_name()},
                "layers": args.layers, "experts": args.experts, "ceiling": ceiling,
                "floor_ms": floor_ms, "dst_bytes": dst_bytes, "results": results}
-    path = save_json("loopback", payload)
+    path = save_json(results_dir(__file__), "loopback", payload)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], path.name), "w") as f:
             json.dump(payload, f, indent=1)

@@ -22,18 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # keep NumPy's BLAS threads off the core
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from timing import environment, save_json, time_host  # noqa: E402
-
 from refit_engine import Planner  # noqa: E402
-from refit_engine.grid import ParallelGrid  # noqa: E402
-from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_layout  # noqa: E402
+from refit_engine.harness.grid import ParallelGrid  # noqa: E402
+from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout  # noqa: E402
+from refit_engine.harness.results import environment, results_dir, save_json  # noqa: E402
+from refit_engine.harness.timing import time_host  # noqa: E402
 
 CONFIGS = [(8, 4), (8, 2), (8, 1), (4, 2), (4, 1)]
 WORLD, SRC_EP, DST_EP = 128, 64, 128
@@ -119,8 +116,8 @@ def main(argv=None):
               f"{r.get('megatron_rank_s', float('nan')):>13.3f}"
               f"{r.get('megatron_dst_rank_slice_s', float('nan')):>14.4f}"
               f"{r.get('speedup', float('nan')):>9.1f}")
-    payload = {"bench": "plan_compile", "env": environment(), "rows": rows}
-    path = save_json("plan_compile", payload)
+    payload = {"bench": "plan_compile", "env": environment(__file__), "rows": rows}
+    path = save_json(results_dir(__file__), "plan_compile", payload)
     print(f"raw results: {path}")
     first = rows[0]
     summary = {k: first.get(k) for k in ("config", "ours_cluster_s", "ours_rank_s",

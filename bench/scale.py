@@ -17,21 +17,17 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from timing import environment, save_json  # noqa: E402
 
 from refit_engine import _core  # noqa: E402
-from refit_engine.cost import predict  # noqa: E402
-from refit_engine.grid import ParallelGrid  # noqa: E402
-from refit_engine.memory import floor, rank_figures  # noqa: E402
-from refit_engine.models.kimi_k2 import KimiK2Config, kimi_k2_tables  # noqa: E402
-from refit_engine.planner import DEFAULT_BUCKET_BYTES, RankPlan  # noqa: E402
-from refit_engine.topology import preset  # noqa: E402
+from refit_engine.compiler import DEFAULT_BUCKET_BYTES, RankPlan  # noqa: E402
+from refit_engine.harness.cost import floor, predict, rank_figures  # noqa: E402
+from refit_engine.harness.grid import ParallelGrid  # noqa: E402
+from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_tables  # noqa: E402
+from refit_engine.harness.results import environment, results_dir, save_json  # noqa: E402
+from refit_engine.harness.topology import preset  # noqa: E402
 
 # (GPUs, source TP/EP, destination TP/EP): expert-DP replicas on the source side, as training
 # keeps them; the destination spreads experts as far as 384 experts and the GPU count allow.
@@ -133,8 +129,8 @@ def main(argv=None):
               f"{la['busiest_network_bytes'] / 2**30:>12.2f} / {rr['busiest_network_bytes'] / 2**30:<10.2f}"
               f"{r['network_lower_bound_bytes'] / 2**30:>8.2f}"
               f"{la['predicted_s'] * 1e3:>8.0f} / {rr['predicted_s'] * 1e3:<8.0f}")
-    payload = {"bench": "scale", "env": environment(), "layers": args.layers, "rows": rows}
-    path = save_json("scale", payload)
+    payload = {"bench": "scale", "env": environment(__file__), "layers": args.layers, "rows": rows}
+    path = save_json(results_dir(__file__), "scale", payload)
     print(f"raw results: {path}")
     print(json.dumps({f"{r['gpus']}": {
         "rank_s": r["link_aware"]["rank_total_s"], "rank_first_s": r["link_aware"]["rank_total_first_s"],

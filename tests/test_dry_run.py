@@ -5,9 +5,9 @@ import re
 import pytest
 
 from refit_engine import RefitError
-from refit_engine.harness.cost import predict, predict_loopback, predict_rank
+from refit_engine.harness.cost import RankFigures, floor, predict, predict_loopback, predict_rank
+from refit_engine.harness.dry_run import check_fits, dry_run, main
 from refit_engine.harness.grid import ParallelGrid
-from refit_engine.harness.dry_run import RankFigures, check_fits, dry_run, floor, main
 from refit_engine.harness.models.kimi_k2 import KimiK2Config
 from refit_engine.harness.topology import preset
 
@@ -70,8 +70,6 @@ def test_measure_topology_is_collective_and_positive(world, per_node):
 def test_stages_add_up_where_they_share_cores():
     from dataclasses import replace
 
-    from refit_engine.harness.cost import predict_rank
-    from refit_engine.harness.dry_run import RankFigures
     f = RankFigures(0, local_bytes=10**9, sent_intra=10**9, received_intra=10**9)
     gpu = replace(preset("h100"), copy_gbps=1000.0, intra_node_gbps=100.0, latency_us=1000.0)
     # By hand: pack 2 ms (1 GB read + written at 1000 GB/s), transfer 10 ms + 2 buckets x 1 ms,

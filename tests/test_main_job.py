@@ -7,19 +7,20 @@ import os
 import pytest
 import torch
 
-from refit_engine.harness import main_job
+from refit_engine.errors import RefitError
+from refit_engine.harness import launch, main_job, spawn, topology
 
 
 def test_backend_follows_the_gpus_per_rank():
-    assert main_job.choose_backend("auto", 4, 0) == ("gloo", "no GPU visible")
-    backend, why = main_job.choose_backend("auto", 4, 1)  # NCCL cannot put 4 ranks on one GPU
+    assert launch.choose_backend("auto", 4, 0) == ("gloo", "no GPU visible")
+    backend, why = launch.choose_backend("auto", 4, 1)  # NCCL cannot put 4 ranks on one GPU
     assert backend == "gloo" and "4 ranks but 1 GPU" in why
-    assert main_job.choose_backend("auto", 4, 4)[0] == "nccl"
-    assert main_job.choose_backend("auto", 4, 8)[0] == "nccl"
-    assert main_job.choose_backend("gloo", 4, 8)[0] == "gloo"
-    assert main_job.choose_backend("nccl", 2, 2)[0] == "nccl"
+    assert launch.choose_backend("auto", 4, 4)[0] == "nccl"
+    assert launch.choose_backend("auto", 4, 8)[0] == "nccl"
+    assert launch.choose_backend("gloo", 4, 8)[0] == "gloo"
+    assert launch.choose_backend("nccl", 2, 2)[0] == "nccl"
     with pytest.raises(ValueError, match="one GPU per rank: 4 ranks .* 1 GPU"):
-        main_job.choose_backend("nccl", 4, 1)
+        launch.choose_backend("nccl", 4, 1)
 
 
 class _Spawned(Exception):
@@ -30,12 +31,12 @@ def _main_spawning(monkeypatch, gpus, argv=()):
     """bench.main with `gpus` GPUs visible, stopped where it would spawn: (backend, env)."""
     seen = {}
 
-    def spawn(target, world, args, queue, env=None):
-        seen.update(world=world, backend=args.backend, env=env)
+    def run_ranks(fn, world, config, backend, *rank_args, env=None, **kwargs):
+        seen.update(world=world, backend=backend, env=env)
         raise _Spawned
 
-    monkeypatch.setattr(main_job, "_gpu_count", lambda: gpus)
-    monkeypatch.setattr(main_job, "spawn_ranks", spawn)
+    monkeypatch.setattr(launch, "_gpu_count", lambda: gpus)
+    monkeypatch.setattr(spawn, "run_ranks", run_ranks)
     for name in ("RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(_Spawned):
@@ -67,7 +68,7 @@ def test_spawned_ranks_get_the_environment_from_the_start(monkeypatch):
     import multiprocessing as mp
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     queue = mp.get_context("spawn").Queue()
-    procs = main_job.spawn_ranks(_report_environment, 1, queue, env=main_job.GLOO_ENV)
+    procs = spawn.spawn_ranks(_report_environment, 1, queue, env=spawn.GLOO_ENV)
     assert queue.get(timeout=120) == ""
     for p in procs:
         p.join(timeout=60)
@@ -93,7 +94,7 @@ def test_place_on_moves_every_tensor_or_names_the_strays():
     main_job.place_on([model], "meta")
     assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"meta"}
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), _Stubborn())
-    with pytest.raises(main_job.RefitError, match=r"1 tensors are not on meta.*1.expert_bias \(cpu\)"):
+    with pytest.raises(RefitError, match=r"1 tensors are not on meta.*1.expert_bias \(cpu\)"):
         main_job.place_on([model], "meta")
 
 
@@ -119,10 +120,10 @@ def test_place_on_moves_every_tensor_or_names_the_strays():
     (["--backend", "nccl"], "--backend nccl needs one GPU per rank: 4 ranks"),
 ])
 def test_bad_options_are_refused_before_spawning(monkeypatch, capsys, argv, message):
-    def spawn(*a, **k):
+    def run_ranks(*a, **k):
         raise AssertionError("spawned")
-    monkeypatch.setattr(main_job, "spawn_ranks", spawn)
-    monkeypatch.setattr(main_job, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(spawn, "run_ranks", run_ranks)
+    monkeypatch.setattr(launch, "_gpu_count", lambda: 0)
     for name in ("RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SystemExit) as exc:
@@ -133,8 +134,8 @@ def test_bad_options_are_refused_before_spawning(monkeypatch, capsys, argv, mess
 
 
 def test_identical_failures_are_reported_once():
-    text = main_job.failure_report({2: "Traceback\nValueError: x\n", 0: "Traceback\nValueError: x\n",
-                                 1: "Traceback\nOSError: y\n"})
+    text = spawn.failure_report({2: "Traceback\nValueError: x\n", 0: "Traceback\nValueError: x\n",
+                              1: "Traceback\nOSError: y\n"})
     assert text.count("ValueError: x") == 1 and text.startswith("ranks 0, 2:")
     assert "rank 1:\nTraceback\nOSError: y" in text
 
@@ -152,33 +153,32 @@ def test_the_topology_is_named_after_the_device_it_runs_on(monkeypatch, device_n
     # label is the real device's, whatever GPU it is.
     from dataclasses import replace
 
-    import refit_engine.harness.topology as topology
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: argparse.Namespace(total_memory=141 * 2**30))
     monkeypatch.setattr(topology, "measure", lambda base: replace(base, name=f"{base.name}, measured"))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    topo = main_job.measure_here("cuda:0", 4)
+    topo = topology.measure_here("cuda:0", 4)
     assert topo.name == f"{device_name}, measured" and topo.memory_gib == 141.0
     assert topo.copy_gbps == topology.PRESETS[preset_name].copy_gbps
     assert (topo.nodes, topo.gpus_per_node) == (1, 4)
-    assert main_job.measure_here("cpu", 4).name == "CPU (gloo), measured"  # CPU runs say cpu
+    assert topology.measure_here("cpu", 4).name == "CPU (gloo), measured"  # CPU runs say cpu
 
 
 def test_ranks_agree_on_one_backend():
     nccl = {"backend": "nccl", "why": "8 GPUs for 8 ranks: one GPU per rank"}
     short = {"backend": "gloo", "why": "8 ranks but 4 GPUs: NCCL cannot put several ranks on one GPU"}
-    assert main_job.agree_backend([{**nccl, "rank": r} for r in range(3)]) == ("nccl", nccl["why"])
+    assert launch.agree_backend([{**nccl, "rank": r} for r in range(3)]) == ("nccl", nccl["why"])
     # One node short of GPUs: every rank on gloo (alone it would have built NCCL and hung).
-    backend, why = main_job.agree_backend([{**nccl, "rank": 0}, {**short, "rank": 9},
+    backend, why = launch.agree_backend([{**nccl, "rank": 0}, {**short, "rank": 9},
                                         {**short, "rank": 8}, {**nccl, "rank": 1}])
     assert backend == "gloo" and why.startswith("rank 8: 8 ranks but 4 GPUs") \
         and "(2 of 4 ranks), so every rank uses gloo" in why
     gloo = {"backend": "gloo", "why": "asked for (--backend gloo)"}
-    assert main_job.agree_backend([{**gloo, "rank": r} for r in range(2)]) == ("gloo", gloo["why"])
+    assert launch.agree_backend([{**gloo, "rank": r} for r in range(2)]) == ("gloo", gloo["why"])
     # --backend nccl refused on one node: the same error on every rank.
     with pytest.raises(ValueError, match=r"needs one GPU per rank \(rank 5 and 1 more\)"):
-        main_job.agree_backend([{**nccl, "rank": 0}, {"rank": 6, "error": "other"},
+        launch.agree_backend([{**nccl, "rank": 0}, {"rank": 6, "error": "other"},
                              {"rank": 5, "error": "needs one GPU per rank"}])
 
 
@@ -195,7 +195,7 @@ def test_decisions_are_exchanged_over_the_store_before_any_group():
 
         def rank_main(rank):
             try:
-                out[rank] = main_job.exchange_decisions(store, rank, 3, decisions[rank], "t", 30)
+                out[rank] = launch.exchange_decisions(store, rank, 3, decisions[rank], "t", 30)
             except ValueError as exc:
                 out[rank] = exc
         threads = [threading.Thread(target=rank_main, args=(r,)) for r in (2, 1, 0)]
@@ -213,9 +213,9 @@ def _launched_rank(rank, world, port, gpus, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     import torch.distributed as dist
-    main_job._gpu_count = lambda: gpus[rank]
+    launch._gpu_count = lambda: gpus[rank]
     try:
-        backend, why = main_job.init_launched("auto", 60)
+        backend, why = launch.init_launched("auto", 60)
         queue.put((rank, backend, why, dist.get_backend()))
         dist.destroy_process_group()
     except BaseException as exc:
@@ -226,7 +226,7 @@ def test_launched_ranks_on_unequal_nodes_choose_the_same_backend():
     # Rank 0's node has 2 GPUs for its one rank (NCCL alone), rank 1's none: both use gloo.
     import multiprocessing as mp
     queue = mp.get_context("spawn").Queue()
-    procs = main_job.spawn_ranks(_launched_rank, 2, [2, 0], queue)
+    procs = spawn.spawn_ranks(_launched_rank, 2, [2, 0], queue)
     try:
         got = sorted(queue.get(timeout=120) for _ in procs)
     finally:
@@ -239,7 +239,7 @@ def test_launched_ranks_on_unequal_nodes_choose_the_same_backend():
     assert got[0][3] == "gloo"
 
 
-def _dying_worker(rank, world, port, args, queue):
+def _dying_worker(rank, world, config, backend, timeout):
     """Rank 1 is killed before reporting; rank 0 waits on it (as in a collective)."""
     import signal
     import time
@@ -252,8 +252,8 @@ def test_a_rank_that_dies_without_reporting_is_named_within_seconds(monkeypatch,
     # The main job waited --timeout + 600 s for a report that never came.
     import threading
     import time
-    monkeypatch.setattr(main_job, "_worker", _dying_worker)
-    monkeypatch.setattr(main_job, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(main_job, "rank_main", _dying_worker)
+    monkeypatch.setattr(launch, "_gpu_count", lambda: 0)
     for name in ("RANK", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
     out = {}
@@ -270,5 +270,5 @@ def test_a_rank_that_dies_without_reporting_is_named_within_seconds(monkeypatch,
 
 
 def test_exit_codes_in_words():
-    assert main_job.exit_text(-9) == "killed by signal 9 (SIGKILL)"
-    assert main_job.exit_text(3) == "exit code 3"
+    assert spawn.exit_text(-9) == "killed by signal 9 (SIGKILL)"
+    assert spawn.exit_text(3) == "exit code 3"

@@ -26,8 +26,8 @@ def _cases_worker(rank, world, cases, with_megatron):
 
     import refit_engine
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
-    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
-                                                      build_process_groups)
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     from refit_engine.harness.baselines.megatron_refit import megatron_refit
     from refit_engine.verify import check_exact
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -36,8 +36,8 @@ def _cases_worker(rank, world, cases, with_megatron):
     for name, src_spec, dst_spec, separate in cases:
         src_ranks = (0, 1) if separate else tuple(range(world))
         dst_ranks = (2, 3) if separate else tuple(range(world))
-        src_layout = ParallelLayout(**src_spec, ranks=src_ranks)
-        dst_layout = ParallelLayout(**dst_spec, ranks=dst_ranks)
+        src_layout = ParallelGrid(len(src_ranks), **src_spec, offset=src_ranks[0])
+        dst_layout = ParallelGrid(len(dst_ranks), **dst_spec, offset=dst_ranks[0])
         src_pgs, dst_pgs = build_process_groups(src_layout), build_process_groups(dst_layout)
         src = build_kimi_k2(cfg, src_layout, src_pgs, seed=11) or None
         dst = build_kimi_k2(cfg, dst_layout, dst_pgs, seed=22) or None
@@ -95,11 +95,11 @@ def _names_worker(rank, world):
 
     from refit_engine.megatron import describe
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
-    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
-                                                      build_process_groups)
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = KimiK2Config.toy(num_layers=4, num_experts=8)
-    layout = ParallelLayout(tp=1, pp=2, ep=2, ranks=tuple(range(world)))
+    layout = ParallelGrid(world, tp=1, pp=2, ep=2)
     model = build_kimi_k2(cfg, layout, build_process_groups(layout), seed=3)
     return sorted({(e.name, e.start, e.extent) for e in describe(model).entries
                    if ".experts." in e.name and "shared" not in e.name or "layers." in e.name
@@ -127,14 +127,14 @@ def _standard_attention_worker(rank, world):
 
     import refit_engine
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
-    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
-                                                      build_process_groups)
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     from refit_engine.harness.baselines.megatron_refit import megatron_refit
     from refit_engine.verify import check_exact
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
     gqa = dict(multi_latent_attention=False, num_query_groups=2)  # fused linear_qkv, GQA
-    s, d = ParallelLayout(tp=2, etp=2), ParallelLayout(tp=1)
+    s, d = ParallelGrid(world, tp=2, etp=2), ParallelGrid(world, tp=1)
     sp, dp = build_process_groups(s), build_process_groups(d)
     src, dst = build_kimi_k2(cfg, s, sp, seed=1, **gqa), build_kimi_k2(cfg, d, dp, seed=2, **gqa)
     plan = refit_engine.plan(src, dst)
@@ -156,10 +156,10 @@ def _devices_worker(rank, world):
     import warnings
 
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
-    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
-                                                      build_process_groups)
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     warnings.filterwarnings("ignore", category=UserWarning)
-    layout = ParallelLayout(tp=1, ep=2)
+    layout = ParallelGrid(world, tp=1, ep=2)
     model = build_kimi_k2(KimiK2Config.toy(num_layers=2, num_experts=4), layout,
                           build_process_groups(layout), seed=1, mtp_num_layers=1)
     return sorted({str(t.device) for t in list(model[0].parameters()) + list(model[0].buffers())})

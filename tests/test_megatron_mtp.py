@@ -25,14 +25,15 @@ def _mtp_worker(rank, world, cases):
 
     import refit_engine
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
-    from refit_engine.harness.models.megatron_builder import (ParallelLayout, _canonical_values,
-                                                      build_kimi_k2, build_process_groups)
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.megatron_builder import (_canonical_values, build_kimi_k2,
+                                                              build_process_groups)
     from refit_engine.verify import check_exact
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = KimiK2Config.toy(num_layers=2, num_experts=NUM_EXPERTS)
     report = {}
     for name, src_spec, dst_spec in cases:
-        src_layout, dst_layout = ParallelLayout(**src_spec), ParallelLayout(**dst_spec)
+        src_layout, dst_layout = ParallelGrid(world, **src_spec), ParallelGrid(world, **dst_spec)
         src = build_kimi_k2(cfg, src_layout, build_process_groups(src_layout), seed=11,
                             mtp_num_layers=1)
         dst_pgs = build_process_groups(dst_layout)

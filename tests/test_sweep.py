@@ -109,15 +109,15 @@ class _Spawned(Exception):
 
 def _sweep_spawning(monkeypatch, gpus, argv):
     """sweep.main with `gpus` GPUs visible and no launcher, stopped where it would spawn."""
-    from refit_engine.harness import main_job
+    from refit_engine.harness import launch, spawn
     seen = {}
 
-    def spawn(target, world, args, env=None):
+    def run_ranks(fn, world, args, env=None, **kwargs):
         seen.update(world=world, backend=args.backend, env=env)
         raise _Spawned
 
-    monkeypatch.setattr(main_job, "_gpu_count", lambda: gpus)
-    monkeypatch.setattr(main_job, "spawn_ranks", spawn)
+    monkeypatch.setattr(launch, "_gpu_count", lambda: gpus)
+    monkeypatch.setattr(spawn, "run_ranks", run_ranks)
     for name in ("RANK", "SLURM_PROCID", "BACKEND", "CONFIGS"):
         monkeypatch.delenv(name, raising=False)
     import pytest
@@ -142,12 +142,12 @@ def test_sweep_without_a_launcher_decides_its_backend_as_the_main_job(monkeypatc
 def test_sweep_refuses_nccl_without_a_gpu_per_rank_before_spawning(monkeypatch, capsys):
     import pytest
 
-    from refit_engine.harness import main_job
+    from refit_engine.harness import launch, spawn
 
-    def spawn(*a, **k):
+    def run_ranks(*a, **k):
         raise AssertionError("spawned")
-    monkeypatch.setattr(main_job, "spawn_ranks", spawn)
-    monkeypatch.setattr(main_job, "_gpu_count", lambda: 1)
+    monkeypatch.setattr(spawn, "run_ranks", run_ranks)
+    monkeypatch.setattr(launch, "_gpu_count", lambda: 1)
     for name in ("RANK", "SLURM_PROCID", "BACKEND", "CONFIGS"):
         monkeypatch.delenv(name, raising=False)
     for argv, message in (

@@ -1,6 +1,7 @@
-"""Cost model: predicted refit time of a compiled plan on a topology, beside its floor.
+"""Cost model: what a compiled plan moves per rank (`RankFigures`, split by link), its floor
+and its predicted refit time on a topology.
 
-Per rank, from what its plan moves (`memory.RankFigures`):
+Per rank, from what its plan moves (`RankFigures`):
 - pack and unpack: every sent byte is read and written once into staging, every received byte
   once out of it; local copies read and write once: bytes x 2 over the copy bandwidth;
 - transfer: the node's links (NVLink) and the network run side by side, each direction at full
@@ -11,14 +12,79 @@ Per rank, from what its plan moves (`memory.RankFigures`):
   slowest of the three sets the pace, plus one bucket's pack and unpack to fill and drain;
   where they share the same cores (CPU ranks: `Topology.overlap` False) they add up instead.
 A refit ends with its slowest rank, after the collective check every refit starts with
-(`Topology.check_us`). The floor (memory.floor) drops the staging copies, the latency and the
+(`Topology.check_us`). The floor (`floor`) drops the staging copies, the latency and the
 check: it is what no executor can beat.
 """
 
 from __future__ import annotations
 
-from refit_engine.harness.dry_run import RankFigures
+from dataclasses import dataclass
+
 from refit_engine.harness.topology import Topology
+
+
+@dataclass
+class RankFigures:
+    """One rank's memory (weights of each side, staging) and what a refit moves there, in
+    bytes: local copies, sent and received over the node's links and over the network."""
+
+    rank: int
+    src_bytes: int = 0
+    dst_bytes: int = 0
+    staging_bytes: int = 0
+    local_bytes: int = 0
+    sent_intra: int = 0
+    sent_inter: int = 0
+    received_intra: int = 0
+    received_inter: int = 0
+    messages: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.src_bytes + self.dst_bytes + self.staging_bytes
+
+    def link_seconds(self, topo: Topology) -> dict[str, float]:
+        """Time on each kind of link at full bandwidth, keyed by the link's name (nvlink,
+        network, loopback): on full-duplex links the busier direction; where both directions
+        share the link (`Topology.duplex` False: CPU ranks) everything this rank sends and
+        receives, at twice the per-direction figure measured with both directions busy. The
+        two agree for a rank that sends as much as it receives (collocated); a rank that only
+        sends or only receives (non-collocated) gets the whole link."""
+        def seconds(sent: int, received: int, gbps: float) -> float:
+            if topo.duplex:
+                return max(sent, received) / (gbps * 1e9)
+            return (sent + received) / (2 * gbps * 1e9)
+        return {topo.intra_link.lower(): seconds(self.sent_intra, self.received_intra,
+                                                 topo.intra_node_gbps),
+                topo.inter_link.lower(): seconds(self.sent_inter, self.received_inter,
+                                                 topo.inter_node_gbps)}
+
+
+def rank_figures(rank: int, bytes_local: int, per_peer: dict, topo: Topology,
+                 **fields) -> RankFigures:
+    """A rank's bytes split by link: peers on its node over NVLink, the others over the
+    network. per_peer: {peer: {"sent": bytes, "received": bytes}}, as RankPlan.bytes_per_peer()
+    and execute()'s statistics give it."""
+    f = RankFigures(rank, local_bytes=bytes_local, **fields)
+    for peer, b in per_peer.items():
+        where = "intra" if topo.node_of(int(peer)) == topo.node_of(rank) else "inter"
+        setattr(f, f"sent_{where}", getattr(f, f"sent_{where}") + b["sent"])
+        setattr(f, f"received_{where}", getattr(f, f"received_{where}") + b["received"])
+    return f
+
+
+def floor(ranks: list[RankFigures], topo: Topology) -> dict:
+    """Lower bound of the refit time: per rank, the slowest of its traffic on each link
+    (`RankFigures.link_seconds`: full duplex or shared) and its local copies; the largest over
+    ranks. Seconds, and which rank and term (the link's name, or "local copy") set it."""
+    best = {"seconds": 0.0, "rank": None, "term": None}
+    for f in ranks:
+        terms = {**f.link_seconds(topo), "local copy": 2 * f.local_bytes / (topo.copy_gbps * 1e9)}
+        term, seconds = max(terms.items(), key=lambda kv: kv[1])
+        if seconds > best["seconds"]:
+            best = {"seconds": seconds, "rank": f.rank, "term": term}
+    return best
+
 
 
 def predict_rank(f: RankFigures, topo: Topology, buckets: int) -> dict:

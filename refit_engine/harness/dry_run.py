@@ -15,65 +15,21 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
 from refit_engine import dtypes
-from refit_engine.errors import RefitError
-from refit_engine.harness.grid import ParallelGrid, parse_layout_spec
-from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_tables
 from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner
-from refit_engine.harness.topology import Topology, preset
+from refit_engine.errors import RefitError
+from refit_engine.harness.cli import layout_arg, overrides_arg, positive_float, positive_int
+from refit_engine.harness.cost import RankFigures, floor, predict, rank_figures
+from refit_engine.harness.grid import ParallelGrid, parse_layout_spec
+from refit_engine.harness.models.kimi_k2 import (KimiK2Config, kimi_k2_parameters,
+                                                 kimi_k2_tables, stage_of)
+from refit_engine.harness.topology import PRESETS, Topology, preset
 
 GIB = 2**30
-
-
-@dataclass
-class RankFigures:
-    rank: int
-    src_bytes: int = 0
-    dst_bytes: int = 0
-    staging_bytes: int = 0
-    local_bytes: int = 0
-    sent_intra: int = 0
-    sent_inter: int = 0
-    received_intra: int = 0
-    received_inter: int = 0
-    messages: int = 0
-
-    @property
-    def total_bytes(self) -> int:
-        return self.src_bytes + self.dst_bytes + self.staging_bytes
-
-    def link_seconds(self, topo: Topology) -> dict[str, float]:
-        """Time on each kind of link at full bandwidth, keyed by the link's name (nvlink,
-        network, loopback): on full-duplex links the busier direction; where both directions
-        share the link (`Topology.duplex` False: CPU ranks) everything this rank sends and
-        receives, at twice the per-direction figure measured with both directions busy. The
-        two agree for a rank that sends as much as it receives (collocated); a rank that only
-        sends or only receives (non-collocated) gets the whole link."""
-        def seconds(sent: int, received: int, gbps: float) -> float:
-            if topo.duplex:
-                return max(sent, received) / (gbps * 1e9)
-            return (sent + received) / (2 * gbps * 1e9)
-        return {topo.intra_link.lower(): seconds(self.sent_intra, self.received_intra,
-                                                 topo.intra_node_gbps),
-                topo.inter_link.lower(): seconds(self.sent_inter, self.received_inter,
-                                                 topo.inter_node_gbps)}
-
-
-def rank_figures(rank: int, bytes_local: int, per_peer: dict, topo: Topology,
-                 **fields) -> RankFigures:
-    """A rank's bytes split by link: peers on its node over NVLink, the others over the
-    network. per_peer: {peer: {"sent": bytes, "received": bytes}}, as RankPlan.bytes_per_peer()
-    and execute()'s statistics give it."""
-    f = RankFigures(rank, local_bytes=bytes_local, **fields)
-    for peer, b in per_peer.items():
-        where = "intra" if topo.node_of(int(peer)) == topo.node_of(rank) else "inter"
-        setattr(f, f"sent_{where}", getattr(f, f"sent_{where}") + b["sent"])
-        setattr(f, f"received_{where}", getattr(f, f"received_{where}") + b["received"])
-    return f
 
 
 def _weights_per_rank(tables, world: int) -> list[int]:
@@ -86,7 +42,6 @@ def _weights_per_rank(tables, world: int) -> list[int]:
 def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid) -> float:
     """Largest per-GPU weight bytes of one model, from parameter counts alone (no layout),
     so hopeless configurations are refused in milliseconds."""
-    from refit_engine.harness.models.kimi_k2 import kimi_k2_parameters, stage_of
     per_stage = [0.0] * grid.pp
     for p in kimi_k2_parameters(cfg):
         n = dtypes.itemsize(p.dtype) * math.prod(p.shape)
@@ -146,24 +101,10 @@ def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topol
         ranks.append(rank_figures(r, p.bytes_local, p.bytes_per_peer(), topo, src_bytes=src_w[r],
                                   dst_bytes=dst_w[r], staging_bytes=staging,
                                   messages=len(p.send_messages) + len(p.recv_messages)))
-    from refit_engine.harness.cost import predict
     buckets = {r: p.num_buckets for r, p in plans.items()}
     return {"ranks": ranks, "floor": floor(ranks, topo), "topology": topo,
             "predicted": predict(ranks, topo, buckets),
             "fits": max(f.total_bytes for f in ranks) <= topo.memory_gib * headroom * GIB}
-
-
-def floor(ranks: list[RankFigures], topo: Topology) -> dict:
-    """Lower bound of the refit time: per rank, the slowest of its traffic on each link
-    (`RankFigures.link_seconds`: full duplex or shared) and its local copies; the largest over
-    ranks. Seconds, and which rank and term (the link's name, or "local copy") set it."""
-    best = {"seconds": 0.0, "rank": None, "term": None}
-    for f in ranks:
-        terms = {**f.link_seconds(topo), "local copy": 2 * f.local_bytes / (topo.copy_gbps * 1e9)}
-        term, seconds = max(terms.items(), key=lambda kv: kv[1])
-        if seconds > best["seconds"]:
-            best = {"seconds": seconds, "rank": f.rank, "term": term}
-    return best
 
 
 def parse_grid(text: str, world: int, offset: int = 0) -> ParallelGrid:
@@ -199,8 +140,6 @@ def report(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from refit_engine.harness.main_job import layout_arg, overrides_arg, positive_float, positive_int
-    from refit_engine.harness.topology import PRESETS
     parser = argparse.ArgumentParser(prog="python -m refit_engine.memory",
                                      description="Kimi K2 refit memory planner and dry run")
     parser.add_argument("--src", type=layout_arg, default="tp=8,ep=64",

@@ -19,11 +19,21 @@ import os
 import statistics
 import sys
 import time
+import warnings
+from math import gcd
 from pathlib import Path
 
-from refit_engine.harness import main_job
+import torch.distributed as dist
+
 from refit_engine.errors import RefitError
-from refit_engine.harness.grid import parse_overrides
+from refit_engine.harness import launch, main_job, spawn
+from refit_engine.harness.cli import env_flag, non_negative_int, positive_float, positive_int
+from refit_engine.harness.config import RunConfig, model_config
+from refit_engine.harness.dry_run import check_fits, parse_grid
+from refit_engine.harness.grid import ParallelGrid, parse_layout_spec, parse_overrides
+from refit_engine.harness.logs import LOGGER, configure, log_file
+from refit_engine.harness.summary import summary_text
+from refit_engine.harness.topology import PRESETS, measure_here, preset
 
 
 def parse_configs(text: str) -> list[dict]:
@@ -52,11 +62,6 @@ def choose_expert_parallel(cfg, world: int, src_tp: int, dst_tp: int, collocated
                            topo_name: str) -> tuple[int, int]:
     """(source EP, destination EP) so that both models fit: the destination spreads experts as
     far as it can; the source takes the smallest EP that still fits beside it."""
-    from math import gcd
-
-    from refit_engine.harness.grid import ParallelGrid
-    from refit_engine.harness.dry_run import check_fits
-    from refit_engine.harness.topology import preset
     side = world // 2 if not collocated else world
     where = f"{side} ranks" + ("" if collocated else " (half of the world, non-collocated)")
     for name, tp in (("source", src_tp), ("destination", dst_tp)):
@@ -81,7 +86,7 @@ def choose_expert_parallel(cfg, world: int, src_tp: int, dst_tp: int, collocated
 
 def plot(results: list[dict], path: Path) -> Path | None:
     """Bar chart: median refit time per configuration, its floor beside it."""
-    try:
+    try:  # matplotlib is optional: without it the sweep draws no plot
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -114,15 +119,7 @@ def plot(results: list[dict], path: Path) -> Path | None:
     return path
 
 
-def _env_flag(name: str):
-    """True / False where the environment sets `name` to 1 / 0, None where it does not."""
-    value = os.environ.get(name)
-    return None if value in (None, "") else value == "1"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from refit_engine.harness.main_job import non_negative_int, positive_float, positive_int
-    from refit_engine.harness.topology import PRESETS
     parser = argparse.ArgumentParser(prog="python -m refit_engine.sweep",
                                      description="Kimi K2 refit sweep")
     parser.add_argument("--configs", default=os.environ.get(
@@ -143,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         default=int(os.environ.get("NUM_WARMUP", 2)),
                         help="untimed refits first, after planning (env NUM_WARMUP, default 2)")
     parser.add_argument("--full-size", action=argparse.BooleanOptionalAction,
-                        default=_env_flag("FULL_SIZE"),
+                        default=env_flag("FULL_SIZE"),
                         help="published Kimi K2 sizes (env FULL_SIZE=1); --no-full-size: toy "
                              "sizes. Unsaid: toy sizes for a run, full size for --check-only")
     parser.add_argument("--model", default=os.environ.get("MODEL_OVERRIDES", ""),
@@ -193,18 +190,18 @@ def main(argv=None) -> int:
         parser.error(f"--configs: {exc}")
     if args.check_only:
         return check_only(args, configs)
-    if not main_job.launched():  # before any process starts: where, and one error if it cannot
+    if not launch.launched():  # before any process starts: where, and one error if it cannot
         try:
-            args.backend, why = main_job.decide_backend(args.backend, args.world)
+            args.backend, why = launch.decide_backend(args.backend, args.world)
         except ValueError as exc:
             parser.error(str(exc))
         check_methods(parser, configs, args.backend)
         print(f"[sweep] spawning {args.world} {args.backend} processes, "
-              f"{main_job.where_text(args.backend)}: {why}", flush=True)
+              f"{launch.where_text(args.backend)}: {why}", flush=True)
         return _spawn(args)
     first = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
-    try:  # agreed by every rank before any process group (main_job.agree_launched)
-        args.backend, why, store = main_job.agree_launched(args.backend, args.timeout)
+    try:  # agreed by every rank before any process group (launch.agree_launched)
+        args.backend, why, store = launch.agree_launched(args.backend, args.timeout)
     except ValueError as exc:  # the same refusal on every rank; rank 0 says it
         if first:
             parser.error(str(exc))
@@ -213,10 +210,9 @@ def main(argv=None) -> int:
         if first:
             check_methods(parser, configs, args.backend)
         return 2
-    main_job.init_from_env(args.backend, args.timeout, store=store)
-    import torch.distributed as dist
+    launch.init_from_env(args.backend, args.timeout, store=store)
     rank, world = dist.get_rank(), dist.get_world_size()
-    main_job.log(rank, f"{world} {args.backend} ranks, {main_job.where_text(args.backend)}: {why}")
+    configure(rank).info(f"{world} {args.backend} ranks, {launch.where_text(args.backend)}: {why}")
     return run_sweep(rank, world, args, configs)
 
 
@@ -231,12 +227,10 @@ def check_methods(parser, configs: list[dict], backend: str) -> None:
 
 def check_only(args, configs) -> int:
     """Before any job step: every configuration must fit (weights + staging on the GPU)."""
-    from refit_engine.harness.dry_run import check_fits
-    from refit_engine.harness.topology import preset
     if args.backend == "gloo":  # auto: the GPUs' question, whatever this host has
         print("[sweep] memory check skipped: CPU backend")
         return 0
-    cfg = main_job.model_config(args.full_size, args.model_overrides)
+    cfg = model_config(args.full_size, args.model_overrides)
     gpus = args.gpus or args.world
     topo = preset(args.gpu, gpus)
     print(f"[sweep] memory check: Kimi K2 at {'full' if args.full_size else 'toy'} size "
@@ -274,7 +268,6 @@ def layout_extras(cfg, c: dict, args, world: int) -> tuple[str, str]:
 
 
 def parse_grid_extra(tp: int, extra: str, world: int, offset: int):
-    from refit_engine.harness.dry_run import parse_grid
     return parse_grid(f"tp={tp},{extra}", world, offset)
 
 
@@ -282,50 +275,43 @@ def run_sweep(rank: int, world: int, args, configs: list[dict]) -> int:
     logs = Path(args.output_dir) / "logs"
     if rank == 0:
         logs.mkdir(parents=True, exist_ok=True)
-    gpus_per_node = main_job.ranks_per_node(world)
+    gpus_per_node = launch.ranks_per_node(world)
     nodes = os.environ.get("SLURM_JOB_NUM_NODES", str(max(1, world // max(1, gpus_per_node))))
-    cfg = main_job.model_config(args.full_size, args.model_overrides)
+    cfg = model_config(args.full_size, args.model_overrides)
     # The links and copies of this machine, for floors and predictions.
     # (--gpu is the preset of the memory checks; this is the device the ranks run on.)
-    topo = main_job.measure_here(main_job.rank_device(), world)
-    main_job.log(rank, f"measured: copy {topo.copy_gbps:.0f} GB/s, same-node link "
-                    f"{topo.intra_node_gbps:.1f} GB/s, cross-node link "
-                    f"{topo.inter_node_gbps:.1f} GB/s" + (" (preset: one node)" if world <=
-                                                          gpus_per_node else ""))
+    topo = measure_here(launch.rank_device(), world)
+    LOGGER.info(f"measured: copy {topo.copy_gbps:.0f} GB/s, same-node link "
+                f"{topo.intra_node_gbps:.1f} GB/s, cross-node link {topo.inter_node_gbps:.1f} "
+                "GB/s" + (" (preset: one node)" if world <= gpus_per_node else ""))
     results = []
     for i, c in enumerate(configs):
         method = args.backend  # check_methods: a configuration's METHOD is the backend
         name = f"{args.run_id}_tp{c['src_tp']}_to_tp{c['dst_tp']}_{c['mode']}_{method}"
-        log_file = open(logs / f"{name}.log", "w") if rank == 0 else None
-        if log_file:
-            main_job._LOG_FILES.append(log_file)
-        main_job.log(rank, f"configuration {i + 1}/{len(configs)}: TP {c['src_tp']} -> TP "
+        with log_file(logs / f"{name}.log" if rank == 0 else None):
+            LOGGER.info(f"configuration {i + 1}/{len(configs)}: TP {c['src_tp']} -> TP "
                         f"{c['dst_tp']} ({c['mode']}, {method})")
-        collocated = c["mode"] == "collocated"
-        try:
-            src_extra, dst_extra = layout_extras(cfg, c, args, world)
-            opts = argparse.Namespace(
-                src=f"tp={c['src_tp']},{src_extra}", dst=f"tp={c['dst_tp']},{dst_extra}",
-                non_collocated=not collocated, iters=args.iters, warmup=args.warmup,
-                bucket_mib=args.bucket_mib, no_megatron=not args.compare_megatron,
-                model=args.model_overrides, full_size=args.full_size)
-            result = main_job.run_rank(rank, world, opts, topo)
-        except RefitError as exc:  # e.g. does not fit: report and go on with the next one
-            main_job.log(rank, f"skipped: {exc.reason}")
-            result = {"config": {"src": {"tp": c["src_tp"]}, "dst": {"tp": c["dst_tp"]},
-                                 "mode": c["mode"], "method": method, "world": world},
-                      "error": exc.reason}
-        finally:
-            if log_file:
-                main_job._LOG_FILES.remove(log_file)
-                log_file.close()
+            try:
+                src_extra, dst_extra = layout_extras(cfg, c, args, world)
+                config = RunConfig(
+                    src=parse_layout_spec(f"tp={c['src_tp']},{src_extra}"),
+                    dst=parse_layout_spec(f"tp={c['dst_tp']},{dst_extra}"),
+                    non_collocated=c["mode"] != "collocated", iters=args.iters,
+                    warmup=args.warmup, bucket_mib=args.bucket_mib,
+                    megatron=args.compare_megatron, model=args.model_overrides,
+                    full_size=args.full_size)
+                result = main_job.run_rank(rank, world, config, topo)
+            except RefitError as exc:  # e.g. does not fit: report and go on with the next one
+                LOGGER.info(f"skipped: {exc.reason}")
+                result = {"config": {"src": {"tp": c["src_tp"]}, "dst": {"tp": c["dst_tp"]},
+                                     "mode": c["mode"], "method": method, "world": world},
+                          "error": exc.reason}
         if rank == 0:
             results.append(result)
     code = write_outputs(args, results, logs, nodes, world, topo) if rank == 0 else 0
     # Every rank waits for rank 0's outputs, then all tear down together: a rank leaving early
     # let a failure in its exit (seen once: gloo threads at interpreter exit) make srun's
     # --kill-on-bad-exit stop rank 0 before it had written the plot.
-    import torch.distributed as dist
     dist.barrier()
     dist.destroy_process_group()
     return code
@@ -335,7 +321,7 @@ def write_outputs(args, results: list[dict], logs: Path, nodes, world: int, topo
     """Rank 0: summary, JSON and plot of the sweep; 0 if some configuration ran and every one
     that ran was exact."""
     summary = logs / f"{args.run_id}_summary.txt"
-    summary.write_text(main_job.summary_text(args.run_id, results, nodes, world, args.backend) + "\n")
+    summary.write_text(summary_text(args.run_id, results, nodes, world, args.backend) + "\n")
     (logs / f"{args.run_id}_results.json").write_text(json.dumps(
         {"run_id": args.run_id, "world": world, "nodes": nodes, "backend": args.backend,
          "topology": topo.__dict__, "results": results}, indent=1, default=str))
@@ -348,20 +334,22 @@ def write_outputs(args, results: list[dict], logs: Path, nodes, world: int, topo
 
 
 def _spawn(args) -> int:
-    procs = main_job.spawn_ranks(_spawned, args.world, args,
-                              env=main_job.GLOO_ENV if args.backend == "gloo" else None)
-    for p in procs:
-        p.join()
-    return max(p.exitcode or 0 for p in procs)
+    """Without a launcher: --world ranks on this machine; the largest exit code of their
+    sweeps, 1 where a rank failed (every failed rank's traceback on stderr)."""
+    values, failures = spawn.run_ranks(
+        _spawned, args.world, args, env=spawn.GLOO_ENV if args.backend == "gloo" else None)
+    if failures:
+        print(spawn.failure_report(failures), file=sys.stderr)
+        return 1
+    return max(values.values())
 
 
-def _spawned(rank, world, port, args):
-    import warnings
+def _spawned(rank, world, args) -> int:
+    """One spawned rank of the sweep (spawn.run_ranks set its environment)."""
     warnings.filterwarnings("ignore", category=UserWarning)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    main_job.init_from_env(args.backend, args.timeout)
-    sys.exit(run_sweep(rank, world, args, parse_configs(args.configs)))
+    configure(rank)
+    launch.init_from_env(args.backend, args.timeout)
+    return run_sweep(rank, world, args, parse_configs(args.configs))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,17 @@ refit (so CPU ranks sharing cores and memory see what they get during a refit).
 
 from __future__ import annotations
 
+import datetime
+import statistics
 from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from refit_engine.executors.cpu import default_threads
+from refit_engine.harness.launch import ranks_per_node
+from refit_engine.harness.timing import slowest as slowest_rank
+from refit_engine.harness.timing import time_ranks
 
 
 @dataclass(frozen=True)
@@ -88,44 +98,25 @@ def measure(base: Topology, group=None, nbytes: int = 64 << 20, repeats: int = 5
     exchange for the per-message latency; the per-refit collective check (a 1-element
     all-reduce). The slowest rank's figure is kept. Collective over `group`; every rank
     returns the same Topology."""
-    import datetime
-    import statistics
-    import time
-
-    import torch
-    import torch.distributed as dist
     timeout = datetime.timedelta(seconds=timeout_s)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     cuda = "nccl" in dist.get_backend(group) and torch.cuda.is_available()
     device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
     per_node = max(1, base.gpus_per_node)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if cuda else None
 
-    def timed(fn):
-        samples = []
-        for _ in range(repeats):
-            dist.barrier(group=group)  # all ranks start together: contention as in a refit
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+    def timed(fn):  # all ranks start together: contention as in a refit
+        return statistics.median(time_ranks(fn, repeats, group, sync))
 
     def slowest(seconds: float | None) -> float | None:
         """The largest of every rank's time (None where no rank measured)."""
-        t = torch.tensor([seconds or 0.0], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return float(t.item()) or None
+        return slowest_rank(seconds or 0.0, group, device) or None
 
     a = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     b = torch.empty_like(a)
     torch_threads = torch.get_num_threads()
     if not cuda:  # with as many threads as the CPU executor copies with
-        from refit_engine.executors.cpu import default_threads
         torch.set_num_threads(default_threads(world))
     try:
         copy_s = slowest(timed(lambda: b.copy_(a)))
@@ -180,3 +171,22 @@ def measure(base: Topology, group=None, nbytes: int = 64 << 20, repeats: int = 5
                    latency_us=latency_s * 1e6 if latency_s else base.latency_us,
                    check_us=check_s * 1e6 if check_s else base.check_us,
                    name=f"{base.name}, measured")
+
+
+def device_topology(device: str):
+    """The preset for `device`, named after it: cpu for CPU ranks; for a GPU the H100 or H200
+    preset chosen by torch.cuda.get_device_name() (any other GPU starts from the H100's
+    figures), named with the real device name and its memory."""
+    if device == "cpu":
+        return preset("cpu")
+    name = torch.cuda.get_device_name(device)
+    memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return replace(preset(gpu_preset(name)), name=name, memory_gib=round(memory_gib, 1))
+
+
+def measure_here(device: str, world: int):
+    """The topology of `device` (device_topology) with this job's nodes, its bandwidths
+    measured here (collective): named e.g. "NVIDIA H200, measured" or "CPU (gloo), measured"."""
+    per_node = ranks_per_node(world)
+    base = device_topology(device)
+    return measure(replace(base, gpus_per_node=per_node, nodes=max(1, world // per_node)))

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from refit_engine.errors import RefitError
+from refit_engine.harness.models.megatron_builder import _patch_megatron_for_cpu, megatron_version
 from refit_engine.megatron import GROUPED_EXPERT
-from refit_engine.harness.models.megatron_builder import (_patch_megatron_for_cpu,
-                                                  megatron_version)
 
 __all__ = ["megatron_refit"]
 
@@ -85,8 +85,6 @@ def _side_facts(model, pgs) -> dict | None:
 def _check_megatron_can_refit(src, dst, src_pgs, dst_pgs, legacy: bool) -> None:
     """Raise RefitError on every rank for layouts megatron-core's refit gets wrong or hangs on
     (found on 0.16.1 and 0.19.2, see `megatron_refit`). Collective."""
-    from refit_engine.errors import RefitError
-
     facts = [None] * dist.get_world_size()
     dist.all_gather_object(facts, (_side_facts(src, src_pgs), _side_facts(dst, dst_pgs)))
     sides = []
@@ -103,7 +101,7 @@ def _check_megatron_can_refit(src, dst, src_pgs, dst_pgs, legacy: bool) -> None:
     # SequentialMLP names carry the local expert index, which megatron does not map to the
     # global expert (it does for TE's grouped `weight<k>`). Newer releases (0.19) pick a source
     # of the same EP rank when EP sizes match; 0.16 takes the first holder of a DP group.
-    try:
+    try:  # megatron-core version-dependent (0.19 has it)
         from megatron.core.resharding import utils as mc_utils
         ep_rank_filter = hasattr(mc_utils, "_filter_by_ep_local_rank")
     except ImportError:
@@ -132,7 +130,7 @@ def _check_megatron_can_refit(src, dst, src_pgs, dst_pgs, legacy: bool) -> None:
 
 
 def _swap_model_weights():
-    try:
+    try:  # megatron-core version-dependent: where swap_model_weights lives
         from megatron.core.resharding import swap_model_weights
     except ImportError:
         try:
@@ -186,7 +184,7 @@ def megatron_refit(src_chunks, dst_chunks, src_pgs, dst_pgs, method: str = "gloo
         if legacy and hasattr(dst_model, "_cached_reshard_plan"):
             delattr(dst_model, "_cached_reshard_plan")
         if not legacy and replan:
-            from megatron.core.resharding import refit as mc_refit
+            from megatron.core.resharding import refit as mc_refit  # newer megatron-core only
             getattr(mc_refit, "clear_plan_cache", lambda: None)()
         if strict:
             _check_megatron_can_refit(src, dst, src_pgs, dst_pgs, legacy)

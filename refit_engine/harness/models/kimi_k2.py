@@ -14,8 +14,12 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
+import numpy as np
+
+from refit_engine import dtypes
 from refit_engine.harness.grid import ParallelGrid
-from refit_engine.layouts import Layout, Split, part_pieces
+from refit_engine.layouts import (MAX_DIMS, PIECE_COLUMNS, Layout, Split, part_pieces,
+                                  row_major_strides)
 
 
 @dataclass(frozen=True)
@@ -148,10 +152,6 @@ def kimi_k2_tables(cfg: KimiK2Config, grid: ParallelGrid):
     parameter instead of per placement: for cluster-scale plans (2048 ranks: millions of
     placements) where a Layout object would be slow and large. The blocks of one part share
     one run of holders. tests/test_kimi_k2.py checks it describes the Layout's placements."""
-    import numpy as np
-
-    from refit_engine import dtypes
-    from refit_engine.layouts import MAX_DIMS, PIECE_COLUMNS, row_major_strides
     names, tensor_rows, buffer_parts, piece_rows, holder_parts = [], [], [], [], []
     next_buffer = next_holder = 0
     dense = [np.array(grid.dense_holders(s), dtype=np.int64).reshape(-1, 2) for s in range(grid.pp)]

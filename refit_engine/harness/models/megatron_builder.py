@@ -2,13 +2,13 @@
 own refit between two of them: `refit_engine.harness.baselines.megatron_refit`).
 
 Two models of different layouts live in the same processes (collocated: both layouts span the
-same ranks) or on disjoint ranks (non-collocated: `ParallelLayout.ranks`). Every model gets its
+same ranks) or on disjoint ranks (non-collocated: `ParallelGrid.offset`). Every model gets its
 own `ProcessGroupCollection`, so nothing here touches megatron's global `parallel_state`.
 
-Rank order inside a layout is megatron's default "tp-cp-ep-dp-pp" (the same as
-`refit_engine.harness.grid.ParallelGrid`): for the dense part TP is fastest, then DP, then PP; for the
-expert part expert-TP is fastest, then EP, then expert-DP, then PP. The `i`-th rank of a layout
-is `layout.ranks[i]`.
+A model's layout is a `refit_engine.harness.grid.ParallelGrid` (sizes, and the first of its
+contiguous ranks); rank order inside it is megatron's default "tp-cp-ep-dp-pp", the grid's own:
+for the dense part TP is fastest, then DP, then PP; for the expert part expert-TP is fastest,
+then EP, then expert-DP, then PP. The `i`-th rank of a layout is `grid.ranks[i]`.
 
 Uneven pipelines follow `ParallelGrid.stage_layers` (earlier stages take the remainder); megatron
 can express that with `num_layers_in_{first,last}_pipeline_stage` whenever the remainder sits on
@@ -43,13 +43,15 @@ import functools
 import importlib.util
 import inspect
 import zlib
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from refit_engine.harness.grid import ParallelGrid
 from refit_engine.harness.models.kimi_k2 import KimiK2Config
+from refit_engine.megatron import describe
 
 try:  # ProcessGroupCollection from 0.15 (0.14: ModelCommProcessGroups); HyperCommGrid.get_rank_enum
     # from 0.16; both unchanged through 0.19
@@ -84,70 +86,20 @@ def megatron_version() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ParallelLayout:
-    """One model's parallel layout over `ranks` (None: every rank of the default world).
-
-    dp = len(ranks) // (tp * pp); expert dp = len(ranks) // (ep * etp * pp).
-    """
-
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int = 1
-    ranks: tuple[int, ...] | None = None
-
-    def resolved_ranks(self) -> tuple[int, ...]:
-        if self.ranks is not None:
-            return tuple(int(r) for r in self.ranks)
+def ParallelLayout(tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1,
+                   ranks: Sequence[int] | None = None) -> ParallelGrid:
+    """The `ParallelGrid` of sizes `tp`..`etp` over the contiguous `ranks` (None: every rank
+    of the default world). Kept for callers written against the old ParallelLayout class
+    (bench/faults.py, tests/test_megatron_cache.py); new code builds a ParallelGrid."""
+    if ranks is None:
         if not dist.is_initialized():
-            raise RuntimeError("ParallelLayout.ranks is None and torch.distributed is not "
+            raise RuntimeError("ParallelLayout: ranks is None and torch.distributed is not "
                                "initialized")
-        return tuple(range(dist.get_world_size()))
-
-    @property
-    def size(self) -> int:
-        return len(self.resolved_ranks())
-
-    @property
-    def dp(self) -> int:
-        return self.size // (self.tp * self.pp)
-
-    @property
-    def edp(self) -> int:
-        return self.size // (self.ep * self.etp * self.pp)
-
-    def validate(self) -> tuple[int, ...]:
-        ranks = self.resolved_ranks()
-        n = len(ranks)
-        for name in ("tp", "pp", "ep", "etp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{self}: {name} must be >= 1")
-        if len(set(ranks)) != n or n == 0:
-            raise ValueError(f"{self}: ranks must be non-empty and distinct")
-        if dist.is_initialized() and max(ranks) >= dist.get_world_size():
-            raise ValueError(f"{self}: rank {max(ranks)} outside world of {dist.get_world_size()}")
-        if n % (self.tp * self.pp):
-            raise ValueError(f"{self}: {n} ranks do not divide by tp*pp = {self.tp * self.pp}")
-        if n % (self.ep * self.etp * self.pp):
-            raise ValueError(f"{self}: {n} ranks do not divide by ep*etp*pp = "
-                             f"{self.ep * self.etp * self.pp}")
-        return ranks
-
-
-def _create_groups(grid: HyperCommGrid, dims, ranks: tuple[int, ...], contiguous: bool):
-    """One process group per enumeration of `dims` of `grid`; this rank's group or None.
-
-    Collective over the default world (every rank creates every group, in the same order).
-    Contiguous layouts use `HyperCommGrid.create_pg` (whose grid has `rank_offset` = first
-    rank); others map the grid's 0-based enumeration through `ranks` and create the groups
-    themselves, in the same order.
-    """
-    if contiguous:
-        return grid.create_pg(dims)
-    enum = [[ranks[i] for i in group] for group in grid.get_rank_enum(dims)]
-    group, _ = dist.new_subgroups_by_enumeration(enum, backend=grid.backend)
-    return group
+        ranks = range(dist.get_world_size())
+    ranks = [int(r) for r in ranks]
+    if not ranks or ranks != list(range(ranks[0], ranks[0] + len(ranks))):
+        raise ValueError(f"ranks {ranks}: a layout's ranks are one contiguous, non-empty run")
+    return ParallelGrid(len(ranks), tp=tp, pp=pp, ep=ep, etp=etp, offset=ranks[0])
 
 
 def _enumerate_new_groups(enum: list[list[int]]):
@@ -155,28 +107,25 @@ def _enumerate_new_groups(enum: list[list[int]]):
     return group
 
 
-def build_process_groups(layout: ParallelLayout) -> "ProcessGroupCollection | None":
-    """Process groups of one model at `layout` (dense and expert groups).
+def build_process_groups(grid: ParallelGrid) -> "ProcessGroupCollection | None":
+    """Process groups of one model at `grid` (dense and expert groups) on its ranks
+    `grid.ranks`.
 
     Collective: call on EVERY rank of the default world, in the same order on all ranks.
-    Returns the collection on ranks in the layout, None elsewhere.
+    Returns the collection on ranks in the grid, None elsewhere.
     """
     if not dist.is_initialized():
         raise RuntimeError("build_process_groups needs torch.distributed initialized")
-    ranks = layout.validate()
-    n = len(ranks)
-    tp, pp, ep, etp = layout.tp, layout.pp, layout.ep, layout.etp
-    dp, edp = n // (tp * pp), n // (ep * etp * pp)
-    contiguous = list(ranks) == list(range(ranks[0], ranks[0] + n))
-    offset = ranks[0] if contiguous else 0
+    ranks = grid.ranks
+    if ranks[-1] >= dist.get_world_size():
+        raise ValueError(f"{grid}: rank {ranks[-1]} outside world of {dist.get_world_size()}")
+    tp, pp, ep, etp, dp, edp = grid.tp, grid.pp, grid.ep, grid.etp, grid.dp, grid.edp
 
     # megatron's order "tp-cp-ep-dp-pp": dims listed fastest first.
-    dense = HyperCommGrid([tp, 1, dp, pp], ["tp", "cp", "dp", "pp"], rank_offset=offset)
-    expert = HyperCommGrid([etp, ep, edp, pp], ["tp", "ep", "dp", "pp"], rank_offset=offset)
+    dense = HyperCommGrid([tp, 1, dp, pp], ["tp", "cp", "dp", "pp"], rank_offset=grid.offset)
+    expert = HyperCommGrid([etp, ep, edp, pp], ["tp", "ep", "dp", "pp"], rank_offset=grid.offset)
 
-    def make(grid, dims):
-        return _create_groups(grid, dims, ranks, contiguous)
-
+    make = HyperCommGrid.create_pg
     g: dict[str, Any] = {}
     g["tp"] = make(dense, "tp")
     g["cp"] = make(dense, "cp")
@@ -193,9 +142,7 @@ def build_process_groups(layout: ParallelLayout) -> "ProcessGroupCollection | No
     g["tp_ep_pp"] = make(expert, ["tp", "ep", "pp"])
 
     # Embedding groups: first and last stage of every pipeline (position embedding: first).
-    pp_enum = dense.get_rank_enum("pp")
-    if not contiguous:
-        pp_enum = [[ranks[i] for i in grp] for grp in pp_enum]
+    pp_enum = dense.get_rank_enum("pp")  # global ranks (the grid's rank_offset included)
     g["embd"] = _enumerate_new_groups([grp if len(grp) == 1 else [grp[0], grp[-1]]
                                        for grp in pp_enum])
     g["pos_embd"] = _enumerate_new_groups([[grp[0]] for grp in pp_enum])
@@ -490,9 +437,8 @@ def _uneven_pipeline(num_layers: int, pp: int) -> dict:
                      "may differ from the others)")
 
 
-def make_transformer_config(cfg: KimiK2Config, layout: ParallelLayout, **overrides):
+def make_transformer_config(cfg: KimiK2Config, layout: ParallelGrid, **overrides):
     """The megatron `MLATransformerConfig` of Kimi K2 `cfg` at `layout`."""
-    import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     dtype = _DTYPES[cfg.dtype]
@@ -600,7 +546,6 @@ def _canonical_init(chunks, seed: int) -> None:
     weights at every layout, distinct for every expert and layer. Where each local tensor sits
     in its canonical tensor comes from the layout adapter (`refit_engine.megatron.describe`),
     so the model is initialized through exactly the description a refit uses."""
-    from refit_engine.megatron import describe
     local = describe(chunks)
     with torch.no_grad():
         full, name = None, None
@@ -619,7 +564,7 @@ def _canonical_init(chunks, seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def build_kimi_k2(cfg: KimiK2Config, layout: ParallelLayout, pg_collection, device="cpu",
+def build_kimi_k2(cfg: KimiK2Config, layout: ParallelGrid, pg_collection, device="cpu",
                   seed: int = 1234, use_transformer_engine: bool | None = None,
                   duplicated_down_proj: bool = True, max_sequence_length: int = 4096,
                   init: str = "canonical", mtp_num_layers: int = 0, **config_overrides) -> list:
