@@ -28,6 +28,8 @@ from refit_engine.harness.grid import ParallelGrid
 from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
 from refit_engine.harness.results import device_name, environment, results_dir, save_json
 from refit_engine.harness.timing import copy_ceiling, time_cuda
+from refit_engine.layouts import placement_box
+from refit_engine.tables import PLACEMENT
 
 
 def main(argv=None):
@@ -119,9 +121,6 @@ def main(argv=None):
 
 def _check_sample(src, dst, src_t, dst_t):
     """A few destination tensors against the source, through the layouts, bit for bit."""
-    import torch
-
-    from refit_engine.layouts import placement_box
     names = [n for n in (m.name for m in dst.tensors)
              if "linear_q_up_proj.weight" in n or "experts.3.linear_fc1" in n
              or "word_embeddings" in n][:4]
@@ -133,11 +132,11 @@ def _check_sample(src, dst, src_t, dst_t):
         for side, tensors, out in ((src, src_t, "fill"), (dst, dst_t, "check")):
             t_index = side._tensor_index[name]
             rows = placements[id(side)]
-            for row in rows[rows[:, 0] == t_index]:
-                buf = side.buffers[int(row[1])]
+            for row in rows[rows[:, PLACEMENT["tensor"]] == t_index]:
+                buf = side.buffers[int(row[PLACEMENT["buffer"]])]
                 start, extent, strides = placement_box(row, len(meta.shape))
                 local = tensors[(buf.rank, buf.key)].view(torch.int16).as_strided(
-                    extent, strides, int(row[2]))
+                    extent, strides, int(row[PLACEMENT["local_offset"]]))
                 index = tuple(slice(s, s + e) for s, e in zip(start, extent))
                 if out == "fill":
                     full[index] = local

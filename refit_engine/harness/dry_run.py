@@ -28,14 +28,17 @@ from refit_engine.harness.grid import ParallelGrid, parse_layout_spec
 from refit_engine.harness.models.kimi_k2 import (KimiK2Config, kimi_k2_parameters,
                                                  kimi_k2_tables, stage_of)
 from refit_engine.harness.topology import PRESETS, Topology, preset
+from refit_engine.tables import BUFFER, LayoutTables
 
 GIB = 2**30
 
 
-def _weights_per_rank(tables, world: int) -> list[int]:
-    """Bytes of local tensors per rank, from a side's tables (columns: BUFFER_COLUMNS)."""
-    buffers = tables[2]
-    per_rank = np.bincount(buffers[:, 0], weights=buffers[:, 1] * buffers[:, 2], minlength=world)
+def _weights_per_rank(tables: LayoutTables, world: int) -> list[int]:
+    """Bytes of local tensors per rank, from a side's tables."""
+    buffers = tables.buffers
+    per_rank = np.bincount(buffers[:, BUFFER["rank"]],
+                           weights=buffers[:, BUFFER["numel"]] * buffers[:, BUFFER["itemsize"]],
+                           minlength=world)
     return [int(b) for b in per_rank[:world]]
 
 

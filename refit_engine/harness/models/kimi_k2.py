@@ -18,8 +18,9 @@ import numpy as np
 
 from refit_engine import dtypes
 from refit_engine.harness.grid import ParallelGrid
-from refit_engine.layouts import (MAX_DIMS, PIECE_COLUMNS, Layout, Split, part_pieces,
-                                  row_major_strides)
+from refit_engine.layouts import Layout, Split, part_pieces, row_major_strides
+from refit_engine.tables import (BUFFER, BUFFER_FIELDS, PIECE, PIECE_FIELDS, TENSOR,
+                                 TENSOR_FIELDS, LayoutTables, span)
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def kimi_k2_layout(cfg: KimiK2Config, grid: ParallelGrid, grouped_experts: bool 
 
 
 def kimi_k2_tables(cfg: KimiK2Config, grid: ParallelGrid):
-    """The planner's tables (names, tensors, buffers, pieces, holders) of
+    """The plan compiler's tables (a `tables.LayoutTables`: names, tensors, buffers, pieces,
+    holders, columns by their names in refit_engine.tables) of
     `kimi_k2_layout(cfg, grid)` with one local tensor per parameter, built with NumPy per
     parameter instead of per placement: for cluster-scale plans (2048 ranks: millions of
     placements) where a Layout object would be slow and large. The blocks of one part share
@@ -155,12 +157,17 @@ def kimi_k2_tables(cfg: KimiK2Config, grid: ParallelGrid):
     names, tensor_rows, buffer_parts, piece_rows, holder_parts = [], [], [], [], []
     next_buffer = next_holder = 0
     dense = [np.array(grid.dense_holders(s), dtype=np.int64).reshape(-1, 2) for s in range(grid.pp)]
-    start_col, extent_col, stride_col = 4, 4 + MAX_DIMS, 4 + 2 * MAX_DIMS
+    shape_cols = span(TENSOR, "shape")
+    start_cols, extent_cols, stride_cols = (span(PIECE, "start"), span(PIECE, "extent"),
+                                            span(PIECE, "stride"))
     for t, param in enumerate(kimi_k2_parameters(cfg)):
         names.append(param.name)
         ndim, itemsize = len(param.shape), dtypes.itemsize(param.dtype)
-        tensor_rows.append([ndim, itemsize, dtypes.dtype_code(param.dtype)] + list(param.shape)
-                           + [0] * (MAX_DIMS - ndim))
+        tensor = np.zeros(len(TENSOR_FIELDS), dtype=np.int64)
+        tensor[TENSOR["ndim"]], tensor[TENSOR["itemsize"]] = ndim, itemsize
+        tensor[TENSOR["dtype_code"]] = dtypes.dtype_code(param.dtype)
+        tensor[shape_cols.start:shape_cols.start + ndim] = param.shape
+        tensor_rows.append(tensor)
         stage = stage_of(cfg, grid, param)
         if param.expert is None:
             holders, parts_n = dense[stage], grid.tp
@@ -173,18 +180,21 @@ def kimi_k2_tables(cfg: KimiK2Config, grid: ParallelGrid):
         n = len(holders)
         buffers = np.arange(next_buffer, next_buffer + n, dtype=np.int64)
         next_buffer += n
-        buffer_parts.append(np.stack([holders[:, 0], np.full(n, int(np.prod(local_shape))),
-                                      np.full(n, itemsize)], 1))
+        part_buffers = np.zeros((n, len(BUFFER_FIELDS)), dtype=np.int64)
+        part_buffers[:, BUFFER["rank"]] = holders[:, 0]
+        part_buffers[:, BUFFER["numel"]] = int(np.prod(local_shape))
+        part_buffers[:, BUFFER["itemsize"]] = itemsize
+        buffer_parts.append(part_buffers)
         strides = row_major_strides(local_shape)
-        base = np.zeros(len(PIECE_COLUMNS), dtype=np.int64)
-        base[0] = t
-        base[extent_col:extent_col + ndim] = param.shape
-        base[stride_col:stride_col + ndim] = strides
+        base = np.zeros(len(PIECE_FIELDS), dtype=np.int64)
+        base[PIECE["tensor"]] = t
+        base[extent_cols.start:extent_cols.start + ndim] = param.shape
+        base[stride_cols.start:stride_cols.start + ndim] = strides
         for part in range(parts_n if split else 1):
             mine = np.flatnonzero(holders[:, 1] == part) if split else np.arange(n)
             mine = mine[np.argsort(holders[mine, 0], kind="stable")]  # ascending rank
             holder_parts.append(buffers[mine])
-            base[1], base[2] = next_holder, len(mine)
+            base[PIECE["holders_first"]], base[PIECE["holders_count"]] = next_holder, len(mine)
             next_holder += len(mine)
             if split is None:
                 piece_rows.append(base.copy())
@@ -192,10 +202,11 @@ def kimi_k2_tables(cfg: KimiK2Config, grid: ParallelGrid):
             for start, extent, local_offset in part_pieces(param.name, param.shape, split, part,
                                                            strides):
                 row = base.copy()
-                row[3] = local_offset
-                row[start_col:start_col + ndim] = start
-                row[extent_col:extent_col + ndim] = extent
+                row[PIECE["local_offset"]] = local_offset
+                row[start_cols.start:start_cols.start + ndim] = start
+                row[extent_cols.start:extent_cols.start + ndim] = extent
                 piece_rows.append(row)
-    return (names, np.array(tensor_rows, dtype=np.int64), np.concatenate(buffer_parts),
-            np.array(piece_rows, dtype=np.int64).reshape(-1, len(PIECE_COLUMNS)),
-            np.concatenate(holder_parts))
+    return LayoutTables(names, np.array(tensor_rows, dtype=np.int64).reshape(-1, len(TENSOR_FIELDS)),
+                        np.concatenate(buffer_parts),
+                        np.array(piece_rows, dtype=np.int64).reshape(-1, len(PIECE_FIELDS)),
+                        np.concatenate(holder_parts))

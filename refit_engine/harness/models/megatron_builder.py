@@ -296,6 +296,7 @@ def _patch_megatron_for_cpu() -> None:
         return
     no_cuda = not torch.cuda.is_available()
 
+    # megatron-core (optional dependency) internals: imported where they are patched, once
     from megatron.core.models.common.embeddings import rotary_pos_embedding
     from megatron.core.transformer.moe import router
 
@@ -307,6 +308,7 @@ def _patch_megatron_for_cpu() -> None:
             _wrap_init(yarn, context_factory=_cuda_device_reads_cpu)
 
     if not _have_te():
+        # megatron-core: only without Transformer Engine
         from megatron.core.transformer import multi_latent_attention as mla
         if getattr(mla, "HAVE_TE", False):
             mla.HAVE_TE = False
@@ -322,6 +324,7 @@ def _patch_megatron_for_cpu() -> None:
 
     if no_cuda:
         try:
+            # megatron-core's refit internals: only on CUDA-less hosts
             from megatron.core.resharding import refit as mc_refit
             from megatron.core.resharding.copy_services.gloo_copy_service import GlooCopyService
         except ImportError:  # megatron-core without resharding: nothing to patch
@@ -363,6 +366,7 @@ def _mtp_process_groups(pg_collection):
     Releases that pass them (0.19: `pg_collection` to the block and to `mtp_model_layer`,
     `tp_group` to `eh_proj`) build exactly as without this. Scoped to one model's construction.
     """
+    # megatron-core: only while an MTP model is built
     from megatron.core.transformer import multi_token_prediction as mtp
 
     block = getattr(mtp, "MultiTokenPredictionBlock", None)
@@ -402,6 +406,7 @@ def _pipeline_stage(pp_group):
     builds MTP layers (`get_mtp_num_layers_to_build`, 0.16.1 and 0.19), `mtp_on_this_rank`
     (GPTModel, 0.19) and the MTP layer's transformer-layer offset (0.16.1). megatron's own
     override (`set_pipeline_model_parallel_rank` / `_world_size`) is set and then restored."""
+    # megatron-core's global state: only while an MTP model is built
     from megatron.core import parallel_state as ps
     saved = (getattr(ps, "_MPU_PIPELINE_MODEL_PARALLEL_RANK", None),
              getattr(ps, "_MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE", None))
@@ -439,6 +444,7 @@ def _uneven_pipeline(num_layers: int, pp: int) -> dict:
 
 def make_transformer_config(cfg: KimiK2Config, layout: ParallelGrid, **overrides):
     """The megatron `MLATransformerConfig` of Kimi K2 `cfg` at `layout`."""
+    # megatron-core (optional dependency): imported where a model is configured
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     dtype = _DTYPES[cfg.dtype]
@@ -516,6 +522,7 @@ def make_transformer_config(cfg: KimiK2Config, layout: ParallelGrid, **overrides
 def _duplicate_down_projections(block_spec):
     """MLA down projections as non-TP-split linears (what TE's spec does with
     `parallel_mode='duplicated'`), on a copy of the local block spec."""
+    # megatron-core: only for the local spec's duplicated down projections
     from megatron.core.post_training.modelopt.layers import Linear
 
     block_spec = copy.copy(block_spec)
@@ -590,6 +597,7 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelGrid, pg_collection, device
         return []
     if init not in ("canonical", "megatron"):
         raise ValueError(f"init must be 'canonical' or 'megatron', not {init!r}")
+    # megatron-core (optional dependency): imported where a model is built
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -621,6 +629,7 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelGrid, pg_collection, device
             block_spec = _duplicate_down_projections(block_spec)
         mtp_block_spec = None
         if mtp_num_layers:
+            # megatron-core: only with MTP layers
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
             mtp_kwargs = {k: v for k, v in spec_kwargs.items()
                           if k in inspect.signature(get_gpt_mtp_block_spec).parameters}
