@@ -872,7 +872,7 @@ def _world_of_one(rank, world):
 
 
 def _every_dtype(rank, world):
-    """One tensor of every dtype the planner knows, random bytes (bool: 0 / 1)."""
+    """One tensor of every dtype the plan compiler knows, random bytes (bool: 0 / 1)."""
     torch = _torch()
     from refit_engine import dtypes
     g = torch.Generator().manual_seed(4)
@@ -922,8 +922,8 @@ def _no_tensors(rank, world):
 def _megatron_models(rank, world, dst_dtype="bfloat16", seeds=(11,)):
     import warnings
     warnings.filterwarnings("ignore")
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.models.megatron_builder import (ParallelLayout, build_kimi_k2,
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
                                                       build_process_groups)
     import dataclasses
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
@@ -994,8 +994,8 @@ def _megatron_mtp(rank, world, case):
     warnings.filterwarnings("ignore")
     torch = _torch()
     import refit_engine
-    from refit_engine.models.kimi_k2 import KimiK2Config
-    from refit_engine.models.megatron_builder import (ParallelLayout, _canonical_values,
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    from refit_engine.harness.models.megatron_builder import (ParallelLayout, _canonical_values,
                                                       build_kimi_k2, build_process_groups)
     from refit_engine.verify import check_exact
     cfg = KimiK2Config.toy(num_layers=2, num_experts=8)
@@ -1549,7 +1549,7 @@ def _context(chosen, method):
         preload = ["torch", "torch.distributed", "numpy", "refit_engine",
                    "refit_engine.executors.cpu", "refit_engine.megatron"]
         if any(c.needs == "megatron" and not c.skip for c in chosen):
-            preload.append("refit_engine.models.megatron_builder")
+            preload.append("refit_engine.harness.models.megatron_builder")
         ctx.set_forkserver_preload(preload)
     return ctx
 

@@ -10,6 +10,8 @@ or written to memory the plan no longer owns.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from refit_engine import arrays
@@ -28,11 +30,22 @@ def _owner_state(owner) -> tuple:
     return held.data_ptr(), held.shape, held.dtype, held is getattr(owner, "tensor", owner)
 
 
-def record(meta, local: ShardedTensors, side: str) -> tuple:
-    """Local tensor `meta` (a layouts.BufferMeta) of `local`, checked, and what `stale_reason`
-    compares before every refit: (key, local, array, probe, probe's value now, owner, owner's
-    state now, (side, ArrayInfo, kept)). A plain tuple: it is unpacked once per tensor and
-    refit."""
+class Record(NamedTuple):
+    """A bound local tensor and what `stale_reason` compares before every refit. A tuple: it
+    is unpacked once per tensor and refit."""
+
+    key: str
+    local: ShardedTensors
+    array: object
+    probe: object              # arrays.probe_of(array)
+    expected: tuple            # the probe's value at binding
+    owner: object              # local.current[key], or None
+    owned: tuple | None        # the owner's state at binding
+    extra: tuple               # (side, ArrayInfo, kept): read only to explain or check overlaps
+
+
+def record(meta, local: ShardedTensors, side: str) -> Record:
+    """Local tensor `meta` (a layouts.BufferMeta) of `local`, checked, and recorded."""
     array = local.tensors[meta.key]
     info = checked_info(meta, array, side)
     probe = arrays.probe_of(array)
@@ -40,7 +53,7 @@ def record(meta, local: ShardedTensors, side: str) -> tuple:
     owned = _owner_state(owner) if owner is not None else None
     # A NumPy array's probe holds id(base): keep the base alive so that id cannot be reused.
     kept = getattr(array, "base", None) if isinstance(array, np.ndarray) else None
-    return (meta.key, local, array, probe, probe(array), owner, owned, (side, info, kept))
+    return Record(meta.key, local, array, probe, probe(array), owner, owned, (side, info, kept))
 
 
 def bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
@@ -50,10 +63,10 @@ def bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
     bound, devices, current = {}, {}, {}  # devices: device -> the first tensor on it
     for index in layout.buffers_of(rank):
         rec = record(layout.buffers[index], local, side)
-        info = rec[7][1]
-        bound[index] = rec[2]
+        _, info, _ = rec.extra
+        bound[index] = rec.array
         addresses[index] = info.address
-        devices.setdefault(info.device, f"{side} '{rec[0]}'")
+        devices.setdefault(info.device, f"{side} '{rec.key}'")
         current[(side, index)] = rec
     return bound, addresses, devices, current
 

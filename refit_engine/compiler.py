@@ -1,8 +1,10 @@
-"""Compiling layouts into per-rank plans (the C++ planner) and reading the result.
+"""Compiling layouts into per-rank plans, and reading the result.
 
-A `RankPlan` is what one rank executes: local copies, then per bucket one message per peer,
-packed from source buffers into staging, sent, received, and unpacked into destination buffers.
-Segments are pitched 2-D copies with the columns in `SEGMENT_FIELDS`.
+`Planner` hands both sides' layouts to the plan compiler (the C++ core, `_core.Planner`),
+which validates and indexes them once and compiles rank plans on demand. A `RankPlan` is what
+one rank executes: local copies, then per bucket one message per peer, packed from source
+buffers into staging, sent, received, and unpacked into destination buffers. Segments are
+pitched 2-D copies (columns: `tables.SEGMENT_FIELDS`); messages have `tables.MESSAGE_FIELDS`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import numpy as np
 
 from refit_engine import _core
 from refit_engine.layouts import Layout
+from refit_engine.tables import MESSAGE_FIELDS, MSG, SEG, SEGMENT_FIELDS, LayoutTables
 
-SEGMENT_FIELDS = tuple(_core.SEGMENT_FIELDS)
-MESSAGE_FIELDS = tuple(_core.MESSAGE_FIELDS)
-SEG = {name: i for i, name in enumerate(SEGMENT_FIELDS)}
-MSG = {name: i for i, name in enumerate(MESSAGE_FIELDS)}
+__all__ = ["DEFAULT_BUCKET_BYTES", "MESSAGE_FIELDS", "MSG", "SEG", "SEGMENT_FIELDS", "Planner",
+           "RankPlan", "bucket_messages", "compile_plans", "messages_in_bucket",
+           "segments_in_bucket"]
 
 # Largest message between two ranks in one bucket. 64 MiB messages reach NCCL's link bandwidth,
 # and staging stays at 4 x 64 MiB x peers (double-buffered send and receive): about 5 GiB for a
@@ -32,6 +34,12 @@ def segments_in_bucket(segments: np.ndarray, bucket: int) -> np.ndarray:
 
 def messages_in_bucket(messages: np.ndarray, bucket: int) -> np.ndarray:
     return np.ascontiguousarray(messages[messages[:, MSG["bucket"]] == bucket])
+
+
+def bucket_messages(messages: np.ndarray, bucket: int) -> list[tuple[int, int, int]]:
+    """(peer, offset, bytes) of every message of `bucket`, as Python ints, in plan order."""
+    rows = messages_in_bucket(messages, bucket)
+    return list(zip(*(rows[:, MSG[name]].tolist() for name in ("peer", "offset", "bytes"))))
 
 
 def _bytes(segments: np.ndarray) -> int:
@@ -77,9 +85,9 @@ class RankPlan:
         """{peer: {"sent": bytes, "received": bytes}}."""
         out: dict[int, dict[str, int]] = {}
         for kind, msgs in (("sent", self.send_messages), ("received", self.recv_messages)):
-            for peer, _, _, nbytes in msgs:
-                entry = out.setdefault(int(peer), {"sent": 0, "received": 0})
-                entry[kind] += int(nbytes)
+            for peer, nbytes in zip(msgs[:, MSG["peer"]].tolist(), msgs[:, MSG["bytes"]].tolist()):
+                entry = out.setdefault(peer, {"sent": 0, "received": 0})
+                entry[kind] += nbytes
         return out
 
     @property
@@ -100,12 +108,13 @@ class RankPlan:
         return self._fingerprint
 
 
-def _tables(side) -> tuple:
-    return side.tables() if isinstance(side, Layout) else tuple(side)
+def _tables(side) -> LayoutTables:
+    return side.tables() if isinstance(side, Layout) else LayoutTables(*side)
 
 
 class Planner:
-    """Both sides' layouts, validated and indexed once; compiles rank plans on demand.
+    """Compiles plans: both sides' layouts, validated and indexed once by the plan compiler,
+    which compiles rank plans on demand.
 
     Raises RefitError (naming tensor, ranks, reason) when the layouts cannot be refit.
     """

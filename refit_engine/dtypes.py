@@ -1,6 +1,6 @@
-"""Dtype names shared by layouts, the planner and the executors.
+"""Dtype names shared by layouts, the plan compiler and the executors.
 
-Layouts name dtypes by string so the planner needs neither torch nor NumPy dtypes; torch and
+Layouts name dtypes by string so the plan compiler needs neither torch nor NumPy dtypes; torch and
 NumPy dtypes are accepted and normalized here.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# name -> (code, itemsize). Codes are stable: they cross into the C++ planner.
+# name -> (code, itemsize). Codes are stable: they cross into the plan compiler.
 _DTYPES = {
     "bool": (0, 1),
     "uint8": (1, 1),

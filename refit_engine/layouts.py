@@ -24,7 +24,8 @@ Every parallel layout reduces to pieces, built here by `Layout.place` from a `Sp
   grouped expert tensors: one buffer per rank (`key=`), each expert at its `offset`;
 - ETP, PP, non-collocated models: just which ranks are holders (see `refit_engine.harness.grid`).
 
-Tables cross into the C++ planner as int64 arrays (see `tables()` for the columns).
+Tables cross into the plan compiler as int64 arrays; their columns are named in
+`refit_engine.tables`.
 """
 
 from __future__ import annotations
@@ -37,15 +38,29 @@ import numpy as np
 
 from refit_engine import dtypes
 from refit_engine.errors import RefitError
+from refit_engine.tables import (
+    BOX_FIELDS,
+    BUFFER,
+    BUFFER_FIELDS,
+    MAX_DIMS,
+    PIECE,
+    PIECE_FIELDS,
+    PLACEMENT,
+    PLACEMENT_FIELDS,
+    TENSOR,
+    TENSOR_FIELDS,
+    LayoutTables,
+    box_span,
+    columns,
+    span,
+)
 
-MAX_DIMS = 4
-TENSOR_COLUMNS = ("ndim", "itemsize", "dtype_code") + tuple(f"shape{d}" for d in range(MAX_DIMS))
-BUFFER_COLUMNS = ("rank", "numel", "itemsize")
-BOX_COLUMNS = (tuple(f"start{d}" for d in range(MAX_DIMS))
-               + tuple(f"extent{d}" for d in range(MAX_DIMS))
-               + tuple(f"stride{d}" for d in range(MAX_DIMS)))
-PIECE_COLUMNS = ("tensor", "holders_first", "holders_count", "local_offset") + BOX_COLUMNS
-PLACEMENT_COLUMNS = ("tensor", "buffer", "local_offset") + BOX_COLUMNS
+# The names these tables had here before refit_engine.tables (the harness reads them).
+TENSOR_COLUMNS, BUFFER_COLUMNS, BOX_COLUMNS = TENSOR_FIELDS, BUFFER_FIELDS, BOX_FIELDS
+PIECE_COLUMNS, PLACEMENT_COLUMNS = PIECE_FIELDS, PLACEMENT_FIELDS
+# A piece as Layout keeps it while building (the holders apart): also the key that finds the
+# piece a new placement joins.
+_PIECE_ROW = columns(("tensor", "local_offset") + BOX_FIELDS)
 _PADS = [(0,) * n for n in range(MAX_DIMS + 1)]
 
 
@@ -157,8 +172,8 @@ class Layout:
         self.buffers: list[BufferMeta] = []
         self._tensor_index: dict[str, int] = {}
         self._buffer_index: dict[tuple[int, str], int] = {}
-        # Pieces: (tensor, local_offset, start.., extent.., strides..) and {rank: buffer} of
-        # their holders; _piece_index finds the pieces a new placement may join.
+        # Pieces: rows of _PIECE_ROW and {rank: buffer} of their holders; _piece_index finds
+        # the pieces a new placement may join.
         self._pieces: list[tuple[int, ...]] = []
         self._holders: list[dict[int, int]] = []
         self._piece_index: dict[tuple[int, ...], list[int]] = {}
@@ -265,30 +280,37 @@ class Layout:
     def buffers_of(self, rank: int) -> list[int]:
         return [i for i, b in enumerate(self.buffers) if b.rank == rank]
 
-    def tables(self):
-        """(names, tensors, buffers, pieces, holders): the int64 tables the planner reads
-        (columns: TENSOR_COLUMNS, BUFFER_COLUMNS, PIECE_COLUMNS; holders is flat)."""
+    def tables(self) -> LayoutTables:
+        """The int64 tables the plan compiler reads (columns: refit_engine.tables)."""
         if self._tables is None:
-            tensors = np.zeros((len(self.tensors), len(TENSOR_COLUMNS)), dtype=np.int64)
+            tensors = np.zeros((len(self.tensors), len(TENSOR_FIELDS)), dtype=np.int64)
+            tensors[:, TENSOR["ndim"]] = [len(t.shape) for t in self.tensors]
+            tensors[:, TENSOR["itemsize"]] = [dtypes.itemsize(t.dtype) for t in self.tensors]
+            tensors[:, TENSOR["dtype_code"]] = [dtypes.dtype_code(t.dtype) for t in self.tensors]
+            shapes = tensors[:, span(TENSOR, "shape")]  # a view: filled in place
             for i, t in enumerate(self.tensors):
-                tensors[i, :3] = (len(t.shape), dtypes.itemsize(t.dtype), dtypes.dtype_code(t.dtype))
-                tensors[i, 3:3 + len(t.shape)] = t.shape
-            buffers = np.array([(b.rank, b.numel, dtypes.itemsize(b.dtype)) for b in self.buffers],
-                               dtype=np.int64).reshape(-1, len(BUFFER_COLUMNS))
-            pieces = np.zeros((len(self._pieces), len(PIECE_COLUMNS)), dtype=np.int64)
-            holders, first = [], 0
-            for i, (row, by_rank) in enumerate(zip(self._pieces, self._holders)):
-                pieces[i] = (row[0], first, len(by_rank)) + row[1:]
-                holders.extend(by_rank[r] for r in sorted(by_rank))
-                first += len(by_rank)
-            self._tables = ([t.name for t in self.tensors], tensors, buffers, pieces,
-                            np.array(holders, dtype=np.int64))
+                shapes[i, :len(t.shape)] = t.shape
+            buffers = np.zeros((len(self.buffers), len(BUFFER_FIELDS)), dtype=np.int64)
+            buffers[:, BUFFER["rank"]] = [b.rank for b in self.buffers]
+            buffers[:, BUFFER["numel"]] = [b.numel for b in self.buffers]
+            buffers[:, BUFFER["itemsize"]] = [dtypes.itemsize(b.dtype) for b in self.buffers]
+            rows = np.array(self._pieces, dtype=np.int64).reshape(-1, len(_PIECE_ROW))
+            counts = np.array([len(by_rank) for by_rank in self._holders], dtype=np.int64)
+            pieces = np.zeros((len(self._pieces), len(PIECE_FIELDS)), dtype=np.int64)
+            pieces[:, PIECE["tensor"]] = rows[:, _PIECE_ROW["tensor"]]
+            pieces[:, PIECE["holders_first"]] = np.cumsum(counts) - counts
+            pieces[:, PIECE["holders_count"]] = counts
+            pieces[:, PIECE["local_offset"]] = rows[:, _PIECE_ROW["local_offset"]]
+            pieces[:, box_span(PIECE)] = rows[:, box_span(_PIECE_ROW)]
+            holders = [by_rank[r] for by_rank in self._holders for r in sorted(by_rank)]
+            self._tables = LayoutTables([t.name for t in self.tensors], tensors, buffers, pieces,
+                                        np.array(holders, dtype=np.int64))
         return self._tables
 
     def placements(self) -> np.ndarray:
-        """One row per holder of every piece (columns: PLACEMENT_COLUMNS)."""
-        _, _, _, pieces, holders = self.tables()
-        return expand_placements(pieces, holders)
+        """One row per holder of every piece (columns: PLACEMENT_FIELDS)."""
+        tables = self.tables()
+        return expand_placements(tables.pieces, tables.holders)
 
     def __repr__(self) -> str:
         return (f"Layout({len(self.tensors)} tensors, {len(self.buffers)} local tensors on "
@@ -305,21 +327,22 @@ def _same(meta, shape: Sequence[int], dtype) -> bool:
 
 
 def placement_box(row, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(start, extent, local strides) of one placement row (PLACEMENT_COLUMNS), as ints."""
-    def field(first: int) -> tuple[int, ...]:
-        return tuple(int(v) for v in row[first:first + ndim])
-    return field(3), field(3 + MAX_DIMS), field(3 + 2 * MAX_DIMS)
+    """(start, extent, local strides) of one placement row (PLACEMENT_FIELDS), as ints."""
+    def dims(prefix: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in row[span(PLACEMENT, prefix)][:ndim])
+    return dims("start"), dims("extent"), dims("stride")
 
 
 def expand_placements(pieces: np.ndarray, holders: np.ndarray) -> np.ndarray:
-    """Planner tables (pieces, holders) as one row per holder of each piece, in piece order
-    (columns: PLACEMENT_COLUMNS)."""
-    counts = pieces[:, 2]
+    """Plan compiler tables (pieces, holders) as one row per holder of each piece, in piece
+    order (columns: PLACEMENT_FIELDS)."""
+    counts = pieces[:, PIECE["holders_count"]]
     which = np.repeat(np.arange(len(pieces)), counts)
     # Position of each placement in its piece's run of holders.
     within = np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)
-    out = np.empty((len(which), len(PLACEMENT_COLUMNS)), dtype=np.int64)
-    out[:, 0] = pieces[which, 0]
-    out[:, 1] = holders[pieces[which, 1] + within]
-    out[:, 2:] = pieces[which, 3:]
+    out = np.empty((len(which), len(PLACEMENT_FIELDS)), dtype=np.int64)
+    out[:, PLACEMENT["tensor"]] = pieces[which, PIECE["tensor"]]
+    out[:, PLACEMENT["buffer"]] = holders[pieces[which, PIECE["holders_first"]] + within]
+    out[:, PLACEMENT["local_offset"]] = pieces[which, PIECE["local_offset"]]
+    out[:, box_span(PLACEMENT)] = pieces[which][:, box_span(PIECE)]
     return out

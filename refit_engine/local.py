@@ -1,4 +1,4 @@
-"""One rank's tensors of one model, described for the planner: `ShardedTensors`.
+"""One rank's tensors of one model, described for the plan compiler: `ShardedTensors`.
 
 Each rank says which global tensors it holds pieces of and where; `gather_layouts` collects
 every rank's description over a process group (the one collective step of planning) and builds
@@ -21,8 +21,15 @@ import numpy as np
 
 from refit_engine import arrays, dtypes
 from refit_engine.errors import RefitError
-from refit_engine.layouts import (MAX_DIMS, Layout, Split, TensorMeta, part_pieces,
-                                  row_major_strides)
+from refit_engine.layouts import (
+    Layout,
+    Split,
+    TensorMeta,
+    part_pieces,
+    placement_box,
+    row_major_strides,
+)
+from refit_engine.tables import MAX_DIMS, PLACEMENT
 
 
 @dataclass(frozen=True)
@@ -135,7 +142,7 @@ def _check_arrangement(name: str, key: str, shape: tuple, part_shape: tuple) -> 
     """A local tensor holding exactly its part's elements must have the part's shape (size-1
     dims aside): one of the same size but another shape (a transpose made contiguous, a flat
     copy) would be refit element by element into the wrong places. Larger tensors (several
-    parts at offsets, grouped experts) are checked against their parts by the planner."""
+    parts at offsets, grouped experts) are checked against their parts by the plan compiler."""
     if shape == part_shape or math.prod(shape) != math.prod(part_shape):
         return
     if [s for s in shape if s != 1] == [s for s in part_shape if s != 1]:
@@ -171,9 +178,9 @@ def checked_info(meta, tensor, side: str, device: str | None = None) -> arrays.A
     return info
 
 
-# Zero-element tensors are legitimate (nothing moves for them), but the C++ planner refuses
+# Zero-element tensors are legitimate (nothing moves for them), but the plan compiler refuses
 # pieces with a zero extent (check_pieces) and tensors no source piece holds
-# (index_source_replicas). So build_layout keeps them out of the planner's tables: their local
+# (index_source_replicas). So build_layout keeps them out of the compiler's tables: their local
 # tensors stay (buffers without pieces), and the tensors are kept here, per layout, for
 # check_empty_tensors to match between the sides.
 _EMPTY: "weakref.WeakKeyDictionary[Layout, dict]" = weakref.WeakKeyDictionary()
@@ -237,8 +244,8 @@ def build_layout(per_rank: Sequence[tuple[int, list[Entry]]]) -> Layout:
 
 def check_empty_tensors(src: Layout, dst: Layout) -> None:
     """The zero-element tensors of both sides match, by name, global shape and dtype, as the
-    planner checks the others (a tensor empty on one side only and non-empty on the other is
-    refused by the planner, as missing from one side)."""
+    plan compiler checks the others (a tensor empty on one side only and non-empty on the other
+    is refused by the plan compiler, as missing from one side)."""
     src_empty, dst_empty = empty_tensors(src), empty_tensors(dst)
     for name, (meta, ranks) in dst_empty.items():
         if name not in src_empty:
@@ -261,15 +268,14 @@ def check_empty_tensors(src: Layout, dst: Layout) -> None:
 def from_layout(layout: Layout, rank: int, tensors: dict) -> ShardedTensors:
     """This rank's part of a whole-cluster `layout`, bound to `tensors` ({key: tensor}): the
     inverse of `build_layout`, for layouts described centrally (tests, synthetic models)."""
-    from refit_engine.layouts import placement_box
     local = ShardedTensors()
     for row in layout.placements():
-        buffer = layout.buffers[int(row[1])]
+        buffer = layout.buffers[int(row[PLACEMENT["buffer"]])]
         if buffer.rank != rank:
             continue
-        meta = layout.tensors[int(row[0])]
+        meta = layout.tensors[int(row[PLACEMENT["tensor"]])]
         start, extent, strides = placement_box(row, len(meta.shape))
         local.tensors[buffer.key] = tensors[buffer.key]
         local.entries.append(Entry(meta.name, meta.shape, meta.dtype, buffer.key, buffer.shape,
-                                   start, extent, int(row[2]), strides))
+                                   start, extent, int(row[PLACEMENT["local_offset"]]), strides))
     return local

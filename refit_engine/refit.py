@@ -18,13 +18,18 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch.distributed as dist
 
-from refit_engine.errors import RefitError
-from refit_engine.layouts import Layout
+from refit_engine import megatron_layout
 from refit_engine.binding import bind, check_overlaps, device_of, stale_reason
 from refit_engine.channel import Channel, group_ranks
-from refit_engine.local import ShardedTensors, build_layout, check_empty_tensors
 from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner, RankPlan
+from refit_engine.errors import RefitError
+from refit_engine.executors.base import Executor
+from refit_engine.executors.factory import build_executor, transport_of
+from refit_engine.layouts import Layout
+from refit_engine.local import ShardedTensors, build_layout, check_empty_tensors
+from refit_engine.verify import verify_checksums
 
 # Seconds any wait of a refit may take before it raises (override per plan or with
 # REFIT_ENGINE_TIMEOUT_S): long enough for a multi-GiB bucket, short enough to not hang a job.
@@ -38,8 +43,7 @@ def describe(model) -> ShardedTensors:
     if isinstance(model, ShardedTensors):
         local = model
     else:
-        from refit_engine import megatron  # imports torch and megatron-core only when needed
-        local = megatron.describe(model)
+        local = megatron_layout.describe(model)
     if local.errors:  # kept by ShardedTensors.add, whoever filled it
         raise local.errors[0]
     return local
@@ -73,7 +77,7 @@ class Plan:
     group: object  # the caller's group: never used for a wait (see `channel`)
     timeout_s: float
     channel: Channel = field(repr=False, default=None)  # every wait of this plan goes here
-    executor: object = field(repr=False, default=None)
+    executor: Executor = field(repr=False, default=None)
     src_tensors: dict = field(repr=False, default_factory=dict)  # buffer index -> tensor
     dst_tensors: dict = field(repr=False, default_factory=dict)
     broken: str | None = None
@@ -86,6 +90,8 @@ class Plan:
     def close(self) -> None:
         """Releases the plan's channel and communicators now (also done when it is dropped)."""
         self.broken = self.broken or "closed"
+        if self.executor is not None:
+            self.executor.close()
         if self.channel is not None:
             self.channel.close()
 
@@ -97,25 +103,6 @@ class Plan:
         return {"rank": self.rank, "bytes_local": rp.bytes_local, "bytes_sent": rp.bytes_sent,
                 "bytes_received": rp.bytes_received, "per_peer": rp.bytes_per_peer(),
                 "buckets": rp.num_buckets}
-
-
-def _nccl_communicator(channel: Channel, device: int):
-    """An NCCL communicator over the channel's ranks, its id sent over the channel."""
-    from refit_engine import _core
-    uid, problem = None, None
-    if channel.index == 0:
-        try:
-            uid = _core.NcclCommunicator.unique_id()
-        except Exception as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-    uid, problem = channel.gather((uid, problem), "NCCL unique id")[0]
-    if problem:
-        raise RefitError(f"rank {channel.ranks[0]} could not create an NCCL unique id: {problem}",
-                         ranks=channel.ranks)
-    # NOTE: ncclCommInitRank blocks until every rank joins; a rank that fails before it leaves
-    # the others waiting inside NCCL (no deadline yet: non-blocking init is future work).
-    comm = _core.NcclCommunicator(uid, len(channel.ranks), channel.index, device)
-    return comm, dict(channel.index_of)
 
 
 def _check_same_options(options_of: dict) -> None:
@@ -164,7 +151,6 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     models of the same shapes, which nothing else could tell apart). Raises RefitError on every
     rank, before any byte moves, if any rank's input is bad, and when ranks disagree on the plan.
     """
-    import torch.distributed as dist
     if not dist.is_initialized():
         raise RefitError("torch.distributed is not initialized: call init_process_group first")
     rank = dist.get_rank()
@@ -273,8 +259,8 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     # learns it in one more small step, so no rank returns a plan its peers do not have.
     executor, failure = None, None
     try:
-        executor = _build_executor(kinds == {"cuda"}, device, rank_plan, src_addr, dst_addr,
-                                   channel, threads, ranks_per_node)
+        executor = build_executor(transport_of(next(iter(kinds))), rank_plan, src_addr, dst_addr,
+                                  channel, device, threads, ranks_per_node)
     except Exception as exc:
         failure = _status_of(exc)
     if channel.union(int(failure is not None), "executors ready"):
@@ -282,21 +268,6 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
                      "building the executor")
     return Plan(rank, rank_plan, src_layout, dst_layout, group, float(timeout_s), channel,
                 executor, src_tensors, dst_tensors, current={**src_current, **dst_current})
-
-
-def _build_executor(cuda: bool, device: str, rank_plan, src_addr, dst_addr, channel, threads,
-                    ranks_per_node):
-    if cuda:
-        from refit_engine.executors.cuda import build_nccl_executor, require_cuda
-        require_cuda("a refit of CUDA tensors")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        comm, group_rank_of = _nccl_communicator(channel, index)
-        return CudaRefitRunner(*build_nccl_executor(rank_plan, src_addr, dst_addr, comm,
-                                                    group_rank_of, index), comm, index)
-    from refit_engine.executors.cpu import GlooExecutor, default_threads
-    if threads is None:
-        threads = default_threads(ranks_per_node or len(channel.ranks))
-    return GlooExecutor(rank_plan, src_addr, dst_addr, channel, threads)
 
 
 class _RefusedCall(RefitError):
@@ -335,43 +306,6 @@ def _check_still_valid(plan: Plan, options: dict) -> None:
     if split:
         raise _RefusedCall(f"ranks disagree on execute's options {split}: every rank of the "
                            "plan must pass the same", ranks=plan.channel.ranks)
-
-
-class CudaRefitRunner:
-    """Runs a CUDA executor on the caller's stream, optionally as a captured graph."""
-
-    def __init__(self, executor, staging, comm, device: int):
-        self.executor, self.staging, self.comm, self.device = executor, staging, comm, device
-
-    def run(self, graph: bool, stream, sync: bool, timeout_s: float) -> None:
-        if stream is None:
-            import torch
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-        try:
-            if graph and self.executor.captured:
-                self.executor.replay(stream)
-            elif graph:
-                self.executor.capture(stream)
-            else:
-                self.executor.run(stream)
-            if sync:
-                self.executor.wait(stream, timeout_s)
-        except RuntimeError as exc:
-            raise RefitError(f"CUDA refit failed: {exc}") from exc
-
-
-def _verify(plan: Plan) -> None:
-    """Checksums of every piece as sent and as landed, compared on every rank."""
-    from refit_engine.verify import checksums, compare_checksums
-    sent, landed = checksums(plan.rank_plan, plan.src_tensors, plan.dst_tensors)
-    bad = compare_checksums(plan.channel.gather((plan.rank, sent, landed), "verify"),
-                            [t.name for t in plan.dst_layout.tensors])
-    if bad:
-        names = sorted({name for name, _, _ in bad})
-        pairs = ", ".join(f"{s}->{r}" for _, s, r in bad[:8])
-        raise RefitError(f"verification failed: bytes that landed differ from bytes sent for "
-                         f"{len(names)} tensor(s) (sender->receiver: {pairs})",
-                         tensor=", ".join(names[:8]), ranks={r for _, s, r in bad} | {s for _, s, _ in bad})
 
 
 def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
@@ -424,7 +358,7 @@ def _execute_locked(plan: Plan, graph, stream, sync, verify, check) -> dict:
         elapsed = time.perf_counter() - t0
         plan.refits += 1
         if verify:
-            _verify(plan)
+            verify_checksums(plan)
     except _RefusedCall:
         raise  # the call was wrong, not the plan: every rank refused it at the same step
     except RefitError as exc:

@@ -8,9 +8,12 @@ every source byte to every rank: meant for tests and toy-size benchmarks, not fo
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from refit_engine import arrays, dtypes
+from refit_engine.errors import RefitError
 from refit_engine.executors.reference import assemble, materialize
+from refit_engine.tables import SEG
 
 
 def _as_bits(tensor, dtype: str) -> np.ndarray:
@@ -18,11 +21,10 @@ def _as_bits(tensor, dtype: str) -> np.ndarray:
     bits = dtypes.numpy_bits_dtype(dtype)
     kind = arrays.kind_of(tensor)
     if kind == "torch":
-        import torch
         t = tensor.detach().cpu().contiguous()
         flat = t.reshape(-1).view(torch.uint8).numpy()
     elif kind == "cupy":
-        import cupy
+        import cupy  # optional: only a CuPy array's owner has it
         flat = cupy.asnumpy(cupy.ascontiguousarray(tensor).reshape(-1).view(cupy.uint8))
     else:
         flat = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
@@ -58,13 +60,15 @@ def segment_checksum(tensor, offset: int, pitch: int, rows: int, row_bytes: int)
     three), so ranks holding different kinds compare.
     """
     if arrays.kind_of(tensor) == "torch":
-        import torch
         flat = tensor.detach().reshape(-1).view(torch.uint8)
         region = flat.as_strided((rows, row_bytes), (pitch, 1), offset).reshape(-1)
         region = region.to(torch.int64)
         weights = torch.arange(1, region.numel() + 1, dtype=torch.int64, device=region.device)
         return int((region * weights).sum().item())
-    xp = np if isinstance(tensor, np.ndarray) else __import__("cupy")
+    if isinstance(tensor, np.ndarray):
+        xp = np
+    else:
+        import cupy as xp  # optional: only a CuPy array's owner has it
     flat = xp.ascontiguousarray(tensor).reshape(-1).view(xp.uint8)
     region = xp.lib.stride_tricks.as_strided(flat[offset:], (rows, row_bytes), (pitch, 1))
     region = region.reshape(-1).astype(xp.int64)
@@ -77,7 +81,6 @@ def checksums(rank_plan, src_tensors: dict, dst_tensors: dict) -> tuple[dict, di
     """(sent, landed): {(peer, tensor index): [checksum per segment, in plan order]} for what
     this rank sent and what landed in its destination tensors; local copies appear in both
     under peer = this rank."""
-    from refit_engine.compiler import SEG
     sent, landed = {}, {}
 
     def add(out, seg, peer, tensors, side):
@@ -110,3 +113,18 @@ def compare_checksums(gathered, dst_names) -> list[tuple[str, int, int]]:
             if sent_by.get((peer, rank, tensor)) != values:
                 bad.add((dst_names[tensor], peer, rank))
     return sorted(bad)
+
+
+def verify_checksums(plan) -> None:
+    """Checksums of every piece of a refit as sent and as landed, compared on every rank;
+    raises RefitError naming the tensors whose bytes differ. Collective over the plan's group."""
+    sent, landed = checksums(plan.rank_plan, plan.src_tensors, plan.dst_tensors)
+    bad = compare_checksums(plan.channel.gather((plan.rank, sent, landed), "verify"),
+                            [t.name for t in plan.dst_layout.tensors])
+    if bad:
+        names = sorted({name for name, _, _ in bad})
+        pairs = ", ".join(f"{s}->{r}" for _, s, r in bad[:8])
+        raise RefitError(f"verification failed: bytes that landed differ from bytes sent for "
+                         f"{len(names)} tensor(s) (sender->receiver: {pairs})",
+                         tensor=", ".join(names[:8]),
+                         ranks={r for _, s, r in bad} | {s for _, s, _ in bad})

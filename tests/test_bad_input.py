@@ -320,7 +320,7 @@ def test_thousand_refits_exact_with_stable_memory():
 def test_errors_kept_by_any_describer_are_raised(monkeypatch):
     # Whatever fills a ShardedTensors (the megatron adapter here) keeps add()'s problems for
     # plan() to raise on every rank; describe() must raise them for every kind of model.
-    from refit_engine import megatron, refit
+    from refit_engine import megatron_layout as megatron, refit
     kept = ShardedTensors()
     kept.add("w", [1, 2, 3], (3,))  # not an array: recorded, not raised
     monkeypatch.setattr(megatron, "describe", lambda model: kept)

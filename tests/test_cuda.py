@@ -237,7 +237,7 @@ def _verify_on_gpu(rank, world):
     import torch
 
     from refit_engine import RefitError, ShardedTensors
-    from refit_engine.refit import CudaRefitRunner
+    from refit_engine.executors.cuda import CudaRefitExecutor
     torch.cuda.set_device(0)
     full = torch.randn(256, 64).to(torch.bfloat16).cuda()
     src, dst = ShardedTensors(), ShardedTensors()
@@ -246,19 +246,19 @@ def _verify_on_gpu(rank, world):
     dst.add("w", out, full.shape)
     plan = refit_engine.plan(src, dst)
     refit_engine.execute(plan, verify=True)
-    real = CudaRefitRunner.run
+    real = CudaRefitExecutor.run
 
     def corrupting(self, *a, **k):
         real(self, *a, **k)
         out.view(torch.uint8)[17] ^= 1
-    CudaRefitRunner.run = corrupting
+    CudaRefitExecutor.run = corrupting
     try:
         refit_engine.execute(plan, verify=True)
         return "no error"
     except RefitError as exc:
         return exc.tensor
     finally:
-        CudaRefitRunner.run = real
+        CudaRefitExecutor.run = real
 
 
 def test_verify_on_gpu_reports_the_tensor():

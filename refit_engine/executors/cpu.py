@@ -8,14 +8,14 @@ becomes a RefitError naming the peers still outstanding.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import torch
 
 from refit_engine import _core
+from refit_engine.compiler import RankPlan, bucket_messages, segments_in_bucket
 from refit_engine.errors import RefitError
-from refit_engine.compiler import RankPlan, messages_in_bucket, segments_in_bucket
+from refit_engine.executors.base import Executor
 
 
 def default_threads(ranks_on_machine: int) -> int:
@@ -23,7 +23,18 @@ def default_threads(ranks_on_machine: int) -> int:
     return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks_on_machine)))
 
 
-class GlooExecutor:
+class GlooExecutor(Executor):
+    """CPU tensors: packs and unpacks in C++ threads, messages over the plan's gloo group."""
+
+    transport = "gloo"
+
+    @classmethod
+    def for_plan(cls, rank_plan, src_addresses, dst_addresses, channel, device, threads,
+                 ranks_per_node) -> "GlooExecutor":
+        if threads is None:
+            threads = default_threads(ranks_per_node or len(channel.ranks))
+        return cls(rank_plan, src_addresses, dst_addresses, channel, threads)
+
     def __init__(self, plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
                  channel, threads: int = 1):
         self.plan = plan
@@ -33,12 +44,13 @@ class GlooExecutor:
         self.channel = channel
         self.threads = threads
         self.num_buckets = plan.num_buckets
-        # Per bucket: the segments and messages of each direction (views, computed once).
+        # Per bucket: the segments and (peer, offset, bytes) messages of each direction,
+        # computed once.
         buckets = range(self.num_buckets)
         self._send = [segments_in_bucket(plan.send, b) for b in buckets]
         self._recv = [segments_in_bucket(plan.recv, b) for b in buckets]
-        self._send_msgs = [messages_in_bucket(plan.send_messages, b).tolist() for b in buckets]
-        self._recv_msgs = [messages_in_bucket(plan.recv_messages, b).tolist() for b in buckets]
+        self._send_msgs = [bucket_messages(plan.send_messages, b) for b in buckets]
+        self._recv_msgs = [bucket_messages(plan.recv_messages, b) for b in buckets]
         send_max = max(plan.send_staging_bytes, default=0)
         recv_max = max(plan.recv_staging_bytes, default=0)
         # Two staging buffers per direction: bucket k+1 fills one while bucket k uses the other.
@@ -55,10 +67,10 @@ class GlooExecutor:
         send, recv = self._send_staging[bucket % 2], self._recv_staging[bucket % 2]
         works = []
         pg, index_of = self.channel.pg, self.channel.index_of
-        for peer, _, offset, nbytes in self._recv_msgs[bucket]:
+        for peer, offset, nbytes in self._recv_msgs[bucket]:
             works.append((pg.recv([recv[offset:offset + nbytes]], index_of[peer], bucket), peer,
                           "receive from"))
-        for peer, _, offset, nbytes in self._send_msgs[bucket]:
+        for peer, offset, nbytes in self._send_msgs[bucket]:
             works.append((pg.send([send[offset:offset + nbytes]], index_of[peer], bucket), peer,
                           "send to"))
         return works
@@ -76,14 +88,12 @@ class GlooExecutor:
                     f"peers still outstanding: {pending}",
                     ranks=[self.plan.rank, *pending]) from exc
 
-    def run(self, graph: bool = False, stream=None, sync: bool = True,
-            timeout_s: float | None = None) -> dict:
-        """One refit (the executor interface `refit.execute` calls; CPU refits are always
-        synchronous, and cannot be captured as a CUDA graph)."""
+    def run(self, graph: bool, stream, sync: bool, timeout_s: float) -> None:
+        """One refit: always synchronous (stream and sync are moot), never a CUDA graph, and
+        every wait bounded by the channel's timeout (the plan's timeout_s)."""
         if graph:
             raise RefitError("graph=True captures a CUDA graph; this plan moves CPU tensors",
                              ranks=[self.plan.rank])
-        t0 = time.perf_counter()
         in_flight = None
         if self.num_buckets:
             self._copy(self._send[0], dst_staging=self._send_staging[0].data_ptr())
@@ -98,4 +108,3 @@ class GlooExecutor:
             self._wait(in_flight, bucket)
             self._copy(self._recv[bucket], src_staging=self._recv_staging[bucket % 2].data_ptr())
             in_flight = following
-        return {"elapsed_s": time.perf_counter() - t0}

@@ -2,16 +2,21 @@
 
 Both build the same C++ `CudaExecutor` from compiled plans: segment tables with absolute device
 addresses (uploaded once; rebuilt only when tensors move), per bucket one fused pack kernel,
-one exchange, one fused unpack kernel, double-buffered staging, optional CUDA graph.
+one exchange, one fused unpack kernel, double-buffered staging, optional CUDA graph. This
+module imports in a build without CUDA; what needs CUDA raises `require_cuda`'s error.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from refit_engine import _core
+from refit_engine.channel import Channel
+from refit_engine.compiler import RankPlan, bucket_messages, segments_in_bucket
 from refit_engine.errors import RefitError
-from refit_engine.compiler import MSG, SEG, RankPlan, messages_in_bucket, segments_in_bucket
+from refit_engine.executors.base import Executor
+from refit_engine.tables import MSG, SEG
 
 _COLUMNS = ("src_pitch", "dst_pitch", "rows", "row_bytes")
 
@@ -51,7 +56,7 @@ def _contiguous(seg, side: str) -> bool:
 
 
 class StagingAllocator:
-    """Device staging through torch (or CuPy when torch is absent): torch allocates, C++ copies."""
+    """Device staging through torch: torch allocates, C++ copies."""
 
     def __init__(self, device: int):
         self.device = device
@@ -60,17 +65,68 @@ class StagingAllocator:
     def __call__(self, nbytes: int) -> int:
         if nbytes == 0:
             return 0
-        try:
-            import torch
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{self.device}")
-            address = buf.data_ptr()
-        except ImportError:
-            import cupy
-            with cupy.cuda.Device(self.device):
-                buf = cupy.empty(nbytes, dtype=cupy.uint8)
-            address = buf.data.ptr
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{self.device}")
         self.keep.append(buf)
-        return address
+        return buf.data_ptr()
+
+
+class CudaRefitExecutor(Executor):
+    """A built C++ CudaExecutor run on the caller's stream, optionally as a captured graph: the
+    NCCL transport's executor, and the loopback refit's."""
+
+    def __init__(self, executor, staging, comm, device: int):
+        self.executor, self.staging, self.comm, self.device = executor, staging, comm, device
+
+    def run(self, graph: bool, stream, sync: bool, timeout_s: float) -> None:
+        if stream is None:
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+        try:
+            if graph and self.executor.captured:
+                self.executor.replay(stream)
+            elif graph:
+                self.executor.capture(stream)
+            else:
+                self.executor.run(stream)
+            if sync:
+                self.executor.wait(stream, timeout_s)
+        except RuntimeError as exc:
+            raise RefitError(f"CUDA refit failed: {exc}") from exc
+
+
+class NcclExecutor(CudaRefitExecutor):
+    """CUDA tensors: fused pack and unpack kernels, messages over an NCCL communicator of the
+    plan's ranks."""
+
+    transport = "nccl"
+
+    @classmethod
+    def for_plan(cls, rank_plan, src_addresses, dst_addresses, channel, device, threads,
+                 ranks_per_node) -> "NcclExecutor":
+        require_cuda("a refit of CUDA tensors")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        comm, group_rank_of = nccl_communicator(channel, index)
+        executor, staging = build_nccl_executor(rank_plan, src_addresses, dst_addresses, comm,
+                                                group_rank_of, index)
+        return cls(executor, staging, comm, index)
+
+
+def nccl_communicator(channel: Channel, device: int):
+    """An NCCL communicator over the channel's ranks, its id sent over the channel; and the
+    map of global ranks to communicator ranks."""
+    uid, problem = None, None
+    if channel.index == 0:
+        try:
+            uid = _core.NcclCommunicator.unique_id()
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+    uid, problem = channel.gather((uid, problem), "NCCL unique id")[0]
+    if problem:
+        raise RefitError(f"rank {channel.ranks[0]} could not create an NCCL unique id: {problem}",
+                         ranks=channel.ranks)
+    # NOTE: ncclCommInitRank blocks until every rank joins; a rank that fails before it leaves
+    # the others waiting inside NCCL (no deadline yet: non-blocking init is future work).
+    comm = _core.NcclCommunicator(uid, len(channel.ranks), channel.index, device)
+    return comm, dict(channel.index_of)
 
 
 def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.ndarray,
@@ -108,13 +164,13 @@ def _messages(messages, bucket, segments, tensor_addr, tensor_side, staging_base
     """
     keep = np.ones(len(segments), dtype=bool)
     rows = []
-    for peer, _, offset, nbytes in messages_in_bucket(messages, bucket):
+    for peer, offset, nbytes in bucket_messages(messages, bucket):
         address = staging_base + offset
         mine = np.flatnonzero(segments[:, SEG["peer"]] == peer)
         if zero_copy and len(mine) == 1 and _contiguous(segments[mine[0]], tensor_side):
             address = int(tensor_addr[mine[0]])
             keep[mine[0]] = False
-        rows.append((group_rank_of[int(peer)], address, nbytes))
+        rows.append((group_rank_of[peer], address, nbytes))
     return np.array(rows, dtype=np.int64).reshape(-1, 3), keep
 
 
@@ -140,26 +196,29 @@ def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bas
     num_buckets = max((plans[r].num_buckets for r in ranks), default=0)
     for bucket in range(num_buckets):
         p = bucket % 2
-        packs, unpacks, moves = [], [], []
+        packs, unpacks, moves_from, moves_to, moves_bytes = [], [], [], [], []
         for r in ranks:
             plan = plans[r]
             packs.append(_part(segments_in_bucket(plan.send, bucket), src_bases[r],
                                dst_staging=send_staging[p] + send_off[r]))
             unpacks.append(_part(segments_in_bucket(plan.recv, bucket), dst_bases=dst_bases[r],
                                  src_staging=recv_staging[p] + recv_off[r]))
-            for peer, _, offset, nbytes in messages_in_bucket(plan.recv_messages, bucket):
-                sender = plans[int(peer)].send_messages
+            for peer, offset, nbytes in bucket_messages(plan.recv_messages, bucket):
+                sender = plans[peer].send_messages
                 match = sender[(sender[:, MSG["peer"]] == r) & (sender[:, MSG["bucket"]] == bucket)]
                 if len(match) != 1 or match[0, MSG["bytes"]] != nbytes:
                     raise RefitError(f"bucket {bucket}: rank {r} expects {nbytes} bytes from rank "
-                                     f"{peer}, which does not send them", ranks=[r, int(peer)])
-                moves.append((send_staging[p] + send_off[int(peer)] + match[0, MSG["offset"]],
-                              recv_staging[p] + recv_off[r] + offset, nbytes))
+                                     f"{peer}, which does not send them", ranks=[r, peer])
+                moves_from.append(send_staging[p] + send_off[peer] + int(match[0, MSG["offset"]]))
+                moves_to.append(recv_staging[p] + recv_off[r] + offset)
+                moves_bytes.append(nbytes)
         exchange = None
-        if moves:
-            m = np.array(moves, dtype=np.int64)
-            ones = np.ones(len(m), dtype=np.int64)
-            exchange = _core.SegmentTable(m[:, 0], m[:, 1], m[:, 2], m[:, 2], ones, m[:, 2])
+        if moves_bytes:  # one contiguous row per message: pitch = row bytes = message bytes
+            nbytes = np.array(moves_bytes, dtype=np.int64)
+            exchange = _core.SegmentTable(
+                src=np.array(moves_from, dtype=np.int64), dst=np.array(moves_to, dtype=np.int64),
+                src_pitch=nbytes, dst_pitch=nbytes, rows=np.ones(len(nbytes), dtype=np.int64),
+                row_bytes=nbytes)
         empty = np.zeros((0, 3), dtype=np.int64)
         executor.add_bucket(_concat_table(packs), empty, empty, exchange, _concat_table(unpacks))
     return executor, alloc

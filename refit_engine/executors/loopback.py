@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner
 from refit_engine.errors import RefitError
-from refit_engine.executors.cuda import (build_direct_loopback_executor,
-                                         build_loopback_executor, require_cuda)
+from refit_engine.executors.base import Executor
+from refit_engine.executors.cuda import (
+    CudaRefitExecutor,
+    build_direct_loopback_executor,
+    build_loopback_executor,
+    require_cuda,
+)
 from refit_engine.layouts import Layout
 from refit_engine.local import checked_info
-from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner
-from refit_engine.refit import DEFAULT_TIMEOUT_S, CudaRefitRunner
+from refit_engine.refit import DEFAULT_TIMEOUT_S
 
 
 def _bases(layout: Layout, tensors: dict, side: str, device: str) -> dict:
@@ -32,7 +37,10 @@ def _bases(layout: Layout, tensors: dict, side: str, device: str) -> dict:
     return out
 
 
-class LoopbackRefit:
+class LoopbackRefit(Executor):
+    """Every rank's plan of a refit, run in this process on one GPU (no transport: not built
+    by the factory, which builds one rank's executor)."""
+
     def __init__(self, src: Layout, dst: Layout, src_tensors: dict, dst_tensors: dict,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: int = 0, direct: bool = False):
         """src_tensors / dst_tensors: (rank, key) -> tensor on cuda:`device` for every buffer.
@@ -53,14 +61,13 @@ class LoopbackRefit:
             {r: dst_bases.get(r, empty_dst) for r in self.plans}, device)
         self.device = device
         self.keep = (src_tensors, dst_tensors)
-        self._runner = CudaRefitRunner(self.executor, self._staging, None, device)
+        self._runner = CudaRefitExecutor(self.executor, self._staging, None, device)
 
     def bytes_moved(self) -> dict:
         return {"local": sum(p.bytes_local for p in self.plans.values()),
                 "remote": sum(p.bytes_sent for p in self.plans.values())}
 
-    def run(self, graph: bool = False, stream: int | None = None,
-            timeout_s: float = DEFAULT_TIMEOUT_S,
-            sync: bool = True) -> None:
+    def run(self, graph: bool = False, stream: int | None = None, sync: bool = True,
+            timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Enqueue one refit on `stream` (default: torch's current stream); wait if `sync`."""
         self._runner.run(graph, stream, sync, timeout_s)

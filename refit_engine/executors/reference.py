@@ -17,9 +17,10 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from refit_engine import dtypes
+from refit_engine.compiler import RankPlan, bucket_messages, segments_in_bucket
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Layout, placement_box
-from refit_engine.compiler import SEG, RankPlan, messages_in_bucket, segments_in_bucket
+from refit_engine.tables import PLACEMENT, SEG
 
 Buffers = dict  # (rank, key) -> contiguous NumPy array (any dtype; bytes are what count)
 
@@ -64,19 +65,19 @@ def run_reference(plans: Mapping[int, RankPlan], src: Layout, dst: Layout,
             staging = np.zeros(size, dtype=np.uint8)
             in_bucket = segments_in_bucket(plan.send, bucket)
             _copy(in_bucket, src_flat, {-1: staging})
-            for peer, b, offset, nbytes in messages_in_bucket(plan.send_messages, bucket):
-                wire[(rank, int(peer), int(b))] = staging[offset:offset + nbytes].copy()
+            for peer, offset, nbytes in bucket_messages(plan.send_messages, bucket):
+                wire[(rank, peer, bucket)] = staging[offset:offset + nbytes].copy()
     for rank, plan in plans.items():
         for bucket, size in enumerate(plan.recv_staging_bytes):
             staging = np.zeros(size, dtype=np.uint8)
-            for peer, b, offset, nbytes in messages_in_bucket(plan.recv_messages, bucket):
-                message = wire.pop((int(peer), rank, int(b)), None)
+            for peer, offset, nbytes in bucket_messages(plan.recv_messages, bucket):
+                message = wire.pop((peer, rank, bucket), None)
                 if message is None or message.size != nbytes:
                     raise RefitError(
-                        f"rank {rank} expects {nbytes} bytes from rank {peer} in bucket {b}, "
+                        f"rank {rank} expects {nbytes} bytes from rank {peer} in bucket {bucket}, "
                         f"but the sender's plan has "
                         f"{'no such message' if message is None else f'{message.size} bytes'}",
-                        ranks=[rank, int(peer)])
+                        ranks=[rank, peer])
                 staging[offset:offset + nbytes] = message
             in_bucket = segments_in_bucket(plan.recv, bucket)
             _copy(in_bucket, {-1: staging}, dst_flat)
@@ -92,7 +93,8 @@ def run_reference(plans: Mapping[int, RankPlan], src: Layout, dst: Layout,
 def _piece_views(layout: Layout, buffers: Buffers, ranks=None):
     """Yields (tensor name, global index tuple, local strided view) for every piece (of `ranks`)."""
     for row in layout.placements():
-        tensor, buffer, offset = (int(v) for v in row[:3])
+        tensor, buffer = int(row[PLACEMENT["tensor"]]), int(row[PLACEMENT["buffer"]])
+        offset = int(row[PLACEMENT["local_offset"]])
         meta, buf = layout.tensors[tensor], layout.buffers[buffer]
         if ranks is not None and buf.rank not in ranks:
             continue

@@ -1,0 +1,46 @@
+"""The executor interface: what `refit.execute` runs, whatever moves the bytes.
+
+An executor is one rank's compiled plan bound to that rank's tensors (addresses fixed at
+binding). `refit.plan` builds one through `executors.factory.build_executor`, keyed by the
+plan's transport ("gloo" for CPU tensors, "nccl" for CUDA tensors); every refit is one `run`.
+A new transport is a new `Executor` subclass in its own module and one line in the factory.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from refit_engine.channel import Channel
+from refit_engine.compiler import RankPlan
+
+
+class Executor(abc.ABC):
+    """Runs one refit per `run`, as often as asked, on the same tensors."""
+
+    # The factory's key: how bytes travel between ranks.
+    transport: str = ""
+
+    @classmethod
+    def for_plan(cls, rank_plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
+                 channel: Channel, device: str, threads: int | None,
+                 ranks_per_node: int) -> "Executor":
+        """This rank's executor of `rank_plan`, over the plan's `channel` (its gloo group: the
+        peers, their order, the timeout). src_addresses / dst_addresses: address of each
+        buffer of that side (0 where not this rank's); device: "cpu" or "cuda:N", where this
+        rank's tensors are; threads: copy threads (None: the executor's default, which may
+        depend on ranks_per_node). Collective over the channel when the transport needs setup
+        (an NCCL communicator)."""
+        raise NotImplementedError(f"{cls.__name__} is not built from one rank's plan")
+
+    @abc.abstractmethod
+    def run(self, graph: bool, stream: int | None, sync: bool, timeout_s: float) -> None:
+        """One refit. graph: capture it as a CUDA graph on the first call, replay after (CUDA
+        only); stream: the CUDA stream handle to order it on (None: torch's current stream;
+        ignored on CPU); sync: wait for it to finish; timeout_s: how long any wait may take.
+        Raises RefitError."""
+
+    def close(self) -> None:
+        """Releases what the executor holds beyond memory (nothing, unless overridden); the
+        plan calls it when it is closed. Resources go with the executor when it is dropped."""
