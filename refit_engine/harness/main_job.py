@@ -36,7 +36,7 @@ from refit_engine.errors import RefitError
 from refit_engine.harness import launch, spawn
 from refit_engine.harness.cli import (layout_arg, non_negative_int, overrides_arg, positive_float,
                                       positive_int)
-from refit_engine.harness.config import RunConfig
+from refit_engine.harness.config import RunConfig, check_layouts
 from refit_engine.harness.cost import floor, predict, rank_figures
 from refit_engine.harness.grid import ParallelGrid, parse_layout_spec
 from refit_engine.harness.logs import LOGGER, configure
@@ -45,46 +45,6 @@ from refit_engine.harness.summary import describe_layout, key_figures, summary_t
 from refit_engine.harness.timing import slowest, timed_collective
 from refit_engine.harness.topology import measure_here
 from refit_engine.verify import check_exact
-
-
-def check_layouts(cfg, src: dict, dst: dict, world: int, non_collocated: bool) -> None:
-    """Refuse (RefitError, one reason) a source / destination layout that cannot be built on
-    `world` ranks (half of them each when non-collocated): sizes that do not divide the ranks
-    or the model's dimensions. Cheap, without torch: called before any process starts."""
-    if world < 1:
-        raise RefitError(f"the world needs at least one rank, not {world}")
-    if non_collocated and (world < 2 or world % 2):
-        raise RefitError(f"non-collocated runs put the source on one half of the ranks and the "
-                         f"destination on the other: the world must be even, not {world}")
-    side = world // 2 if non_collocated else world
-    where = f"{side} ranks" + (" (half of the world, non-collocated)" if non_collocated else "")
-    for name, spec in (("source", src), ("destination", dst)):
-        text = ",".join(f"{k}={v}" for k, v in spec.items())
-        for key, value in spec.items():
-            if value < 1:
-                raise RefitError(f"{name} layout {text}: {key} must be >= 1, not {value}")
-        tp, pp, ep, etp = spec["tp"], spec["pp"], spec["ep"], spec["etp"]
-        if side % (tp * pp):
-            raise RefitError(f"{name} layout {text}: TP {tp} x PP {pp} = {tp * pp} does not "
-                             f"divide {where}")
-        if side % (ep * etp * pp):
-            raise RefitError(f"{name} layout {text}: EP {ep} x ETP {etp} x PP {pp} = "
-                             f"{ep * etp * pp} does not divide {where}")
-        dims = [("attention heads", cfg.num_heads, tp, "TP"), ("vocab", cfg.vocab, tp, "TP"),
-                ("dense FFN size", cfg.dense_ffn, tp, "TP"),
-                ("shared-expert FFN size", cfg.shared_expert_ffn, tp, "TP"),
-                ("experts", cfg.num_experts, ep, "EP"), ("expert FFN size", cfg.moe_ffn, etp, "ETP")]
-        for what, size, parts, label in dims:
-            if size % parts:
-                raise RefitError(f"{name} layout {text}: the model's {size} {what} do not "
-                                 f"divide by {label} {parts}")
-        if cfg.num_layers < pp:
-            raise RefitError(f"{name} layout {text}: {cfg.num_layers} layers cannot fill "
-                             f"{pp} pipeline stages")
-        base, extra = divmod(cfg.num_layers, pp)
-        if extra not in (0, 1, pp - 1):  # megatron_builder._uneven_pipeline's rule
-            raise RefitError(f"{name} layout {text}: megatron cannot split {cfg.num_layers} "
-                             f"layers over {pp} stages (only the first or last stage may differ)")
 
 
 def place_on(chunks, device: str) -> None:
