@@ -10,9 +10,10 @@ Tables are int64 arrays, one row per item. Code reads a column by name, never by
 - placements (PLACEMENT_FIELDS): one row per holder of each piece (`Layout.placements()`),
   for the reference executor and the tests; made here, never seen by the plan compiler.
 
-The compiled core exports the names of the tables it builds (`_core.SEGMENT_FIELDS`,
-`_core.MESSAGE_FIELDS`); the input tables' names are written here, matching the row structs
-the plan compiler reads (csrc/plan/types.h), until the core exports those too.
+Every name the plan compiler reads or writes comes from the compiled core
+(`_core.TENSOR_FIELDS`, `BUFFER_FIELDS`, `PIECE_FIELDS`, `SEGMENT_FIELDS`, `MESSAGE_FIELDS`,
+defined once in csrc/plan/schema.h); per-dimension columns are named `shape.0`, `start.0`, ...
+(`span` finds them). Only the placement table, which never crosses the boundary, is named here.
 """
 
 from __future__ import annotations
@@ -26,19 +27,24 @@ from refit_engine import _core
 MAX_DIMS = int(_core.MAX_DIMS)  # dims of a tensor at most: every box column comes in MAX_DIMS
 
 
+def dim_field(prefix: str, dim: int) -> str:
+    """The name of one per-dimension column: dim_field("start", 0) is "start.0"."""
+    return f"{prefix}.{dim}"
+
+
 def _dims(prefix: str) -> tuple[str, ...]:
-    return tuple(f"{prefix}{d}" for d in range(MAX_DIMS))
+    return tuple(dim_field(prefix, d) for d in range(MAX_DIMS))
 
 
-TENSOR_FIELDS = ("ndim", "itemsize", "dtype_code") + _dims("shape")
-BUFFER_FIELDS = ("rank", "numel", "itemsize")
-# A box of a global tensor and where it lies in a local tensor: global start and extent, and
-# the local tensor's element strides.
-BOX_FIELDS = _dims("start") + _dims("extent") + _dims("stride")
-PIECE_FIELDS = ("tensor", "holders_first", "holders_count", "local_offset") + BOX_FIELDS
-PLACEMENT_FIELDS = ("tensor", "buffer", "local_offset") + BOX_FIELDS
+TENSOR_FIELDS = tuple(_core.TENSOR_FIELDS)
+BUFFER_FIELDS = tuple(_core.BUFFER_FIELDS)
+PIECE_FIELDS = tuple(_core.PIECE_FIELDS)
 SEGMENT_FIELDS = tuple(_core.SEGMENT_FIELDS)
 MESSAGE_FIELDS = tuple(_core.MESSAGE_FIELDS)
+# A box of a global tensor and where it lies in a local tensor: global start and extent, and
+# the local tensor's element strides (the last columns of a piece).
+BOX_FIELDS = _dims("start") + _dims("extent") + _dims("stride")
+PLACEMENT_FIELDS = ("tensor", "buffer", "local_offset") + BOX_FIELDS
 
 
 def columns(fields: tuple[str, ...]) -> dict[str, int]:
@@ -55,9 +61,9 @@ MSG = columns(MESSAGE_FIELDS)
 
 
 def span(table: dict[str, int], prefix: str) -> slice:
-    """The MAX_DIMS columns `prefix`0, `prefix`1, ... of a table (shape, start, extent, stride),
-    which lie side by side in every table that has them."""
-    first = table[f"{prefix}0"]
+    """The MAX_DIMS columns `prefix`.0, `prefix`.1, ... of a table (shape, start, extent,
+    stride), which lie side by side in every table that has them."""
+    first = table[dim_field(prefix, 0)]
     return slice(first, first + MAX_DIMS)
 
 
@@ -77,7 +83,9 @@ class LayoutTables(NamedTuple):
     holders: np.ndarray     # flat: buffer index of each holder of each piece
 
 
-for _table, _fields in ((PIECE, PIECE_FIELDS), (PLACEMENT, PLACEMENT_FIELDS)):
-    # box_span relies on the box columns being contiguous and in BOX_FIELDS order.
-    assert _fields[box_span(_table)] == BOX_FIELDS
-del _table, _fields
+for _table, _fields in ((TENSOR, TENSOR_FIELDS), (PIECE, PIECE_FIELDS)):
+    # span and box_span rely on per-dimension columns side by side, in dimension order.
+    for _prefix in ("shape",) if _table is TENSOR else ("start", "extent", "stride"):
+        assert _fields[span(_table, _prefix)] == _dims(_prefix), _fields
+assert PIECE_FIELDS[box_span(PIECE)] == BOX_FIELDS, PIECE_FIELDS
+del _table, _fields, _prefix

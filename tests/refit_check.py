@@ -6,7 +6,7 @@ import numpy as np
 
 from refit_engine import Layout, Split, compile_plans
 from refit_engine.harness.grid import ParallelGrid
-from refit_engine.compiler import MSG, SEG
+from refit_engine.tables import MSG, SEG
 from refit_engine.executors.reference import materialize, random_globals, run_reference
 
 POISONS = (0xA5, 0x5A)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from refit_engine import Layout, Planner, RefitError, Split, compile_plans
 from refit_engine.harness.grid import ParallelGrid
-from refit_engine.compiler import MSG, SEG
+from refit_engine.tables import BUFFER, MSG, PIECE, SEG, TENSOR
 
 from refit_check import check_refit, dense
 
@@ -151,8 +151,8 @@ def test_replicas_are_one_piece_with_rank_sorted_holders():
     layout.add_buffer(1, "again", (8, 4), "float32")  # rank 1 holds the box a second time
     layout.add_piece("w", 1, "again", (0, 0), (8, 4))
     _, _, buffers, pieces, holders = layout.tables()
-    assert len(pieces) == 2 and list(pieces[:, 2]) == [3, 1]
-    assert [int(buffers[b, 0]) for b in holders] == [1, 2, 3, 1]
+    assert len(pieces) == 2 and list(pieces[:, PIECE["holders_count"]]) == [3, 1]
+    assert [int(buffers[b, BUFFER["rank"]]) for b in holders] == [1, 2, 3, 1]
     assert len(layout.placements()) == 4
     check_refit(layout, tp_layout(4, 2, shape=(8, 4), dtype="float32"))
 
@@ -161,56 +161,56 @@ def test_holders_out_of_rank_order():
     src, dst = tp_layout(2, 1), tp_layout(2, 1)
 
     def swapped(src_t, dst_t):  # ranks 1, 0
-        src_t[4][:] = src_t[4][::-1].copy()
+        src_t["holders"][:] = src_t["holders"][::-1].copy()
     with pytest.raises(RefitError, match=r"'w'.*\[0, 1\].*out of rank order or one rank twice"):
         _raw_planner(src, dst, swapped)
 
     def twice(src_t, dst_t):
-        src_t[4][:] = src_t[4][0]
+        src_t["holders"][:] = src_t["holders"][0]
     with pytest.raises(RefitError, match="out of rank order or one rank twice"):
         _raw_planner(src, dst, twice)
 
     def past_the_end(src_t, dst_t):
-        src_t[3][0, 2] = len(src_t[4]) + 1
+        src_t["pieces"][0, PIECE["holders_count"]] = len(src_t["holders"]) + 1
     with pytest.raises(RefitError, match="holders .* that do not exist"):
         _raw_planner(src, dst, past_the_end)
 
 
 def _raw_planner(src, dst, edit):
     """A planner from the two layouts' tables after `edit(src_tables, dst_tables)` changed
-    them in place: for inputs no Layout would produce."""
+    them in place (copies, by LayoutTables field name): for inputs no Layout would produce."""
     from refit_engine import _core
-    src_t = [t.copy() if hasattr(t, "copy") else list(t) for t in src.tables()]
-    dst_t = [t.copy() if hasattr(t, "copy") else list(t) for t in dst.tables()]
+    src_t = {k: t.copy() if hasattr(t, "copy") else list(t)
+             for k, t in src.tables()._asdict().items()}
+    dst_t = {k: t.copy() if hasattr(t, "copy") else list(t)
+             for k, t in dst.tables()._asdict().items()}
     edit(src_t, dst_t)
-    return _core.Planner(*src_t, *dst_t, 1 << 20, 0)
+    return _core.Planner(*src_t.values(), *dst_t.values(), 1 << 20, 0)
 
 
 def test_values_that_would_overflow_int64_are_rejected():
-    from refit_engine.layouts import PIECE_COLUMNS
-    col = {c: i for i, c in enumerate(PIECE_COLUMNS)}
     near_max = 2**63 - 3
 
     def far_start(side):  # start + extent wraps past int64: must not pass as inside the shape
         def edit(src_t, dst_t):
-            (src_t if side == "source" else dst_t)[3][0, col["start0"]] = near_max
+            (src_t if side == "source" else dst_t)["pieces"][0, PIECE["start.0"]] = near_max
         return edit
     for side in ("source", "destination"):
         with pytest.raises(RefitError, match=f"{side} piece .* lies outside the global shape"):
             _raw_planner(tp_layout(1, 1), tp_layout(1, 1), far_start(side))
 
     def huge_stride(src_t, dst_t):  # (extent - 1) * stride wraps to a small, "valid" hull
-        dst_t[3][0, col["stride0"]] = 2**62 + 1
+        dst_t["pieces"][0, PIECE["stride.0"]] = 2**62 + 1
     with pytest.raises(RefitError, match="reaching past the range of 64-bit offsets"):
         _raw_planner(tp_layout(1, 1), tp_layout(1, 1), huge_stride)
 
     def huge_rank(src_t, dst_t):
-        src_t[2][0, 0] = 2**60
+        src_t["buffers"][0, BUFFER["rank"]] = 2**60
     with pytest.raises(RefitError, match="rank 1152921504606846976 is out of range"):
         _raw_planner(tp_layout(1, 1), tp_layout(1, 1), huge_rank)
 
     def huge_shape(src_t, dst_t):
-        src_t[1][0, 3] = dst_t[1][0, 3] = 2**62
+        src_t["tensors"][0, TENSOR["shape.0"]] = dst_t["tensors"][0, TENSOR["shape.0"]] = 2**62
     with pytest.raises(RefitError, match="too large to address"):
         _raw_planner(tp_layout(1, 1), tp_layout(1, 1), huge_shape)
 
@@ -219,8 +219,8 @@ def test_error_before_pieces_are_checked_survives_bad_holders():
     # A name mismatch is reported (naming holders' ranks) while a piece's holder run still
     # points nowhere: the message must not read outside the tables.
     def edit(src_t, dst_t):
-        dst_t[0] = ["other"]
-        dst_t[3][0, 1] = 1 << 40
+        dst_t["names"] = ["other"]
+        dst_t["pieces"][0, PIECE["holders_first"]] = 1 << 40
     with pytest.raises(RefitError, match="'other'.*has no source"):
         _raw_planner(tp_layout(1, 1), tp_layout(1, 1), edit)
 
@@ -234,7 +234,7 @@ def test_bad_bucket_budget_and_node_size():
 
 def test_bad_element_size_in_tables():
     def edit(src_t, dst_t):
-        src_t[1][0, 1] = 2**33  # would have been truncated to 0 as a 32-bit element size
+        src_t["tensors"][0, TENSOR["itemsize"]] = 2**33  # would have been truncated to 0 as a 32-bit element size
     with pytest.raises(RefitError, match="element size 8589934592 is not valid"):
         _raw_planner(tp_layout(1, 1), tp_layout(1, 1), edit)
 

@@ -5,7 +5,7 @@ import pytest
 
 import refit_engine
 from refit_engine import _core
-from refit_engine.compiler import SEG, SEGMENT_FIELDS
+from refit_engine.tables import SEG, SEGMENT_FIELDS
 from refit_engine.executors.reference import _copy
 
 

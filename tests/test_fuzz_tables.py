@@ -26,9 +26,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from refit_engine import Layout, RefitError, Split, _core
-from refit_engine.layouts import PIECE_COLUMNS, part_pieces, row_major_strides
-from refit_engine.compiler import SEG, SEGMENT_FIELDS, Planner
+from refit_engine.compiler import Planner
 from refit_engine.executors.reference import _copy
+from refit_engine.layouts import part_pieces, row_major_strides
+from refit_engine.tables import BUFFER, PIECE, PIECE_FIELDS, SEG, SEGMENT_FIELDS, dim_field
 
 from refit_check import check_refit
 
@@ -38,7 +39,7 @@ FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                       HealthCheck.data_too_large,
                                                       HealthCheck.filter_too_much])
 REFUSED = (RefitError, ValueError, TypeError)
-COL = {c: i for i, c in enumerate(PIECE_COLUMNS)}
+COL = PIECE
 DTYPES = ("uint8", "bfloat16", "float32", "float64")
 INT64_MAX, INT64_MIN = 2**63 - 1, -2**63
 
@@ -57,7 +58,8 @@ def assert_plans_in_bounds(src_buffers, dst_buffers, plans):
     sides = {}
     for name, table in (("src", src_buffers), ("dst", dst_buffers)):
         rows = np.asarray(table).tolist()
-        sides[name] = [(r[0], r[1] * r[2]) for r in rows]  # (rank, bytes)
+        sides[name] = [(r[BUFFER["rank"]], r[BUFFER["numel"]] * r[BUFFER["itemsize"]])
+                       for r in rows]  # (rank, bytes)
     for rank, plan in plans.items():
         get = plan.__getitem__ if isinstance(plan, dict) else lambda k: getattr(plan, k)
         staging = {"send": list(get("send_staging_bytes")), "recv": list(get("recv_staging_bytes"))}
@@ -175,7 +177,7 @@ def layout_pair(draw, max_world=6):
 def test_random_valid_layouts_refit_exactly(pair, bucket, ranks_per_node, seed):
     src, dst = pair
     plans = check_refit(src, dst, bucket_bytes=bucket, seed=seed, ranks_per_node=ranks_per_node)
-    assert_plans_in_bounds(src.tables()[2], dst.tables()[2], plans)
+    assert_plans_in_bounds(src.tables().buffers, dst.tables().buffers, plans)
     planner = Planner(src, dst, bucket_bytes=bucket, ranks_per_node=ranks_per_node)
     for rank in list(plans)[:2]:
         assert planner.plan_rank(rank).fingerprint() == plans[rank].fingerprint()
@@ -259,12 +261,12 @@ def corrupted_tables(draw):
                 and table.dtype == np.int64 and table.flags.c_contiguous:
             flat = table.reshape(-1)
             i = draw(st.integers(0, table.size - 1))
-            if which == 3 and table.shape[1:] == (len(PIECE_COLUMNS),) and draw(st.booleans()):
+            if which == 3 and table.shape[1:] == (len(PIECE_FIELDS),) and draw(st.booleans()):
                 # a field of a piece that is in use
                 row = i // table.shape[1]
                 ndim = _ndim_of(tables[1], table[row, COL["tensor"]])
                 fields = ["tensor", "holders_first", "holders_count", "local_offset"] + [
-                    f"{f}{d}" for f in ("start", "extent", "stride") for d in range(ndim)]
+                    dim_field(f, d) for f in ("start", "extent", "stride") for d in range(ndim)]
                 i = row * table.shape[1] + COL[draw(st.sampled_from(fields))]
             if kind == "cell":
                 flat[i] = draw(INTERESTING)
@@ -506,7 +508,7 @@ def test_local_offset_at_int64_max_is_rejected():
 def test_error_message_of_a_box_ending_past_int64():
     # Formatting the rejected box computed start + extent (UB: signed overflow under UBSan).
     def edit(src_t, dst_t):
-        src_t[3][0, COL["start0"]] = INT64_MAX - 2
+        src_t[3][0, COL["start.0"]] = INT64_MAX - 2
     with pytest.raises(RefitError, match=r"piece \[9223372036854775805:\+4\] lies outside"):
         _raw(*_single("float32", (4,)), edit)
 
@@ -560,7 +562,7 @@ def test_huge_stride_after_a_small_one_is_planned_in_bounds():
     dst = Layout()
     dst.place("w", (2, 2, 2), "uint8", [(1, 0)])
     plans = Planner(src, dst).plan_all()
-    assert_plans_in_bounds(src.tables()[2], dst.tables()[2], plans)
+    assert_plans_in_bounds(src.tables().buffers, dst.tables().buffers, plans)
     assert sum(p.bytes_received for p in plans.values()) == 8
 
 

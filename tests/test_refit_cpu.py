@@ -140,7 +140,7 @@ def test_zero_copy_messages_chosen_per_side():
     """A message that is one contiguous piece goes straight from / into the tensor; others
     stay in staging. Pure NumPy: the selection logic of the NCCL executor."""
     from refit_engine.executors.cuda import _messages
-    from refit_engine.compiler import MSG, SEG, SEGMENT_FIELDS
+    from refit_engine.tables import MSG, SEG, SEGMENT_FIELDS
     segs = np.zeros((3, len(SEGMENT_FIELDS)), dtype=np.int64)
     # peer 5: one contiguous segment; peer 6: two segments (one message, packed).
     for i, (peer, rows, pitch) in enumerate([(5, 4, 64), (6, 1, 64), (6, 2, 128)]):
