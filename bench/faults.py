@@ -923,11 +923,11 @@ def _megatron_models(rank, world, dst_dtype="bfloat16", seeds=(11,)):
     import warnings
     warnings.filterwarnings("ignore")
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
-    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
-                                                      build_process_groups)
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     import dataclasses
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
-    s, d = ParallelLayout(tp=2, etp=2), ParallelLayout(tp=1)
+    s, d = ParallelGrid(world, tp=2, etp=2), ParallelGrid(world, tp=1)
     sp, dp = build_process_groups(s), build_process_groups(d)
     srcs = [build_kimi_k2(cfg, s, sp, seed=seed) for seed in seeds]
     dcfg = dataclasses.replace(cfg, dtype=dst_dtype) if dst_dtype != cfg.dtype else cfg
@@ -995,11 +995,12 @@ def _megatron_mtp(rank, world, case):
     torch = _torch()
     import refit_engine
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
-    from refit_engine.harness.models.megatron_builder import (ParallelLayout, _canonical_values,
-                                                      build_kimi_k2, build_process_groups)
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.megatron_builder import (_canonical_values, build_kimi_k2,
+                                                              build_process_groups)
     from refit_engine.verify import check_exact
     cfg = KimiK2Config.toy(num_layers=2, num_experts=8)
-    s, d = ParallelLayout(tp=2, ep=2, etp=2), ParallelLayout(tp=2, ep=2, etp=1)
+    s, d = ParallelGrid(world, tp=2, ep=2, etp=2), ParallelGrid(world, tp=2, ep=2, etp=1)
     src = build_kimi_k2(cfg, s, build_process_groups(s), seed=11, mtp_num_layers=1)
     dst_groups = build_process_groups(d)
     dst = build_kimi_k2(cfg, d, dst_groups, seed=22, mtp_num_layers=1)

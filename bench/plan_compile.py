@@ -50,7 +50,7 @@ def measure_ours(cfg, src_tp, dst_tp, repeats):
     return {
         "layout_build_s": layout_s,
         "tensors": len(src.tensors),
-        "pieces": int(len(src.tables()[3]) + len(dst.tables()[3])),
+        "pieces": int(len(src.tables().pieces) + len(dst.tables().pieces)),
         "placements": int(len(src.placements()) + len(dst.placements())),
         "ours_rank_s": rank["median"], "ours_rank": rank,
         "ours_cluster_s": cluster["median"], "ours_cluster": cluster,

@@ -320,6 +320,12 @@ def _named_plans_in_crossed_order(rank, world):
 
 def test_named_plans_built_in_crossed_order_never_pair():
     # Unnamed, the two ranks' first plans would pair (same names and shapes): a cross-wired
-    # plan. Named, each waits for its own partner and the mismatch raises.
-    for outcomes in run_world(_named_plans_in_crossed_order, 2):
-        assert outcomes[0] != "planned", outcomes
+    # plan. Named, each waits for its own partner and the mismatch raises. Rank 0 builds
+    # "rollout" then "reference", rank 1 the reverse: the rank whose first plan times out first
+    # may start its second while the other's first still waits, and those two have the same
+    # name, so they may pair (correctly). What must never happen: the two first plans (different
+    # names) pairing, or a plan planned on one rank only.
+    ranks = run_world(_named_plans_in_crossed_order, 2)
+    (first0, second0), (first1, second1) = ([o == "planned" for o in r] for r in ranks)
+    assert not (first0 and first1), ranks
+    assert first0 == second1 and first1 == second0, ranks  # "rollout", "reference" pairs

@@ -9,7 +9,7 @@ For every module of refit_engine:
   refit.py and the CPU executor import it at module level, so `import refit_engine` does), so a
   function-level torch import only hides where the dependency is.
 
-Harness modules are checked by the same rules (marked xfail until they pass). Run this file
+Harness modules are checked by the same rules. Run this file
 directly for the list of offenders: `python tests/test_imports.py`.
 """
 
@@ -160,11 +160,7 @@ _CYCLES = cycles()
 _OPTIONAL_MODULES = optional_modules()
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(
-        strict=False, reason="harness imports are being brought to the library's rules"))
-    if is_harness(m) else m
-    for m in MODULES])
+@pytest.mark.parametrize("module", MODULES)
 def test_module_imports(module):
     found = problems(module, _CYCLES, _OPTIONAL_MODULES)
     assert not found, f"{module}:\n  " + "\n  ".join(found)

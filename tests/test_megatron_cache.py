@@ -45,11 +45,11 @@ def _swap_and_check(original_plan, src, dst):
 def _collocated_worker(rank, world):
     original_plan, planned = _setup()
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
-    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
-                                                      build_process_groups)
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     from refit_engine.megatron import cached_plan, clear_caches
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
-    s, d = ParallelLayout(tp=2, ep=2), ParallelLayout(tp=1, ep=4)
+    s, d = ParallelGrid(world, tp=2, ep=2), ParallelGrid(world, tp=1, ep=4)
     spg, dpg = build_process_groups(s), build_process_groups(d)
     src1 = build_kimi_k2(cfg, s, spg, seed=11)
     src2 = build_kimi_k2(cfg, s, spg, seed=33)
@@ -108,11 +108,11 @@ def _bystander_worker(rank, world):
     ranks 2 and 3 holds neither model in every other refit."""
     original_plan, planned = _setup()
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
-    from refit_engine.harness.models.megatron_builder import (ParallelLayout, build_kimi_k2,
-                                                      build_process_groups)
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
-    s = ParallelLayout(tp=2, ep=2, ranks=(0, 1))
-    a, b = ParallelLayout(tp=1, ranks=(2,)), ParallelLayout(tp=1, ranks=(3,))
+    s = ParallelGrid(2, tp=2, ep=2)
+    a, b = ParallelGrid(1, tp=1, offset=2), ParallelGrid(1, tp=1, offset=3)
     spg, apg, bpg = build_process_groups(s), build_process_groups(a), build_process_groups(b)
     src = build_kimi_k2(cfg, s, spg, seed=11) or None
     dst_a = build_kimi_k2(cfg, a, apg, seed=22) or None

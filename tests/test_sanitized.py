@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = ROOT / "build" / "sanitize"
-TESTS = ("test_planner.py", "test_cpu_copy.py", "test_fuzz_tables.py", "test_native.py")
+TESTS = ("test_compiler.py", "test_cpu_copy.py", "test_fuzz_tables.py", "test_native.py")
 # The lines sanitizers start their reports with (ASan, LeakSanitizer, UBSan).
 REPORT = re.compile(r"ERROR: (Address|Leak)Sanitizer|runtime error: |SUMMARY: \w+Sanitizer")
 ASAN_OPTIONS = "detect_leaks=0:abort_on_error=1"

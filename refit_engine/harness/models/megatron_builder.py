@@ -64,7 +64,6 @@ except ImportError as exc:  # pragma: no cover - depends on the installed megatr
         f"megatron.core.process_groups_config.ProcessGroupCollection): {exc}") from exc
 
 __all__ = [
-    "ParallelLayout",
     "build_process_groups",
     "build_kimi_k2",
     "make_transformer_config",
@@ -84,22 +83,6 @@ def megatron_version() -> str:
 # --------------------------------------------------------------------------------------------
 # Layout and process groups
 # --------------------------------------------------------------------------------------------
-
-
-def ParallelLayout(tp: int = 1, pp: int = 1, ep: int = 1, etp: int = 1,
-                   ranks: Sequence[int] | None = None) -> ParallelGrid:
-    """The `ParallelGrid` of sizes `tp`..`etp` over the contiguous `ranks` (None: every rank
-    of the default world). Kept for callers written against the old ParallelLayout class
-    (bench/faults.py, tests/test_megatron_cache.py); new code builds a ParallelGrid."""
-    if ranks is None:
-        if not dist.is_initialized():
-            raise RuntimeError("ParallelLayout: ranks is None and torch.distributed is not "
-                               "initialized")
-        ranks = range(dist.get_world_size())
-    ranks = [int(r) for r in ranks]
-    if not ranks or ranks != list(range(ranks[0], ranks[0] + len(ranks))):
-        raise ValueError(f"ranks {ranks}: a layout's ranks are one contiguous, non-empty run")
-    return ParallelGrid(len(ranks), tp=tp, pp=pp, ep=ep, etp=etp, offset=ranks[0])
 
 
 def _enumerate_new_groups(enum: list[list[int]]):
