@@ -9,6 +9,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def tree() -> list[Path]:
+    """The checkout's files and folders: no build outputs, nothing hidden (.git, .whl)."""
+    return [p for p in ROOT.rglob("*")
+            if not any(part.startswith(".") or part == "build"
+                       for part in p.relative_to(ROOT).parts)]
+
+
 def layout_block() -> str:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Layout of the code", 1)[1].split("\n## ", 1)[0]
@@ -38,15 +45,20 @@ def test_every_cpp_file_and_folder_is_named():
 
 def test_every_named_file_exists():
     block = layout_block()
-    files = {p.name for p in ROOT.rglob("*") if ".git" not in p.parts and "build" not in p.parts}
+    files = {p.name for p in tree()}
     named = {w for w in words(block) if re.fullmatch(r"\w+\.(py|h|sh|md)", w)}
     assert named, "no file names found in the layout section"
     assert not sorted(named - files), f"named in the README but not in the tree: {sorted(named - files)}"
 
 
 def test_every_named_folder_exists():
-    block = layout_block()
-    folders = {p.name for p in ROOT.rglob("*") if p.is_dir()}
-    named = set(re.findall(r"(?<![\w./])([a-z_]+)/", block))  # paths, not "TP/PP"
+    # Folders are named at the start of a tree line ("csrc/", "transport/nccl/",
+    # "common/check.h"); prose in the descriptions ("pack/unpack", "TP/PP") is not a path.
+    folders = {p.name for p in tree() if p.is_dir()}
+    named = set()
+    for line in layout_block().splitlines():
+        first = line.strip().split(" ", 1)[0]
+        if "/" in first and re.fullmatch(r"[a-z_][\w./]*", first):
+            named.update(part for part in first.split("/")[:-1] if part)
     assert named, "no folders found in the layout section"
     assert not sorted(named - folders), f"folders named but absent: {sorted(named - folders)}"
