@@ -1,12 +1,16 @@
 """Dtype names shared by layouts, the plan compiler and the executors.
 
 Layouts name dtypes by string so the plan compiler needs neither torch nor NumPy dtypes; torch and
-NumPy dtypes are accepted and normalized here.
+NumPy dtypes are accepted and normalized here. The codes are assigned here; the plan
+compiler's messages name dtypes from its own table by code (`_core.DTYPE_NAMES`), checked
+against this one at import.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from refit_engine import _core
 
 # name -> (code, itemsize). Codes are stable: they cross into the plan compiler.
 _DTYPES = {
@@ -26,6 +30,11 @@ _DTYPES = {
     "uint32": (13, 4),
     "uint64": (14, 8),
 }
+# NOTE: an older build of _core (no DTYPE_NAMES) is checked once it is rebuilt.
+_CORE_NAMES = tuple(getattr(_core, "DTYPE_NAMES", ()))
+if _CORE_NAMES and _CORE_NAMES != tuple(sorted(_DTYPES, key=lambda n: _DTYPES[n][0])):
+    raise ImportError(f"refit_engine._core names dtypes {_CORE_NAMES}, unlike refit_engine.dtypes "
+                      f"{tuple(_DTYPES)}: rebuild the package (pip install .)")
 _ALIASES = {"half": "float16", "float": "float32", "double": "float64", "long": "int64",
             "int": "int32", "short": "int16"}
 

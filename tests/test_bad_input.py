@@ -70,6 +70,12 @@ def _bad_cases(rank):
     def dtype_mismatch():
         return _model(rank, 2, g), _model(rank, 1, g, 0xA5, dtype=torch.float32), {}
 
+    def empty_dtype_mismatch():  # zero-size tensors are checked in Python (local.py)
+        s, d = _model(rank, 2, g), _model(rank, 1, g, 0xA5)
+        s.add("empty", torch.zeros(0, 4, dtype=torch.bfloat16), (0, 4))
+        d.add("empty", torch.zeros(0, 4, dtype=torch.float32), (0, 4))
+        return s, d, {}
+
     def tp_does_not_divide():
         s = ShardedTensors()
         s.add("fc1", torch.zeros(11, 16, dtype=torch.bfloat16), (32, 16), Split(0, 3), rank)
@@ -172,7 +178,12 @@ def _bad_cases(rank):
         "tensor missing in destination": (missing_in_dst, "norm", [0, 1], "extra tensor"),
         "extra tensor": (extra_tensor, "extra", [0, 1], "extra tensor"),
         "global shape mismatch": (shape_mismatch, "proj", [0, 1], "global shape differs"),
-        "dtype mismatch": (dtype_mismatch, "fc1", [0, 1], "dtype differs"),
+        # dtypes named, not numbered (the plan compiler's table, _core.DTYPE_NAMES)
+        "dtype mismatch": (dtype_mismatch, "fc1", [0, 1],
+                           "dtype differs between source and destination (bfloat16 and float32)"),
+        "dtype mismatch, empty tensor": (empty_dtype_mismatch, "empty", [0, 1],
+                                         "dtype differs between source and destination "
+                                         "(bfloat16 and float32)"),
         "TP does not divide": (tp_does_not_divide, "fc1", [0], "does not divide"),
         "EP does not divide experts": (ep_does_not_divide, "*", [0, 1], "do not divide"),
         "part out of range": (part_out_of_range, "fc1", None, "out of range"),

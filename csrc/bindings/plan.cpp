@@ -7,12 +7,15 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <iterator>
 #include <string>
+#include <vector>
 
 #include "bindings/bindings.h"
 #include "plan/error.h"
 #include "plan/planner.h"
 #include "plan/schema.h"
+#include "plan/validate.h"
 
 namespace py = pybind11;
 
@@ -168,6 +171,9 @@ void bind_plan(py::module_& m) {
     m.attr("PIECE_FIELDS") = fields(schema::piece_fields());
     m.attr("SEGMENT_FIELDS") = schema::segment_fields();
     m.attr("MESSAGE_FIELDS") = schema::message_fields();
+    // Dtype names by code, as the planner's messages name them (checked by dtypes.py).
+    m.attr("DTYPE_NAMES") = py::tuple(py::cast(
+        std::vector<std::string>(std::begin(kDtypeNames), std::end(kDtypeNames))));
 
     py::class_<Planner>(m, "Planner", "Validated, indexed layouts of both sides; compiles plans.")
         .def(py::init([](std::vector<std::string> src_names, const py::object& src_tensors,

@@ -181,6 +181,11 @@ void check_disjoint(const Side& dst, int64_t b, std::vector<Placed>& placed) {
 
 }  // namespace
 
+std::string dtype_name(int64_t code) {
+    if (code >= 0 && code < kNumDtypeNames) return kDtypeNames[code];
+    return "dtype code " + std::to_string(code);
+}
+
 void check_options(const PlanOptions& options) {
     if (options.bucket_bytes <= 0) {
         throw PlanError("*", {}, "bucket_bytes must be positive, got " +
@@ -252,9 +257,9 @@ std::vector<int64_t> check_tensors(const Side& src, const Side& dst) {
         }
         if (a.dtype_code != b.dtype_code || a.itemsize != b.itemsize) {
             throw PlanError(name, both_holder_ranks(src, s, dst, t),
-                            "dtype differs between source and destination (dtype codes " +
-                                std::to_string(a.dtype_code) + " and " +
-                                std::to_string(b.dtype_code) + ")");
+                            "dtype differs between source and destination (" +
+                                dtype_name(a.dtype_code) + " and " + dtype_name(b.dtype_code) +
+                                ")");
         }
         src_of_dst[t] = s;
         src_used[s] = true;

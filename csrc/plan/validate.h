@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "plan/geometry.h"
@@ -15,6 +16,17 @@
 namespace refit {
 
 struct ReplicaIndex;  // replicas.h
+
+// Dtype names by code, for messages: the planner compares codes only (equal codes, equal
+// dtypes). refit_engine/dtypes.py assigns the codes and checks this table against its own at
+// import (exported as _core.DTYPE_NAMES).
+inline constexpr const char* kDtypeNames[] = {
+    "bool",    "uint8",   "int8",          "int16",       "int32",  "int64",  "float16", "bfloat16",
+    "float32", "float64", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"};
+constexpr int64_t kNumDtypeNames = int64_t(sizeof(kDtypeNames) / sizeof(kDtypeNames[0]));
+
+// The name of dtype `code` ("dtype code 42" for a code outside the table).
+std::string dtype_name(int64_t code);
 
 // Ranks are process ranks: dense, and far below this (it bounds the planner's per-rank index).
 constexpr int64_t kMaxRank = int64_t(1) << 24;
