@@ -22,6 +22,7 @@ import re
 
 import torch.distributed as dist
 
+from refit_engine.channel import group_ranks
 from refit_engine.errors import RefitError
 from refit_engine.layouts import Split
 from refit_engine.local import ShardedTensors
@@ -177,13 +178,53 @@ def _tensors(chunk):
                    _Slot(module._buffers, buf_name, buf))
 
 
-def describe(model) -> ShardedTensors:
-    """This rank's pieces of every parameter and persistent buffer of `model` (chunk or list)."""
+def persistent_buffers(model):
+    """(canonical name, module buffer table, attribute, tensor) of every persistent buffer of
+    `model` (chunk or list), e.g. the router's `expert_bias`: what dtype harmonization reads on
+    the source and replaces on the destination."""
+    for chunk in _chunks(model):
+        naming = Naming(chunk)
+        for name, tensor, is_param, slot in _tensors(chunk):
+            if not is_param:
+                yield naming.canonical(name, is_param), slot.table, slot.attr, tensor
+
+
+def _claimed(what: str, group, rank_offset: int, refit_group) -> list[int]:
+    """Global ranks of one of the model's process groups.
+
+    rank_offset 0: the group's own (global) ranks, as always. Otherwise megatron-core's rule
+    (`swap_model_weights(..., src_rank_offset=, dst_rank_offset=)`): the group's ranks plus
+    the offset are ranks of `refit_group`, mapped here to the global ranks the plan uses; an
+    offset that maps them outside `refit_group`, or not onto this very rank, is refused."""
+    ranks = [int(r) for r in dist.get_process_group_ranks(group)]
+    if not rank_offset:
+        return ranks
+    members = group_ranks(refit_group)
+    me = dist.get_rank()
+    shifted = [r + rank_offset for r in ranks]
+    where = (f"its {what} process group's ranks {ranks} + rank offset {rank_offset} = "
+             f"{shifted}")
+    if any(not 0 <= r < len(members) for r in shifted):
+        raise RefitError(f"rank-offset mismatch: {where} fall outside the refit group's ranks "
+                         f"0..{len(members) - 1}", ranks=[me, *ranks])
+    if members.index(me) not in shifted:
+        raise RefitError(f"rank-offset mismatch: {where}, which leaves out this rank (rank "
+                         f"{members.index(me)} of the refit group)", ranks=[me, *ranks])
+    return [members[r] for r in shifted]
+
+
+def describe(model, rank_offset: int = 0, group=None) -> ShardedTensors:
+    """This rank's pieces of every parameter and persistent buffer of `model` (chunk or list).
+
+    rank_offset, group: megatron-core's rank offset of this side and the refit's group (None:
+    the default group); see `_claimed`. They change only which global ranks the model's
+    process groups are taken to span (checked by `refit.plan` against the group), never which
+    piece a rank holds."""
     local = ShardedTensors()
     chunks = _chunks(model)
     for index, chunk in enumerate(chunks):
         pgc = _pg_collection(chunk)
-        tp, expert_tp, ep = getattr(pgc, "tp", None), getattr(pgc, "expt_tp", None), getattr(pgc, "ep", None)
+        tp, expert_tp = getattr(pgc, "tp", None), getattr(pgc, "expt_tp", None)
         naming = Naming(chunk)
         for name, tensor, is_param, slot in _tensors(chunk):
             canonical = naming.canonical(name, is_param)
@@ -203,7 +244,9 @@ def describe(model) -> ShardedTensors:
             key = f"{index}.{name}" if len(chunks) > 1 else name
             local.add(canonical, data, shape, split, part, key=key)
             local.current[key] = slot  # re-checked before every refit (binding.stale_reason)
-        for group in (tp, expert_tp, ep, getattr(pgc, "pp", None)):
-            if group is not None:
-                local.claimed_ranks.update(dist.get_process_group_ranks(group))
+        # The groups megatron-core's refit offsets (dp only where the collection has one).
+        for what in ("tp", "expt_tp", "ep", "pp", "dp"):
+            group_of = getattr(pgc, what, None)
+            if group_of is not None:
+                local.claimed_ranks.update(_claimed(what, group_of, rank_offset, group))
     return local

@@ -182,8 +182,8 @@ def _bad_cases(rank):
         "dtype mismatch": (dtype_mismatch, "fc1", [0, 1],
                            "dtype differs between source and destination (bfloat16 and float32)"),
         "dtype mismatch, empty tensor": (empty_dtype_mismatch, "empty", [0, 1],
-                                         "dtype differs between source and destination "
-                                         "(bfloat16 and float32)"),
+                                         ("dtype differs between source and destination "
+                                          "(bfloat16 and float32)")),
         "TP does not divide": (tp_does_not_divide, "fc1", [0], "does not divide"),
         "EP does not divide experts": (ep_does_not_divide, "*", [0, 1], "do not divide"),
         "part out of range": (part_out_of_range, "fc1", None, "out of range"),

@@ -81,7 +81,7 @@ def _collocated_worker(rank, world):
     # Other options are another plan; the earlier one stays cached.
     _poison(dst)
     from refit_engine.megatron import swap_model_weights
-    swap_model_weights(src1, dst, timeout_s=60, bucket_bytes=1 << 16)
+    swap_model_weights(src1, dst, "gloo", timeout_s=60, bucket_bytes=1 << 16)
     out["small buckets"] = len(planned)
     out["same plan again"] = cached_plan(src1, dst, timeout_s=60) is \
         cached_plan(src1, dst, timeout_s=60)
