@@ -987,6 +987,38 @@ def _megatron_dtypes(rank, world, case):
     return run_refit(make)
 
 
+def _megatron_swap_bf16_bias(rank, world, case):
+    """The drop-in into a destination whose router expert_bias is bf16 (as Float16Module
+    leaves an inference model) from an fp32 one: the destination takes fp32 and the source's
+    values (megatron-core's buffer dtype harmonization), bit-exactly."""
+    torch = _torch()
+    import refit_engine
+    from refit_engine.megatron import swap_model_weights
+    from refit_engine.verify import check_exact
+    (src,), dst = _megatron_models(rank, world)
+    for module in dst[0].modules():
+        if module._buffers.get("expert_bias") is not None:
+            module.expert_bias = torch.full_like(module.expert_bias, 7, dtype=torch.bfloat16)
+    _, err = attempt("swap", swap_model_weights, src, dst, "gloo", timeout_s=30)
+    if err:
+        return err
+    dtypes = {str(b.dtype) for n, b in dst[0].named_buffers() if n.endswith("expert_bias")}
+    wrong = check_exact(refit_engine.plan(src, dst))
+    return {"exact": not wrong and dtypes == {"torch.float32"},
+            "note": f"expert_bias {sorted(dtypes)}, {len(wrong)} tensors wrong"}
+
+
+def _megatron_swap_offset_outside(rank, world, case):
+    """src_rank_offset=1 on a world of 2: the source's TP ranks [0, 1] + 1 = [1, 2], and the
+    group has no rank 2: refused on every rank before any byte moves."""
+    from refit_engine.megatron import swap_model_weights
+    (src,), dst = _megatron_models(rank, world)
+    snap = snapshot(dst)
+    _, err = attempt("swap", swap_model_weights, src, dst, "gloo", src_rank_offset=1,
+                     timeout_s=30)
+    return {**err, "untouched": untouched(dst, snap)} if err else {"exact": False}
+
+
 def _megatron_mtp(rank, world, case):
     """MTP-layer experts moving between ranks (EP2/ETP2 -> EP2/ETP1 on 4 ranks): named by
     global expert index, so they land on the right experts; checked bit-exactly."""
@@ -1194,7 +1226,14 @@ def cases() -> list[Case]:
           _megatron_changed_after_plan(_new_module_buffer), words="replaced", ranks=[1], share="megatron",
           needs="megatron", deadline=60),
         C("megatron: models on different dtypes (bf16 -> fp32)", _megatron_dtypes,
-          words="dtype", share="megatron", needs="megatron", deadline=60),
+          words="dtype differs between source and destination (bfloat16 and float32)",
+          share="megatron", needs="megatron", deadline=60),
+        C("megatron: swap_model_weights, bf16 destination expert_bias from fp32 (harmonized)",
+          _megatron_swap_bf16_bias, expect="ok", share="megatron", needs="megatron",
+          deadline=60),
+        C("megatron: swap_model_weights, rank offset mapping outside the group",
+          _megatron_swap_offset_outside, words="rank-offset mismatch", ranks=[0, 1],
+          share="megatron", needs="megatron", deadline=60),
         C("megatron: MTP-layer experts with EP on both sides", _megatron_mtp, expect="ok",
           world=4, needs="megatron", deadline=120),
     ]
