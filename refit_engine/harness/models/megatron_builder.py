@@ -243,6 +243,47 @@ def _with_context(function, context_factory):
     return wrapped
 
 
+_DUPLICATED_LINEAR = None
+
+
+def _duplicated_linear():
+    """A stand-in for `TELinear(parallel_mode="duplicated")`: megatron's plain `Linear` (weight
+    (out, in), not TP-split), accepting TELinear's keywords."""
+    global _DUPLICATED_LINEAR
+    if _DUPLICATED_LINEAR is None:
+        # megatron-core: only for latent-MoE projections without TE
+        from megatron.core.post_training.modelopt.layers import Linear
+
+        class DuplicatedLinear(Linear):
+            def __init__(self, input_size, output_size, *, parallel_mode=None, config,
+                         init_method, bias=True, skip_bias_add=False,
+                         skip_weight_param_allocation=False, is_expert=False, **_unused):
+                if parallel_mode != "duplicated":
+                    raise NotImplementedError(
+                        f"TELinear stand-in: parallel_mode {parallel_mode!r} (only 'duplicated')")
+                super().__init__(input_size, output_size, config=config,
+                                 init_method=init_method, bias=bias, skip_bias_add=skip_bias_add,
+                                 skip_weight_param_allocation=skip_weight_param_allocation,
+                                 is_expert=is_expert)
+
+        _DUPLICATED_LINEAR = DuplicatedLinear
+    return _DUPLICATED_LINEAR
+
+
+@contextlib.contextmanager
+def _latent_projections_without_te():
+    """While active, megatron's MoE layer module believes TE is there and builds `TELinear`
+    as a plain duplicated linear (hosts without TE only)."""
+    # megatron-core: only while an MoE layer is built without TE
+    from megatron.core.transformer.moe import moe_layer
+    saved = (getattr(moe_layer, "HAVE_TE", False), getattr(moe_layer, "TELinear", None))
+    moe_layer.HAVE_TE, moe_layer.TELinear = True, _duplicated_linear()
+    try:
+        yield
+    finally:
+        moe_layer.HAVE_TE, moe_layer.TELinear = saved
+
+
 def _patch_megatron_for_cpu() -> None:
     """Make megatron-core build Kimi K2 models and run its gloo refit without CUDA / TE.
 
@@ -273,6 +314,10 @@ def _patch_megatron_for_cpu() -> None:
        `resharding.refit.reshard_model_weights` (which `swap_model_weights` calls for every
        transfer) run under `_cuda_free_refit()`, where those CUDA calls are no-ops and pinned
        allocations unpinned. No CUDA only.
+    5. `MoELayer.__init__` builds latent-MoE projections (`moe_latent_size`) only with TE
+       (`assert HAVE_TE`, then `TELinear(parallel_mode="duplicated")`; 0.16.1 through 0.19):
+       without TE it runs with `HAVE_TE` True and `TELinear` a plain duplicated linear of the
+       same names and shapes (`_duplicated_linear`). No TE only.
     """
     global _PATCHED
     if _PATCHED:
@@ -298,6 +343,8 @@ def _patch_megatron_for_cpu() -> None:
         if hasattr(mla, "Linear") and mla.Linear is None:
             from megatron.core.post_training.modelopt.layers import Linear
             mla.Linear = Linear
+        from megatron.core.transformer.moe import moe_layer
+        _wrap_init(moe_layer.MoELayer, context_factory=_latent_projections_without_te)
 
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     accepted = inspect.signature(DotProductAttention.__init__).parameters
