@@ -226,6 +226,17 @@ def _megatron_check(src, dst, src_pgs, dst_pgs, ours):
     return {"ran": True, "version": megatron_version(), "differs": differs}
 
 
+def _destroy_groups(pgs):
+    """Destroy every process group of a collection (local: gloo groups need no collective)."""
+    if pgs is None:
+        return
+    seen = set()
+    for group in vars(pgs).values():
+        if isinstance(group, torch.distributed.ProcessGroup) and id(group) not in seen:
+            seen.add(id(group))
+            torch.distributed.destroy_process_group(group)
+
+
 def _world(rank, world, cases, compare_megatron):
     import time
     import warnings
@@ -237,7 +248,10 @@ def _world(rank, world, cases, compare_megatron):
     from refit_engine.megatron import cached_plan, clear_caches, swap_model_weights
     from refit_engine.verify import check_exact
     warnings.filterwarnings("ignore", category=UserWarning)
-    groups = {}  # process groups per layout, built once (collective, same order on all ranks)
+    # Process groups per layout: built at a layout's first case (collective, same order on
+    # all ranks), destroyed after its last (every gloo group keeps threads and sockets).
+    groups = {}
+    last_use = {layout: i for i, case in enumerate(cases) for layout in _layouts(case, world)}
 
     def pgs_of(layout):
         if layout not in groups:
@@ -245,7 +259,7 @@ def _world(rank, world, cases, compare_megatron):
         return groups[layout]
 
     report = {"mamba": mamba_unavailable(), "cases": {}}
-    for case in cases:
+    for number, case in enumerate(cases):
         start = time.perf_counter()
         cfg = _config(case)
         src_layout, dst_layout = _layouts(case, world)
@@ -254,27 +268,45 @@ def _world(rank, world, cases, compare_megatron):
             report["cases"][case["row"]] = {"skipped": reason}
             continue
         try:
+            phases = {}
+            mark = time.perf_counter()
+
+            def phase(what, phases=phases):
+                nonlocal mark
+                now = time.perf_counter()
+                phases[what] = round(now - mark, 2)
+                mark = now
+
             src_pgs, dst_pgs = pgs_of(src_layout), pgs_of(dst_layout)
+            phase("groups")
             src = build_gpt(cfg, src_layout, src_pgs, seed=SRC_SEED) or None
             dst = build_gpt(cfg, dst_layout, dst_pgs, seed=DST_SEED) or None
+            phase("build")
             entry = {"src_wrong": _oracle(src, src_layout, rank, cfg, SRC_SEED)}
             _poison(dst)
             entry["tensors"] = len(_tensors(dst))
             entry["unpoisoned"] = entry["tensors"] - len(
                 _oracle(dst, dst_layout, rank, cfg, SRC_SEED))
             entry["buffers"] = {n: str(t.dtype) for n, t, p in _tensors(dst) if not p}
+            phase("oracle")
             swap_model_weights(src, dst, refit_method="gloo")
+            phase("swap")
             entry["wrong"] = _oracle(dst, dst_layout, rank, cfg, SRC_SEED)
             entry["exact_wrong"] = check_exact(cached_plan(src, dst))
+            phase("check_exact")
             if compare_megatron:
                 ours = {name: _bits(t).clone() for name, t, _ in _tensors(dst)}
                 entry["megatron"] = _megatron_check(src, dst, src_pgs, dst_pgs, ours)
+                phase("megatron")
             clear_caches()
             del src, dst
+            entry["phases"] = phases
         except Exception as exc:  # names the layout; the other ranks then fail or time out
             raise RuntimeError(f"{_name(case)} raised on rank {rank}") from exc
         entry["seconds"] = time.perf_counter() - start
         report["cases"][case["row"]] = entry
+        for layout in [lay for lay in groups if last_use[lay] == number]:
+            _destroy_groups(groups.pop(layout))
     torch.distributed.barrier()
     return report
 
@@ -325,6 +357,8 @@ def _megatron(entries) -> str:
     differs = sorted({n for e in entries for n in e["megatron"]["differs"]})
     if not differs:
         return f"same bits ({m['version']})"
+    if not _buffers_refit(m["version"]) and all(n.endswith("expert_bias") for n in differs):
+        return f"same parameter bits ({m['version']} does not refit buffers: expert_bias)"
     return f"differs ({m['version']}): {differs[:4]}"
 
 
