@@ -11,10 +11,8 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
+from megatron_check import POISON, count_plans, poison
 from multiproc import run_world
-
-POISON = 0xA5
-
 
 # -- local checks: no process group needed, so they are made before any collective ------------
 
@@ -95,28 +93,6 @@ def test_refit_method_checked_like_megatron_before_any_collective():
 
 # -- multi-rank: toy Kimi K2 (MLA, MoE, fp32 expert_bias, bf16 parameters) on CPU / gloo --------
 
-def _setup():
-    import warnings
-    warnings.filterwarnings("ignore", category=UserWarning)
-    import refit_engine
-    original_plan = refit_engine.plan
-    planned = []
-
-    def counting_plan(*args, **kwargs):  # what the cache calls when it plans
-        planned.append(1)
-        return original_plan(*args, **kwargs)
-
-    refit_engine.plan = counting_plan
-    return original_plan, planned
-
-
-def _poison(model):
-    import torch
-    for chunk in model or []:
-        for t in list(chunk.parameters()) + list(chunk.buffers()):
-            t.data.view(torch.uint8).fill_(POISON)
-
-
 def _wrong(original_plan, src, dst, group=None):
     """The destination tensors of this rank that differ from the source (a fresh plan of these
     models, never executed; collective), and how many were checked."""
@@ -147,7 +123,7 @@ def _collocated_worker(rank, world):
         prepare_swap_model_weights,
         swap_model_weights,
     )
-    original_plan, planned = _setup()
+    original_plan, planned = count_plans()
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
     s, d = ParallelGrid(world, tp=2, ep=2), ParallelGrid(world, tp=1, ep=4)
     spg, dpg = build_process_groups(s), build_process_groups(d)
@@ -156,7 +132,7 @@ def _collocated_worker(rank, world):
     out = {"clear_caches is clear_all_caches": clear_caches is clear_all_caches}
 
     # None returned, statistics through stats=
-    _poison(dst)
+    poison(dst)
     stats = {"stale": 1}
     out["returned"] = swap_model_weights(src, dst, "gloo", stats=stats, timeout_s=60)
     out["stats"] = stats
@@ -167,7 +143,7 @@ def _collocated_worker(rank, world):
     clear_all_caches()
     out["prepare returned"] = prepare_swap_model_weights(src, dst, timeout_s=60)
     out["plans after prepare"] = len(planned)
-    _poison(dst)
+    poison(dst)
     swap_model_weights(src, dst, "nccl", timeout_s=60)  # a name, not an executor: CPU, gloo
     out["after prepare"] = _wrong(original_plan, src, dst)
     out["plans after swap"] = len(planned)
@@ -175,7 +151,7 @@ def _collocated_worker(rank, world):
     # clear_all_caches on one rank: every rank plans again
     if rank == 2:
         clear_all_caches()
-    _poison(dst)
+    poison(dst)
     swap_model_weights(src, dst, "gloo", timeout_s=60)
     out["after clear"] = _wrong(original_plan, src, dst)
     out["plans after clear"] = len(planned)
@@ -188,7 +164,7 @@ def _collocated_worker(rank, world):
             if module._buffers.get("expert_bias") is not None:
                 module.expert_bias = module.expert_bias.to(torch.bfloat16)
     out["bf16 biases before"] = sorted({str(b.dtype) for b in _expert_biases(dst).values()})
-    _poison(dst)
+    poison(dst)
     swap_model_weights(src, dst, "gloo", timeout_s=60)
     biases = _expert_biases(dst)
     out["bias dtypes after"] = sorted({str(b.dtype) for b in biases.values()})
@@ -203,7 +179,7 @@ def _collocated_worker(rank, world):
     chunk = dst[0]
     weight = chunk.decoder.final_layernorm.weight
     chunk.refresh_cache = lambda: seen.append(weight.detach().clone())
-    _poison(dst)
+    poison(dst)
     swap_model_weights(src, dst, "gloo", timeout_s=60)
     want = dict(src[0].named_parameters())["decoder.final_layernorm.weight"]
     out["refresh calls"] = len(seen)
@@ -212,7 +188,7 @@ def _collocated_worker(rank, world):
 
     # parameters of another dtype: refused on every rank, both dtypes named, nothing written
     dst32 = build_kimi_k2(dataclasses.replace(cfg, dtype="float32"), d, dpg, seed=22)
-    _poison(dst32)
+    poison(dst32)
     try:
         swap_model_weights(src, dst32, "gloo", timeout_s=60)
         out["dtype error"] = None
@@ -261,7 +237,7 @@ def _pools_worker(rank, world):
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
     from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     from refit_engine.megatron import swap_model_weights
-    original_plan, planned = _setup()
+    original_plan, planned = count_plans()
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
     s = ParallelGrid(2, tp=2)
     a, b = ParallelGrid(1, offset=2), ParallelGrid(1, offset=3)
@@ -272,7 +248,7 @@ def _pools_worker(rank, world):
     mine, pool = (dst_a, 0) if rank == 2 else (dst_b, 1) if rank == 3 else (None, 0)
     out = {}
     for step in range(2):
-        _poison(mine)
+        poison(mine)
         stats = {}
         swap_model_weights(src, mine, "gloo", num_dst_pools=2, dst_pool_index=pool,
                            stats=stats, timeout_s=60)
@@ -318,7 +294,7 @@ def _offsets_worker(rank, world):
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
     from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     from refit_engine.megatron import swap_model_weights
-    original_plan, planned = _setup()
+    original_plan, planned = count_plans()
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
     s, d = ParallelGrid(1, offset=1), ParallelGrid(2, tp=2, offset=2)
     spg, dpg = build_process_groups(s), build_process_groups(d)
@@ -330,12 +306,12 @@ def _offsets_worker(rank, world):
         dist.barrier()
         return out
     for offsets in ((-1, -1), (0, 0)):
-        _poison(dst)
+        poison(dst)
         swap_model_weights(src, dst, "gloo", group, *offsets, timeout_s=60)
         out[offsets] = _wrong(original_plan, src, dst, group=group)
     out["plans"] = len(planned)
     # destination offset +1: its TP ranks [2, 3] + 1 = [3, 4], group rank 3 does not exist
-    _poison(dst)
+    poison(dst)
     try:
         swap_model_weights(src, dst, "gloo", group, -1, +1, timeout_s=60)
         out["outside"] = None

@@ -7,29 +7,8 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from multiproc import run_world  # noqa: E402
-
-
-def _setup():
-    import warnings
-    warnings.filterwarnings("ignore", category=UserWarning)
-    import refit_engine
-    original_plan = refit_engine.plan
-    planned = []
-
-    def counting_plan(*args, **kwargs):  # what the cache calls when it plans
-        planned.append(1)
-        return original_plan(*args, **kwargs)
-
-    refit_engine.plan = counting_plan
-    return original_plan, planned
-
-
-def _poison(model):
-    import torch
-    for chunk in model or []:
-        for t in list(chunk.parameters()) + list(chunk.buffers()):
-            t.data.view(torch.uint8).fill_(0xA5)
+from megatron_check import count_plans, poison
+from multiproc import run_world
 
 
 def _swap_and_check(original_plan, src, dst):
@@ -37,15 +16,15 @@ def _swap_and_check(original_plan, src, dst):
     fresh plan of exactly these models (never executed)."""
     from refit_engine.megatron import swap_model_weights
     from refit_engine.verify import check_exact
-    _poison(dst)
+    poison(dst)
     swap_model_weights(src, dst, refit_method="gloo", timeout_s=60)
     return check_exact(original_plan(src, dst, timeout_s=60))
 
 
 def _collocated_worker(rank, world):
-    original_plan, planned = _setup()
-    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    original_plan, planned = count_plans()
     from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
     from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     from refit_engine.megatron import cached_plan, clear_caches
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
@@ -79,7 +58,7 @@ def _collocated_worker(rank, world):
     out["plans after clear"] = len(planned)
 
     # Other options are another plan; the earlier one stays cached.
-    _poison(dst)
+    poison(dst)
     from refit_engine.megatron import swap_model_weights
     swap_model_weights(src1, dst, "gloo", timeout_s=60, bucket_bytes=1 << 16)
     out["small buckets"] = len(planned)
@@ -106,9 +85,9 @@ def test_swap_model_weights_follows_source_and_replans_after_failures():
 def _bystander_worker(rank, world):
     """Source on ranks 0-1; two destinations on rank 2 and rank 3 in turn, so that each of
     ranks 2 and 3 holds neither model in every other refit."""
-    original_plan, planned = _setup()
-    from refit_engine.harness.models.kimi_k2 import KimiK2Config
+    original_plan, planned = count_plans()
     from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config
     from refit_engine.harness.models.megatron_builder import build_kimi_k2, build_process_groups
     cfg = KimiK2Config.toy(num_layers=2, num_experts=4)
     s = ParallelGrid(2, tp=2, ep=2)
