@@ -37,9 +37,11 @@ if [[ $what == suite* ]]; then
   if python3 -c "import xdist" 2>/dev/null && [[ ${PYTEST_WORKERS:-6} != 0 ]]; then
     parallel="-n ${PYTEST_WORKERS:-6} --dist loadfile"
   fi
-  REFIT_ENGINE_SLURM_TEST=0 timeout ${SUITE_TIMEOUT_S:-540} python3 -m pytest -q -rfEs \
+  # -v names every test as it ends, so a run cut by the call's limit still says which failed
+  # (the -rfEs summary comes only at the end); the console shows failures and totals.
+  REFIT_ENGINE_SLURM_TEST=0 timeout ${SUITE_TIMEOUT_S:-540} python3 -m pytest -v -rfEs \
     --timeout=${TEST_TIMEOUT_S:-180} -p no:cacheprovider $parallel $files 2>&1 | tee "$OUT/suite.log" \
-    | grep -v -i "warn" | tail -40 || rc=1
+    | grep -E "FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed)" | tail -40 || rc=1
 fi
 if [[ $what == suite || $what == suite-b ]]; then
   timeout ${MAIN_TIMEOUT_S:-180} python3 -m refit_engine.bench 2>&1 | tee "$OUT/mainjob.log" | tail -12 || rc=1
