@@ -43,7 +43,8 @@ import functools
 import importlib.util
 import inspect
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,8 +65,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed megatr
         f"megatron.core.process_groups_config.ProcessGroupCollection): {exc}") from exc
 
 __all__ = [
-    "build_process_groups",
     "build_kimi_k2",
+    "build_process_groups",
     "make_transformer_config",
     "megatron_version",
 ]
@@ -90,7 +91,7 @@ def _enumerate_new_groups(enum: list[list[int]]):
     return group
 
 
-def build_process_groups(grid: ParallelGrid) -> "ProcessGroupCollection | None":
+def build_process_groups(grid: ParallelGrid) -> ProcessGroupCollection | None:
     """Process groups of one model at `grid` (dense and expert groups) on its ranks
     `grid.ranks`.
 
@@ -601,6 +602,40 @@ def _canonical_init(chunks, seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def gpt_model(config, layer_spec, mtp_block_spec, pg_collection, layout: ParallelGrid,
+              dtype: str, seed: int, **gpt_kwargs):
+    """megatron's GPTModel of this rank's pipeline stage (untied embeddings, rope), seeded,
+    with MTP placement and groups when `mtp_block_spec` is given and every parameter in
+    `dtype` (the local spec's torch norms ignore params_dtype; TE's would not). Buffers
+    (router.expert_bias: float32) are left alone. Shared by the Kimi K2 and GPT builders."""
+    # megatron-core (optional dependency): imported where a model is built
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    def mtp_context(context):  # MTP placement and groups (see each); nothing else changes
+        return context if mtp_block_spec is not None else contextlib.nullcontext()
+
+    pp_rank = pg_collection.pp.rank()
+    torch.manual_seed(seed)
+    with mtp_context(_pipeline_stage(pg_collection.pp)), \
+            mtp_context(_mtp_process_groups(pg_collection)):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec,
+            pre_process=pp_rank == 0,
+            post_process=pp_rank == layout.pp - 1,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            pg_collection=pg_collection,
+            **({"mtp_block_spec": mtp_block_spec} if mtp_block_spec is not None else {}),
+            **gpt_kwargs,
+        )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dtype != _DTYPES[dtype] and param.is_floating_point():
+                param.data = param.data.to(_DTYPES[dtype])
+    return model
+
+
 def build_kimi_k2(cfg: KimiK2Config, layout: ParallelGrid, pg_collection, device="cpu",
                   seed: int = 1234, use_transformer_engine: bool | None = None,
                   duplicated_down_proj: bool = True, max_sequence_length: int = 4096,
@@ -629,7 +664,6 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelGrid, pg_collection, device
         raise ValueError(f"init must be 'canonical' or 'megatron', not {init!r}")
     # megatron-core (optional dependency): imported where a model is built
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
 
     device = torch.device(device)
     if use_transformer_engine is None:
@@ -666,28 +700,8 @@ def build_kimi_k2(cfg: KimiK2Config, layout: ParallelGrid, pg_collection, device
             mtp_block_spec = get_gpt_mtp_block_spec(
                 config, block_spec, use_transformer_engine=use_transformer_engine, **mtp_kwargs)
 
-    torch.manual_seed(seed)
-    with mtp_context(_pipeline_stage(pg_collection.pp)), \
-            mtp_context(_mtp_process_groups(pg_collection)):
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=block_spec,
-            vocab_size=cfg.vocab,
-            max_sequence_length=max_sequence_length,
-            pre_process=pp_rank == 0,
-            post_process=pp_rank == layout.pp - 1,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            pg_collection=pg_collection,
-            **({"mtp_block_spec": mtp_block_spec} if mtp_block_spec is not None else {}),
-        )
-    # The local spec's torch norms ignore params_dtype (float32); bring every parameter to
-    # cfg.dtype as TE's norms would. Buffers (router.expert_bias: float32) are left alone.
-    dtype = _DTYPES[cfg.dtype]
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dtype != dtype and param.is_floating_point():
-                param.data = param.data.to(dtype)
+    model = gpt_model(config, block_spec, mtp_block_spec, pg_collection, layout, cfg.dtype, seed,
+                      vocab_size=cfg.vocab, max_sequence_length=max_sequence_length)
     if init == "canonical":
         _canonical_init([model], seed)
     # Always: on a machine with CUDA, megatron allocates some buffers (the router's expert_bias

@@ -42,9 +42,9 @@ from refit_engine.harness.models.megatron_builder import (
     _DTYPES,
     _canonical_init,
     _have_te,
-    _mtp_process_groups,
     _patch_megatron_for_cpu,
     _pipeline_stage,
+    gpt_model,
     megatron_version,
 )
 
@@ -207,7 +207,6 @@ def build_gpt(cfg: GPTTestConfig, layout: ParallelGrid, pg_collection, seed: int
     if pg_collection is None:
         return []
     # megatron-core (optional dependency): imported where a model is built
-    from megatron.core.models.gpt.gpt_model import GPTModel
 
     if use_transformer_engine is None:
         use_transformer_engine = _have_te() and torch.cuda.is_available()
@@ -232,29 +231,8 @@ def build_gpt(cfg: GPTTestConfig, layout: ParallelGrid, pg_collection, seed: int
             mtp_block_spec = get_gpt_mtp_block_spec(
                 config, spec, use_transformer_engine=use_transformer_engine, **extra)
 
-    torch.manual_seed(seed)
-    with mtp_context(_pipeline_stage(pg_collection.pp)), \
-            mtp_context(_mtp_process_groups(pg_collection)):
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=cfg.vocab,
-            max_sequence_length=cfg.seq_len,
-            pre_process=pp_rank == 0,
-            post_process=pp_rank == layout.pp - 1,
-            parallel_output=False,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_percent=1.0,
-            pg_collection=pg_collection,
-            **({"mtp_block_spec": mtp_block_spec} if mtp_block_spec is not None else {}),
-        )
-    # The local spec's torch norms ignore params_dtype: bring every parameter to cfg.dtype as
-    # TE's norms would. Buffers (router.expert_bias: float32) are left alone.
-    dtype = _DTYPES[cfg.dtype]
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dtype != dtype and param.is_floating_point():
-                param.data = param.data.to(dtype)
+    model = gpt_model(config, spec, mtp_block_spec, pg_collection, layout, cfg.dtype, seed,
+                      vocab_size=cfg.vocab, max_sequence_length=cfg.seq_len,
+                      parallel_output=False, rotary_percent=1.0)
     _canonical_init([model], seed)
     return [model.to(device)]
