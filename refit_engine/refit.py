@@ -29,6 +29,7 @@ from refit_engine.executors.base import Executor
 from refit_engine.executors.factory import build_executor, transport_of
 from refit_engine.layouts import Layout
 from refit_engine.local import ShardedTensors, build_layout, check_empty_tensors
+from refit_engine.peers import IPC_SYNCS, TRANSPORTS, PeerLinks, choose_transports, this_device
 from refit_engine.verify import verify_checksums
 
 # Seconds any wait of a refit may take before it raises (override per plan or with
@@ -102,18 +103,26 @@ class Plan:
         rp = self.rank_plan
         return {"rank": self.rank, "bytes_local": rp.bytes_local, "bytes_sent": rp.bytes_sent,
                 "bytes_received": rp.bytes_received, "per_peer": rp.bytes_per_peer(),
-                "buckets": rp.num_buckets}
+                "buckets": rp.num_buckets, "bytes_ipc": self.executor.bytes_ipc,
+                "staging_bytes": self.executor.staging_bytes}
+
+    @property
+    def peer_transports(self) -> dict[int, str]:
+        """{peer: "ipc" | "nccl" | "gloo"} for every peer this rank exchanges bytes with."""
+        chosen = self.executor.peer_transports
+        return {p: chosen.get(p, self.executor.transport)
+                for p in self.rank_plan.bytes_per_peer()}
 
 
 def _check_same_options(options_of: dict) -> None:
-    """Every rank passed the same mode, timeout_s and threads (bucket_bytes and ranks_per_node
-    are in the plan fingerprint)."""
+    """Every rank passed the same mode, timeout_s, threads, transport and ipc_sync
+    (bucket_bytes and ranks_per_node are in the plan fingerprint)."""
     groups: dict = {}
     for rank, options in sorted(options_of.items()):
         groups.setdefault(options, []).append(rank)
     if len(groups) > 1:
-        seen = "; ".join(f"ranks {ranks}: mode={o[0]!r}, timeout_s={o[1]}, threads={o[2]}"
-                         for o, ranks in groups.items())
+        seen = "; ".join(f"ranks {ranks}: mode={o[0]!r}, timeout_s={o[1]}, threads={o[2]}, "
+                         f"transport={o[3]!r}, ipc_sync={o[4]!r}" for o, ranks in groups.items())
         raise RefitError(f"ranks disagree on plan()'s options ({seen})",
                          ranks=list(options_of))
 
@@ -139,7 +148,8 @@ def _check_ranks(gathered, group, mode: str) -> None:
 
 def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
          timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None,
-         mode: str = "auto", ranks_per_node: int | None = None, name: str = "plan") -> Plan:
+         mode: str = "auto", ranks_per_node: int | None = None, name: str = "plan",
+         transport: str = "auto", ipc_sync: str = "host") -> Plan:
     """Gather every rank's layouts over `group`, validate, compile this rank's plan and bind it.
 
     mode: "collocated" (both models on the same ranks), "non-collocated" (disjoint ranks) or
@@ -148,7 +158,11 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     else 0: no node preference). name: plans are matched across ranks by (group, name, how
     many plans of that name the group built before); give each refit its own name when ranks
     may build plans in different orders (say "policy->rollout" and "policy->reference" over
-    models of the same shapes, which nothing else could tell apart). Raises RefitError on every
+    models of the same shapes, which nothing else could tell apart). transport (CUDA tensors):
+    "auto" reads peers on the same node straight from their memory over CUDA IPC and uses
+    NCCL across nodes; "ipc" or "nccl" forces one for every peer (see `peers`). ipc_sync: how
+    IPC peers keep order, "host" (interprocess events and two host barriers per refit) or
+    "device" (flags in shared GPU memory: a graph=True refit then has no host step). Raises RefitError on every
     rank, before any byte moves, if any rank's input is bad, and when ranks disagree on the plan.
     """
     if not dist.is_initialized():
@@ -157,13 +171,14 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     if not isinstance(name, str) or not name:
         raise RefitError(f"name must be a non-empty string, not {name!r}", ranks=[rank])
     problem = _option_problem(bucket_bytes=bucket_bytes, timeout_s=timeout_s, threads=threads,
-                              mode=mode, ranks_per_node=ranks_per_node)
+                              mode=mode, ranks_per_node=ranks_per_node, transport=transport,
+                              ipc_sync=ipc_sync)
     # Every later wait of this plan, this first arrival included, is bounded by timeout_s
     # (the default when timeout_s itself is the problem: reported on every rank below).
     channel = Channel(group, DEFAULT_TIMEOUT_S if problem else timeout_s, what=name)
     try:
         return _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes,
-                     timeout_s, threads, mode, ranks_per_node)
+                     timeout_s, threads, mode, ranks_per_node, transport, ipc_sync)
     except BaseException:
         channel.close()
         raise
@@ -187,13 +202,17 @@ def _option_problem(**options) -> RefitError | None:
         reason = f"mode must be auto, collocated or non-collocated, not {mode!r}"
     elif per_node is not None and (not integer(per_node) or not 0 <= int(per_node) <= 1 << 20):
         reason = f"ranks_per_node must be None or an integer >= 0, not {per_node!r}"
+    elif options["transport"] not in TRANSPORTS:
+        reason = f"transport must be one of {TRANSPORTS}, not {options['transport']!r}"
+    elif options["ipc_sync"] not in IPC_SYNCS:
+        reason = f"ipc_sync must be one of {IPC_SYNCS}, not {options['ipc_sync']!r}"
     else:
         return None
     return RefitError(reason)
 
 
 def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, timeout_s, threads,
-          mode, ranks_per_node) -> Plan:
+          mode, ranks_per_node, transport, ipc_sync) -> Plan:
     status = problem
     try:
         if status is None:
@@ -203,7 +222,8 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     except Exception as exc:  # reported on every rank below
         src_local = dst_local = ShardedTensors()
         status = _status_of(exc)
-    options = (mode, float(timeout_s) if problem is None else None, threads)
+    options = (mode, float(timeout_s) if problem is None else None, threads,
+               transport if problem is None else None, ipc_sync if problem is None else None)
     gathered = channel.gather((rank, status, src_local.entries, dst_local.entries,
                                sorted(src_local.claimed_ranks | dst_local.claimed_ranks),
                                options), "layout exchange")
@@ -215,7 +235,8 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     dst_layout = build_layout([(r, d) for r, _, _, d, _ in gathered])
     if ranks_per_node is None:
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0))
-    rank_plan = Planner(src_layout, dst_layout, bucket_bytes, ranks_per_node).plan_rank(rank)
+    planner = Planner(src_layout, dst_layout, bucket_bytes, ranks_per_node)
+    rank_plan = planner.plan_rank(rank)
 
     # Bind tensors and check them; then check that every rank compiled the same plan: a cheap
     # fingerprint of the inputs and options every plan is derived from.
@@ -235,13 +256,16 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         check_overlaps(rank, src_current, dst_current)
         check_empty_tensors(src_layout, dst_layout)
         device = device_of(src_devices | dst_devices, rank)
+        where = this_device(device)
         status = None
     except Exception as exc:  # reported on every rank below
         status = _status_of(exc)
-        device = "cpu"
-    checks = channel.gather((rank, status, layouts_digest, device.split(":")[0]),
+        device, where = "cpu", None
+    checks = channel.gather((rank, status, layouts_digest, device.split(":")[0], where),
                             "binding check")
-    _raise_first([(r, s) for r, s, _, _ in checks], "binding tensors")
+    _raise_first([(r, s) for r, s, *_ in checks], "binding tensors")
+    devices = {r: w for r, *_, w in checks}
+    checks = [c[:4] for c in checks]
     digests = {}
     for r, _, d, _ in checks:
         digests.setdefault(d, []).append(r)
@@ -254,13 +278,21 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     if len(kinds) != 1:
         raise RefitError(f"some ranks hold CPU tensors and others CUDA tensors ({sorted(kinds)})",
                          ranks=[r for r, *_ in checks])
+    # Every rank derives the same per-peer choice (and the same refusal) from the same list.
+    links = None
+    if kinds == {"cuda"}:
+        links = PeerLinks(choose_transports(rank, devices, transport), planner.plan_rank,
+                          ipc_sync, devices, src_key=lambda b: src_layout.buffers[b].key)
+    elif transport != "auto":
+        raise RefitError(f"transport={transport!r} is for CUDA tensors; these are on the CPU "
+                         "(gloo moves them)", ranks=[r for r, *_ in checks])
 
     # Building the executors can fail on one rank (no CUDA build, out of memory): every rank
     # learns it in one more small step, so no rank returns a plan its peers do not have.
     executor, failure = None, None
     try:
         executor = build_executor(transport_of(next(iter(kinds))), rank_plan, src_addr, dst_addr,
-                                  channel, device, threads, ranks_per_node)
+                                  channel, device, threads, ranks_per_node, links=links)
     except Exception as exc:
         failure = _status_of(exc)
     if channel.union(int(failure is not None), "executors ready"):

@@ -53,6 +53,7 @@ void bind_cuda(py::module_& m) {
 
     // Each transport's Python classes; peer_transports() turns an executor's `comm` into them.
     bind_nccl(m);
+    bind_ipc(m);
 
     py::class_<CudaExecutor>(m, "CudaExecutor", "Runs one rank's (or, loopback, all ranks') plan.")
         .def(py::init([](int device, const py::object& comm) {
@@ -60,6 +61,7 @@ void bind_cuda(py::module_& m) {
              }),
              py::arg("device"), py::arg("comm") = py::none())
         .def("set_local", &CudaExecutor::set_local, py::arg("table"))
+        .def("set_ordering", &CudaExecutor::set_ordering, py::arg("ordering"))
         .def(
             "add_bucket",
             [](CudaExecutor& self, std::shared_ptr<SegmentTable> pack, const Int64Array& sends,

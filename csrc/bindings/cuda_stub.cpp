@@ -6,6 +6,7 @@ namespace refit {
 void bind_cuda(pybind11::module_& m) {
     m.attr("HAS_CUDA") = false;
     m.attr("HAS_NCCL") = false;
+    m.attr("HAS_IPC") = false;
 }
 
 }  // namespace refit

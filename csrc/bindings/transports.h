@@ -11,6 +11,8 @@ namespace refit {
 
 // Registers the NCCL transport's Python API (nccl.cpp, or nccl_stub.cpp without nccl.h).
 void bind_nccl(pybind11::module_& m);
+// Registers the CUDA IPC transport's Python API (ipc.cpp): exports, mappings, orderings.
+void bind_ipc(pybind11::module_& m);
 // The transports an executor built with `comm` uses: none for None, otherwise every peer of
 // the communicator over it. Raises TypeError for anything else.
 PeerTransports peer_transports(const pybind11::handle& comm);

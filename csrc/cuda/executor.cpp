@@ -40,6 +40,18 @@ cudaEvent_t CudaExecutor::event() {
     return e;
 }
 
+void CudaExecutor::set_local(std::shared_ptr<SegmentTable> local) {
+    if (graph_exec_) throw std::logic_error("cannot change the local copies after capturing a graph");
+    local_ = std::move(local);
+    if (local_ && ordering_) local_->skip_when(ordering_->failed_flag());
+}
+
+void CudaExecutor::set_ordering(std::shared_ptr<StreamOrdering> ordering) {
+    if (graph_exec_) throw std::logic_error("cannot change the ordering after capturing a graph");
+    ordering_ = std::move(ordering);
+    if (local_ && ordering_) local_->skip_when(ordering_->failed_flag());
+}
+
 void CudaExecutor::add_bucket(Bucket bucket) {
     if (graph_exec_) throw std::logic_error("cannot add buckets after capturing a graph");
     if (transports_.empty() && (!bucket.sends.empty() || !bucket.recvs.empty())) {
@@ -103,6 +115,12 @@ std::string CudaExecutor::abort_all() {
 
 void CudaExecutor::run(cudaStream_t stream) {
     REFIT_CUDA_CHECK(cudaSetDevice(device_));
+    if (ordering_) {
+        // A failed ordering wait is sticky (the peers' epochs no longer match): never again.
+        const std::string failed = ordering_->error();
+        if (!failed.empty()) throw std::runtime_error(failed);
+        ordering_->enter(stream);
+    }
     REFIT_CUDA_CHECK(cudaEventRecord(start_, stream));
     for (cudaStream_t s : {pack_stream_, comm_stream_, unpack_stream_}) {
         REFIT_CUDA_CHECK(cudaStreamWaitEvent(s, start_, 0));
@@ -131,6 +149,7 @@ void CudaExecutor::run(cudaStream_t stream) {
     // it back into the caller's stream ends the refit.
     REFIT_CUDA_CHECK(cudaEventRecord(done_, unpack_stream_));
     REFIT_CUDA_CHECK(cudaStreamWaitEvent(stream, done_, 0));
+    if (ordering_) ordering_->leave(stream);
 }
 
 void CudaExecutor::capture(cudaStream_t stream) {
@@ -165,6 +184,10 @@ void CudaExecutor::capture(cudaStream_t stream) {
 void CudaExecutor::replay(cudaStream_t stream) {
     if (!graph_exec_) throw std::logic_error("no graph captured: call capture() first");
     REFIT_CUDA_CHECK(cudaSetDevice(device_));
+    if (ordering_) {
+        const std::string failed = ordering_->error();
+        if (!failed.empty()) throw std::runtime_error(failed);
+    }
     REFIT_CUDA_CHECK(cudaGraphLaunch(graph_exec_, stream));
 }
 
@@ -176,6 +199,10 @@ void CudaExecutor::wait(cudaStream_t stream, double timeout_s) {
         const cudaError_t state = cudaEventQuery(sync_);
         if (state == cudaSuccess) return;
         if (state != cudaErrorNotReady) REFIT_CUDA_CHECK(state);
+        if (ordering_) {
+            const std::string failed = ordering_->error();
+            if (!failed.empty()) throw std::runtime_error(failed + abort_all());
+        }
         for (Transport* t : transports_.distinct()) {
             if (t->aborted()) continue;
             std::string err;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/segment_table.h"
+#include "transport/ordering.h"
 #include "transport/transport.h"
 
 namespace refit {
@@ -37,7 +38,12 @@ class CudaExecutor {
     CudaExecutor(const CudaExecutor&) = delete;
     CudaExecutor& operator=(const CudaExecutor&) = delete;
 
-    void set_local(std::shared_ptr<SegmentTable> local) { local_ = std::move(local); }
+    // Local copies, and direct reads of peer memory (CUDA IPC): one fused kernel.
+    void set_local(std::shared_ptr<SegmentTable> local);
+    // Cross-process ordering for peers that read this rank's memory or whose memory it reads:
+    // enter() starts every refit, leave() ends it (both inside a captured graph); its failure
+    // makes the local table skip its copies and wait() raise.
+    void set_ordering(std::shared_ptr<StreamOrdering> ordering);
     void add_bucket(Bucket bucket);
 
     // Enqueues one refit after the work already on `stream`; work enqueued on `stream` later
@@ -67,6 +73,7 @@ class CudaExecutor {
 
     int device_;
     PeerTransports transports_;
+    std::shared_ptr<StreamOrdering> ordering_;
     std::shared_ptr<SegmentTable> local_;
     std::vector<Bucket> buckets_;
     std::vector<std::vector<Exchange>> exchanges_;  // per bucket, in transports_.distinct() order

@@ -20,6 +20,9 @@ struct DeviceSegments {
     const int64_t* chunk_first = nullptr;  // n + 1 entries: first work chunk of each segment
     int64_t count = 0;
     int64_t chunks = 0;
+    // Nonzero at launch time: copy nothing. Set for copies that read peer memory, pointing at
+    // the cross-process ordering's failure word, so a failed wait never reads a dead peer.
+    const int64_t* skip = nullptr;
 };
 
 // Bytes of a segment's row-major byte stream that one thread block copies.

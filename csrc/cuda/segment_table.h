@@ -21,6 +21,8 @@ class SegmentTable {
    public:
     explicit SegmentTable(const HostSegments& segments);
     void launch(cudaStream_t stream) const { launch_segment_copy(table_, stream); }
+    // The copies do nothing while *flag is nonzero (see DeviceSegments::skip).
+    void skip_when(const int64_t* flag) { table_.skip = flag; }
 
    private:
     struct Free {

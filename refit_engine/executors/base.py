@@ -2,7 +2,8 @@
 
 An executor is one rank's compiled plan bound to that rank's tensors (addresses fixed at
 binding). `refit.plan` builds one through `executors.factory.build_executor`, keyed by the
-plan's transport ("gloo" for CPU tensors, "nccl" for CUDA tensors); every refit is one `run`.
+plan's tensors ("gloo" for CPU tensors, "cuda" for CUDA tensors: NCCL or CUDA IPC per peer);
+every refit is one `run`.
 A new transport is a new `Executor` subclass in its own module and one line in the factory.
 """
 
@@ -21,17 +22,23 @@ class Executor(abc.ABC):
 
     # The factory's key: how bytes travel between ranks.
     transport: str = ""
+    # What `plan.traffic` reports beyond the plan's own figures: bytes this rank reads from
+    # peers' memory (CUDA IPC), device staging it allocated, and each peer's transport.
+    bytes_ipc: int = 0
+    staging_bytes: int = 0
+    peer_transports: dict = {}
 
     @classmethod
     def for_plan(cls, rank_plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
                  channel: Channel, device: str, threads: int | None,
-                 ranks_per_node: int) -> "Executor":
+                 ranks_per_node: int, links=None) -> "Executor":
         """This rank's executor of `rank_plan`, over the plan's `channel` (its gloo group: the
         peers, their order, the timeout). src_addresses / dst_addresses: address of each
         buffer of that side (0 where not this rank's); device: "cpu" or "cuda:N", where this
         rank's tensors are; threads: copy threads (None: the executor's default, which may
         depend on ranks_per_node). Collective over the channel when the transport needs setup
-        (an NCCL communicator)."""
+        (an NCCL communicator). links: a `peers.PeerLinks`, how a CUDA plan reaches each peer
+        (None: NCCL to every peer)."""
         raise NotImplementedError(f"{cls.__name__} is not built from one rank's plan")
 
     @abc.abstractmethod

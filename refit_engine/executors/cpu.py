@@ -30,7 +30,7 @@ class GlooExecutor(Executor):
 
     @classmethod
     def for_plan(cls, rank_plan, src_addresses, dst_addresses, channel, device, threads,
-                 ranks_per_node) -> "GlooExecutor":
+                 ranks_per_node, links=None) -> "GlooExecutor":
         if threads is None:
             threads = default_threads(ranks_per_node or len(channel.ranks))
         return cls(rank_plan, src_addresses, dst_addresses, channel, threads)

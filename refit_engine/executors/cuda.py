@@ -1,4 +1,4 @@
-"""CUDA executors: NCCL between ranks, and loopback (every rank of a plan on one GPU).
+"""CUDA executors: NCCL or CUDA IPC between ranks, and loopback (every rank of a plan on one GPU).
 
 Both build the same C++ `CudaExecutor` from compiled plans: segment tables with absolute device
 addresses (uploaded once; rebuilt only when tensors move), per bucket one fused pack kernel,
@@ -15,7 +15,9 @@ from refit_engine import _core
 from refit_engine.channel import Channel
 from refit_engine.compiler import RankPlan, bucket_messages, segments_in_bucket
 from refit_engine.errors import RefitError
+from refit_engine.executors import ipc
 from refit_engine.executors.base import Executor
+from refit_engine.peers import PeerLinks
 from refit_engine.tables import MSG, SEG
 
 _COLUMNS = ("src_pitch", "dst_pitch", "rows", "row_bytes")
@@ -51,6 +53,10 @@ def _part(segments, src_bases=None, dst_bases=None, src_staging=None, dst_stagin
             _addresses(segments, "dst_buffer", "dst_offset", dst_bases, dst_staging), segments)
 
 
+def _segment_bytes(segments: np.ndarray) -> int:
+    return int(np.dot(segments[:, SEG["rows"]], segments[:, SEG["row_bytes"]])) if len(segments) else 0
+
+
 def _contiguous(seg, side: str) -> bool:
     return seg[SEG["rows"]] == 1 or seg[SEG[f"{side}_pitch"]] == seg[SEG["row_bytes"]]
 
@@ -71,43 +77,116 @@ class StagingAllocator:
 
 
 class CudaRefitExecutor(Executor):
-    """A built C++ CudaExecutor run on the caller's stream, optionally as a captured graph: the
-    NCCL transport's executor, and the loopback refit's."""
+    """A built C++ CudaExecutor run on the caller's stream, optionally as a captured graph: a
+    CUDA plan's executor, and the loopback refit's. `ordering` (host-barrier IPC ordering)
+    brackets each refit on the host; device-side ordering is inside the C++ executor."""
 
-    def __init__(self, executor, staging, comm, device: int):
+    def __init__(self, executor, staging, comm, device: int, ordering=None, keep=()):
         self.executor, self.staging, self.comm, self.device = executor, staging, comm, device
+        self.ordering = ordering
+        self.keep = list(keep)  # what the tables point into: peers' mapped memory
 
     def run(self, graph: bool, stream, sync: bool, timeout_s: float) -> None:
         if stream is None:
             stream = torch.cuda.current_stream(self.device).cuda_stream
         try:
+            if self.ordering is not None:
+                self.ordering.before(stream)
             if graph and self.executor.captured:
                 self.executor.replay(stream)
             elif graph:
                 self.executor.capture(stream)
             else:
                 self.executor.run(stream)
+            if self.ordering is not None:
+                self.ordering.after(stream)
             if sync:
                 self.executor.wait(stream, timeout_s)
         except RuntimeError as exc:
             raise RefitError(f"CUDA refit failed: {exc}") from exc
 
+    def close(self) -> None:
+        if self.keep:
+            # Peers' memory is unmapped once nothing of this plan can still read it.
+            torch.cuda.synchronize(self.device)
+            self.keep.clear()
 
-class NcclExecutor(CudaRefitExecutor):
-    """CUDA tensors: fused pack and unpack kernels, messages over an NCCL communicator of the
-    plan's ranks."""
 
-    transport = "nccl"
+class CudaPlanExecutor(CudaRefitExecutor):
+    """CUDA tensors: per peer, CUDA IPC (same node: direct reads of the peer's tensors in the
+    fused local-copy kernel) or NCCL (fused pack, send/recv, fused unpack)."""
+
+    transport = "cuda"
 
     @classmethod
     def for_plan(cls, rank_plan, src_addresses, dst_addresses, channel, device, threads,
-                 ranks_per_node) -> "NcclExecutor":
+                 ranks_per_node, links: PeerLinks | None = None) -> "CudaPlanExecutor":
         require_cuda("a refit of CUDA tensors")
         index = int(device.split(":")[1]) if ":" in device else 0
-        comm, group_rank_of = nccl_communicator(channel, index)
-        executor, staging = build_nccl_executor(rank_plan, src_addresses, dst_addresses, comm,
-                                                group_rank_of, index)
-        return cls(executor, staging, comm, index)
+        if links is None:
+            links = PeerLinks({r: "nccl" for r in channel.ranks if r != channel.rank})
+        ipc_peers = links.peers("ipc")
+        nccl_plan = ipc.without_peers(rank_plan, ipc_peers)
+        needs_nccl = len(nccl_plan.send_messages) + len(nccl_plan.recv_messages) > 0
+        # One exchange tells every rank everyone's IPC exports and ordering handles, and any
+        # rank's failure (a tensor IPC cannot share), so all raise together or none does.
+        side, ordering, status = None, None, None
+        try:
+            side = ipc.ipc_side(rank_plan, links, src_addresses, links.src_key)
+            if side.owners or side.readers:
+                ordering = (_core.IpcFlags(index, channel.timeout_s) if links.ipc_sync == "device"
+                            else _core.IpcEvents(index))
+        except Exception as exc:
+            status = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+        handles = None
+        if isinstance(ordering, _core.IpcFlags):
+            handles = ordering.handle
+        elif ordering is not None:
+            handles = (ordering.ready_handle, ordering.done_handle)
+        gathered = channel.gather((channel.rank, status, side, handles, needs_nccl),
+                                  "IPC exports")
+        for rank, problem, *_ in gathered:
+            if isinstance(problem, RefitError):
+                raise problem if problem.ranks else RefitError(problem.reason,
+                                                               tensor=problem.tensor, ranks=[rank])
+            if problem is not None:
+                raise RefitError(f"setting up CUDA IPC failed on rank {rank}: {problem}",
+                                 ranks=[rank])
+        sides = {g[0]: g[2] for g in gathered}
+        peer_handles = {g[0]: g[3] for g in gathered}
+        comm, group_rank_of = None, dict(channel.index_of)
+        if any(g[4] for g in gathered):
+            comm, group_rank_of = nccl_communicator(channel, index)
+        owner_addresses, mappings = ipc.open_owners(channel.rank, side, sides,
+                                                    len(src_addresses), index)
+        direct = []
+        for owner in side.owners:
+            theirs = links.plan_of(owner).send
+            direct.append(ipc.direct_part(
+                theirs[theirs[:, SEG["peer"]] == channel.rank],
+                rank_plan.recv[rank_plan.recv[:, SEG["peer"]] == owner],
+                owner_addresses[owner], dst_addresses, owner, channel.rank))
+        executor, staging = build_nccl_executor(nccl_plan, src_addresses, dst_addresses, comm,
+                                                group_rank_of, index, direct=direct)
+        host_ordering = None
+        if isinstance(ordering, _core.IpcFlags):
+            ordering.connect(side.owners, [peer_handles[o] for o in side.owners],
+                             side.readers, [peer_handles[r] for r in side.readers])
+            executor.set_ordering(ordering)
+        elif ordering is not None:
+            ordering.connect([peer_handles[o][0] for o in side.owners],
+                             [peer_handles[r][1] for r in side.readers])
+            host_ordering = ipc.IpcOrdering(ordering, channel)
+        elif any(g[3] is not None for g in gathered):
+            # Host ordering barriers are collective: a rank with no IPC peer of its own still
+            # takes part in them, or the others would wait for it.
+            host_ordering = ipc.IpcOrdering(None, channel) if links.ipc_sync == "host" else None
+        out = cls(executor, staging, comm, index, host_ordering, [*mappings, ordering])
+        out.peer_transports = {p: links.transports[p] for p in rank_plan.bytes_per_peer()}
+        out.bytes_ipc = sum(_segment_bytes(d[2]) for d in direct)
+        out.staging_bytes = 2 * (max(nccl_plan.send_staging_bytes, default=0)
+                                 + max(nccl_plan.recv_staging_bytes, default=0))
+        return out
 
 
 def nccl_communicator(channel: Channel, device: int):
@@ -130,17 +209,26 @@ def nccl_communicator(channel: Channel, device: int):
 
 
 def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.ndarray,
-                        comm, group_rank_of: dict, device: int, zero_copy: bool = True):
-    """One rank's executor over NCCL. `group_rank_of` maps global ranks to communicator ranks."""
+                        comm, group_rank_of: dict, device: int, zero_copy: bool = True,
+                        direct=()):
+    """One rank's executor over NCCL. `group_rank_of` maps global ranks to communicator ranks.
+    direct: (source addresses, destination addresses, segments) parts copied in the local
+    kernel (IPC reads of peers' tensors)."""
     alloc = StagingAllocator(device)
     send_size = max(plan.send_staging_bytes, default=0)
     recv_size = max(plan.recv_staging_bytes, default=0)
     send_staging = [alloc(send_size), alloc(send_size)]
     recv_staging = [alloc(recv_size), alloc(recv_size)]
     executor = _core.CudaExecutor(device, comm)
-    executor.set_local(_table(*_part(plan.local, src_bases, dst_bases)))
+    executor.set_local(_concat_table([_part(plan.local, src_bases, dst_bases), *direct]))
+    added = 0
     for bucket in range(plan.num_buckets):
-        parity = bucket % 2
+        if not (np.any(plan.send[:, SEG["bucket"]] == bucket)
+                or np.any(plan.recv[:, SEG["bucket"]] == bucket)):
+            continue  # every message of the bucket goes over IPC
+        # NOTE: by the executor's bucket count, not the plan's: the executor guards staging
+        # buffer k % 2 against its own bucket k - 2.
+        parity, added = added % 2, added + 1
         src, dst, send = _part(segments_in_bucket(plan.send, bucket), src_bases, dst_bases,
                                dst_staging=send_staging[parity])
         sends, keep_send = _messages(plan.send_messages, bucket, send, src, "src",
@@ -231,18 +319,11 @@ def build_direct_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, 
     path a single-address-space transport allows; the staged builder exercises the NCCL path."""
     parts = [_part(p.local, src_bases[r], dst_bases[r]) for r, p in plans.items()]
     for r, plan in plans.items():
-        for s in np.unique(plan.recv[:, SEG["peer"]]):
-            recv = plan.recv[plan.recv[:, SEG["peer"]] == s]
-            sender = plans[int(s)].send
-            send = sender[sender[:, SEG["peer"]] == r]
-            shape = [SEG["rows"], SEG["row_bytes"]]
-            if len(send) != len(recv) or not np.array_equal(send[:, shape], recv[:, shape]):
-                raise RefitError(f"rank {s}'s sends to rank {r} do not match rank {r}'s receives",
-                                 ranks=[int(s), r])
-            direct = send.copy()
-            direct[:, SEG["dst_pitch"]] = recv[:, SEG["dst_pitch"]]
-            parts.append((_addresses(send, "src_buffer", "src_offset", src_bases[int(s)]),
-                          _addresses(recv, "dst_buffer", "dst_offset", dst_bases[r]), direct))
+        for s in np.unique(plan.recv[:, SEG["peer"]]).tolist():
+            sender = plans[s].send
+            parts.append(ipc.direct_part(sender[sender[:, SEG["peer"]] == r],
+                                         plan.recv[plan.recv[:, SEG["peer"]] == s],
+                                         src_bases[s], dst_bases[r], s, r))
     executor = _core.CudaExecutor(device, None)
     executor.set_local(_concat_table(parts))
     return executor, StagingAllocator(device)
