@@ -190,3 +190,132 @@ def test_sweep_names_the_topology_when_no_expert_parallel_size_fits():
         choose_expert_parallel(KimiK2Config(), 4, 4, 4, True, "cpu")
     assert "fit on CPU (gloo), 4 ranks on 1 node of 4 (with source EP4" in exc.value.reason
     assert "cpu GPUs" not in exc.value.reason
+
+
+# The transport (issue 15): same-node peers over CUDA IPC, other nodes over NCCL.
+
+def _toy_dry_run(gpus: int, transport: str, non_collocated: bool = False,
+                 src_tp: int = 4, src_ep: int = 4, dst_ep: int = 8) -> dict:
+    src = ParallelGrid(gpus, tp=src_tp, ep=src_ep)
+    dst = ParallelGrid(gpus, tp=2, ep=dst_ep, offset=gpus if non_collocated else 0)
+    return dry_run(KimiK2Config.toy(), src, dst, preset("h100", gpus * (1 + non_collocated)),
+                   transport=transport)
+
+
+def _moved(f):
+    return f.local_bytes, f.sent_intra, f.received_intra, f.sent_inter, f.received_inter
+
+
+def test_ipc_on_one_node_needs_no_staging_and_beats_nccl():
+    nccl, auto, ipc = (_toy_dry_run(8, t) for t in ("nccl", "auto", "ipc"))
+    assert [_moved(f) for f in auto["ranks"]] == [_moved(f) for f in nccl["ranks"]]
+    assert all(f.received_ipc == f.received_intra > 0 for f in auto["ranks"])
+    assert all(f.staging_bytes == 0 and f.messages == 0 for f in auto["ranks"] + ipc["ranks"])
+    assert min(f.staging_bytes for f in nccl["ranks"]) > 0
+    assert auto["predicted"]["seconds"] < nccl["predicted"]["seconds"]
+    assert auto["predicted"] == ipc["predicted"] and auto["floor"] == nccl["floor"]
+    assert auto["floor"]["seconds"] <= auto["predicted"]["seconds"]
+
+
+def test_inter_node_peers_keep_nccl_and_their_staging():
+    # Collocated on 2 nodes, the source's TP16 across both: network and NVLink peers.
+    nccl, auto = (_toy_dry_run(16, t, src_tp=16, src_ep=8) for t in ("nccl", "auto"))
+    assert [_moved(f) for f in auto["ranks"]] == [_moved(f) for f in nccl["ranks"]]
+    assert any(f.received_inter for f in auto["ranks"])
+    for a, n in zip(auto["ranks"], nccl["ranks"]):
+        assert a.received_ipc == a.received_intra
+        # Staging for the network peers only: less than every peer's, none without them.
+        assert (a.staging_bytes > 0) == bool(a.sent_inter or a.received_inter)
+        assert a.staging_bytes <= n.staging_bytes
+    assert auto["predicted"]["seconds"] <= nccl["predicted"]["seconds"]
+    # Non-collocated over two nodes: every peer across, so auto is NCCL throughout.
+    nccl, auto = _toy_dry_run(8, "nccl", True), _toy_dry_run(8, "auto", True)
+    assert [vars(f) for f in auto["ranks"]] == [vars(f) for f in nccl["ranks"]]
+    assert auto["predicted"] == nccl["predicted"]
+
+
+def test_nccl_staging_and_buckets_are_the_plans_own():
+    # Every peer staged: the figures from before IPC, read off the plan's staging per bucket.
+    from refit_engine.compiler import Planner
+    from refit_engine.harness.dry_run import staged_buckets, staging_bytes
+    from refit_engine.harness.models.kimi_k2 import kimi_k2_tables
+    cfg = KimiK2Config.toy()
+    src, dst = ParallelGrid(16, tp=4, ep=4), ParallelGrid(16, tp=2, ep=8)
+    plans = Planner(kimi_k2_tables(cfg, src), kimi_k2_tables(cfg, dst), 1 << 20, 8).plan_all()
+    for p in plans.values():
+        nccl = {peer: "nccl" for peer in p.bytes_per_peer()}
+        assert staging_bytes(p, nccl) == 2 * (max(p.send_staging_bytes, default=0)
+                                              + max(p.recv_staging_bytes, default=0))
+        assert staged_buckets(p, nccl) == p.num_buckets
+        ipc = dict.fromkeys(nccl, "ipc")
+        assert staging_bytes(p, ipc) == staged_buckets(p, ipc) == 0
+
+
+def test_staged_messages_keep_their_plan_offsets():
+    # Bucket 0 sends to peer 1 (IPC) then peer 9 (NCCL); bucket 1 to peer 9 alone. The NCCL
+    # message keeps its offset behind the IPC one (as the IPC executor lays staging out), so
+    # bucket 0 needs 300 bytes of send staging, bucket 1 needs 50.
+    import numpy as np
+
+    from refit_engine.compiler import MESSAGE_FIELDS, MSG, SEGMENT_FIELDS, RankPlan
+    from refit_engine.harness.dry_run import staged_buckets, staging_bytes
+    sent = np.zeros((3, len(MESSAGE_FIELDS)), dtype=np.int64)
+    for name, column in (("peer", [1, 9, 9]), ("bucket", [0, 0, 1]), ("offset", [0, 200, 0]),
+                         ("bytes", [200, 100, 50])):
+        sent[:, MSG[name]] = column
+    none = np.zeros((0, len(SEGMENT_FIELDS)), dtype=np.int64)
+    plan = RankPlan(0, none, none, none, sent, sent[:0], [300, 50], [], 2)
+    assert staging_bytes(plan, {1: "ipc", 9: "nccl"}) == 2 * 300
+    assert staging_bytes(plan, {1: "nccl", 9: "ipc"}) == 2 * 200
+    assert staging_bytes(plan, {1: "ipc", 9: "ipc"}) == 0
+    assert staged_buckets(plan, {1: "nccl", 9: "ipc"}) == 1
+
+
+def test_peer_transport_follows_the_librarys_rule():
+    from refit_engine.harness.topology import check_transport
+    topo = preset("h100", 16)
+    assert [topo.peer_transport(0, peer, "auto") for peer in (1, 7, 8)] == ["ipc", "ipc", "nccl"]
+    assert [topo.peer_transport(0, peer, "ipc") for peer in (1, 8)] == ["ipc", "nccl"]
+    assert [topo.peer_transport(0, peer, "nccl") for peer in (1, 8)] == ["nccl", "nccl"]
+    assert preset("cpu", 4).peer_transport(0, 1) == "gloo"
+    for topo, transport, message in ((preset("cpu", 4), "ipc", "needs GPUs"),
+                                     (preset("cpu", 4), "nccl", "needs GPUs"),
+                                     (preset("h100", 8), "nvshmem", "unknown transport")):
+        with pytest.raises(ValueError, match=message):
+            check_transport(topo, transport)
+
+
+def test_staging_allowance_before_a_plan():
+    from refit_engine.harness.dry_run import staging_allowance
+    bucket = 64 << 20
+    assert staging_allowance(preset("h100", 8), 8, "auto", bucket) == 0  # one node: all IPC
+    assert staging_allowance(preset("h100", 8), 8, "nccl", bucket) == 4 * bucket * 16
+    assert staging_allowance(preset("h100", 16), 16, "auto", bucket) == 4 * bucket * 16
+    assert staging_allowance(preset("cpu", 4), 4, "auto", bucket) == 4 * bucket * 16  # gloo
+
+
+def test_dry_run_cli_transport(capsys):
+    import json
+    args = ["--gpus", "8", "--src", "tp=4,ep=4", "--dst", "tp=2,ep=8", "--layers", "3"]
+    assert main(args) == 0  # default: auto, as the library
+    out = capsys.readouterr().out
+    assert "(collocated)\ntransport auto: same-node peers over CUDA IPC" in out
+    assert re.search(r"staging \(2 x send \+ 2 x recv\) +0\.00\n", out), out
+    figures = {}
+    for transport in ("auto", "nccl", "ipc"):
+        assert main(args + ["--transport", transport, "--json"]) == 0
+        figures[transport] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert figures[transport]["transport"] == transport
+    assert figures["auto"]["max_staging_gib"] == figures["ipc"]["max_staging_gib"] == 0
+    assert figures["nccl"]["max_staging_gib"] > 0
+    assert figures["auto"]["predicted_s"] < figures["nccl"]["predicted_s"]
+    # On two nodes the library's transport="ipc" refuses the plan: the report says so.
+    assert main(["--gpus", "16", "--src", "tp=16,ep=16", "--dst", "tp=2,ep=16", "--layers", "3",
+                 "--transport", "ipc"]) == 0
+    assert 'transport="ipc") refuses ranks on more than one node' in capsys.readouterr().out
+    gpus = "--transport: transport 'ipc' needs GPUs"
+    for argv, message in ((["--transport", "rdma"], "argument --transport: invalid choice"),
+                          (["--gpu", "cpu", "--transport", "ipc"], gpus)):
+        with pytest.raises(SystemExit) as exc:
+            main(args + argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv

@@ -1,9 +1,15 @@
-"""Cost model: what a compiled plan moves per rank (`RankFigures`, split by link), its floor
-and its predicted refit time on a topology.
+"""Cost model: what a compiled plan moves per rank (`RankFigures`, split by link and by
+transport), its floor and its predicted refit time on a topology.
 
 Per rank, from what its plan moves (`RankFigures`):
-- pack and unpack: every sent byte is read and written once into staging, every received byte
-  once out of it; local copies read and write once: bytes x 2 over the copy bandwidth;
+- pack and unpack: every byte sent to or received from an NCCL (or gloo) peer is read and
+  written once into staging, or once out of it; local copies read and write once: bytes x 2
+  over the copy bandwidth;
+- CUDA IPC peers (same node): the receiving rank's fused copy kernel reads the peer's source in
+  place and writes its destination, in the same pass as its local copies: (local + IPC bytes)
+  x 2 over the copy bandwidth, no pack, no unpack, no staging, no message latency; reads from
+  another GPU cross NVLink, so they also count on the transfer stage's link (both ends: the
+  peer's outgoing direction carries what this rank reads);
 - transfer: the node's links (NVLink) and the network run side by side, each direction at full
   duplex, or both directions sharing one link's figure where `Topology.duplex` is False (CPU
   ranks: see `RankFigures.link_seconds`); one message latency per bucket (a bucket's messages
@@ -13,7 +19,8 @@ Per rank, from what its plan moves (`RankFigures`):
   where they share the same cores (CPU ranks: `Topology.overlap` False) they add up instead.
 A refit ends with its slowest rank, after the collective check every refit starts with
 (`Topology.check_us`). The floor (`floor`) drops the staging copies, the latency and the
-check: it is what no executor can beat.
+check: it is what no executor can beat, whatever the transport (an all-IPC rank's prediction
+is above it by at most its IPC bytes' copy pass, 2 x IPC bytes over the copy bandwidth).
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from refit_engine.harness.topology import Topology
 @dataclass
 class RankFigures:
     """One rank's memory (weights of each side, staging) and what a refit moves there, in
-    bytes: local copies, sent and received over the node's links and over the network."""
+    bytes: local copies, sent and received over the node's links and over the network.
+    `received_ipc` / `sent_ipc`: the part of `received_intra` / `sent_intra` that goes over
+    CUDA IPC (read in place by the receiver: as execute()'s "bytes_ipc", a part of what it
+    receives), so neither packed nor unpacked; the rest is staged (NCCL, gloo)."""
 
     rank: int
     src_bytes: int = 0
@@ -38,10 +48,21 @@ class RankFigures:
     received_intra: int = 0
     received_inter: int = 0
     messages: int = 0
+    received_ipc: int = 0
+    sent_ipc: int = 0
 
     @property
     def total_bytes(self) -> int:
         return self.src_bytes + self.dst_bytes + self.staging_bytes
+
+    @property
+    def sent_staged(self) -> int:
+        """Bytes packed into staging for NCCL / gloo peers (everything but IPC)."""
+        return self.sent_intra + self.sent_inter - self.sent_ipc
+
+    @property
+    def received_staged(self) -> int:
+        return self.received_intra + self.received_inter - self.received_ipc
 
     def link_seconds(self, topo: Topology) -> dict[str, float]:
         """Time on each kind of link at full bandwidth, keyed by the link's name (nvlink,
@@ -61,15 +82,25 @@ class RankFigures:
 
 
 def rank_figures(rank: int, bytes_local: int, per_peer: dict, topo: Topology,
-                 **fields) -> RankFigures:
+                 transports: dict | None = None, **fields) -> RankFigures:
     """A rank's bytes split by link: peers on its node over NVLink, the others over the
     network. per_peer: {peer: {"sent": bytes, "received": bytes}}, as RankPlan.bytes_per_peer()
-    and execute()'s statistics give it."""
+    and execute()'s statistics give it. transports: {peer: "ipc" | "nccl" | ...}, as
+    plan.peer_transports or `Topology.peer_transport` give it; peers it leaves out are staged
+    (None: every peer, the figures before IPC)."""
     f = RankFigures(rank, local_bytes=bytes_local, **fields)
+    transports = transports or {}
     for peer, b in per_peer.items():
-        where = "intra" if topo.node_of(int(peer)) == topo.node_of(rank) else "inter"
+        peer = int(peer)  # JSON'd statistics key peers by string
+        where = "intra" if topo.node_of(peer) == topo.node_of(rank) else "inter"
         setattr(f, f"sent_{where}", getattr(f, f"sent_{where}") + b["sent"])
         setattr(f, f"received_{where}", getattr(f, f"received_{where}") + b["received"])
+        if transports.get(peer) == "ipc":
+            if where == "inter":  # the library refuses it too: IPC handles are node-local
+                raise ValueError(f"rank {rank}: peer {peer} is on another node, out of CUDA "
+                                 "IPC's reach")
+            f.sent_ipc += b["sent"]
+            f.received_ipc += b["received"]
     return f
 
 
@@ -88,13 +119,18 @@ def floor(ranks: list[RankFigures], topo: Topology) -> dict:
 
 
 def predict_rank(f: RankFigures, topo: Topology, buckets: int) -> dict:
+    """Seconds of one rank's refit and what bounds it. buckets: how many buckets its staged
+    (NCCL, gloo) messages take, 0 where every peer is IPC (IPC reads are one pass, unbucketed)."""
     copy = topo.copy_gbps * 1e9
-    sent, received = f.sent_intra + f.sent_inter, f.received_intra + f.received_inter
-    pack = 2 * sent / copy
-    unpack = 2 * received / copy
-    local = 2 * f.local_bytes / copy
+    pack = 2 * f.sent_staged / copy
+    unpack = 2 * f.received_staged / copy
+    # Local copies and IPC reads are one fused kernel: an IPC byte is read once and written
+    # once, like a local one. Its NVLink time is in the transfer, on the link it shares with
+    # the node's NCCL bytes.
+    local = 2 * (f.local_bytes + f.received_ipc) / copy
     transfer = max(f.link_seconds(topo).values()) + buckets * topo.latency_us * 1e-6
-    stages = {"pack": pack, "transfer": transfer, "unpack + local": unpack + local}
+    copy_stage = "unpack + local + ipc" if f.received_ipc else "unpack + local"
+    stages = {"pack": pack, "transfer": transfer, copy_stage: unpack + local}
     term, pace = max(stages.items(), key=lambda kv: kv[1])
     if not topo.overlap:
         return {"seconds": sum(stages.values()), "term": "pack + transfer + unpack", **stages}
@@ -103,7 +139,8 @@ def predict_rank(f: RankFigures, topo: Topology, buckets: int) -> dict:
 
 
 def predict(ranks: list[RankFigures], topo: Topology, buckets: dict[int, int]) -> dict:
-    """Predicted seconds of the whole refit: the slowest rank, and what bounds it."""
+    """Predicted seconds of the whole refit: the slowest rank, and what bounds it. buckets:
+    per rank, as `predict_rank` takes them."""
     worst = {"seconds": 0.0, "rank": None, "term": None}
     for f in ranks:
         p = predict_rank(f, topo, buckets.get(f.rank, 1))
@@ -115,7 +152,9 @@ def predict(ranks: list[RankFigures], topo: Topology, buckets: dict[int, int]) -
 
 def predict_loopback(bytes_local: int, bytes_remote: int, copy_gbps: float, staged: bool) -> float:
     """One GPU playing every rank: everything goes through its memory, one pass for local
-    copies, three (pack, exchange, unpack) for remote bytes when staged, one when direct."""
+    copies, three (pack, exchange, unpack) for remote bytes when staged, one when direct (as
+    CUDA IPC between processes on one GPU: the receiver's fused kernel reads the sender's
+    tensor, no link in between). Every rank's bytes, as they share the GPU's memory."""
     passes = 3 if staged else 1
     return 2 * (bytes_local + passes * bytes_remote) / (copy_gbps * 1e9)
 

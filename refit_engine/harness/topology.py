@@ -50,6 +50,24 @@ class Topology:
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
 
+    @property
+    def cpu_ranks(self) -> bool:
+        """CPU ranks over gloo (the cpu preset), whose links are loopback TCP, not GPUs'."""
+        return self.intra_link == "loopback"
+
+    def peer_transport(self, rank: int, peer: int, transport: str = "auto") -> str:
+        """How `rank` exchanges with `peer` under the plan's `transport` option, by the
+        library's rule (refit_engine.peers): on GPUs, "auto" and "ipc" read a peer of the same
+        node over CUDA IPC and reach one on another node over NCCL ("ipc" in the library
+        refuses such a peer; the dry run shows what it would cost); "nccl" stages every peer.
+        CPU ranks go over gloo whatever "auto" says."""
+        check_transport(self, transport)
+        if self.cpu_ranks:
+            return "gloo"
+        if transport == "nccl" or self.node_of(peer) != self.node_of(rank):
+            return "nccl"
+        return "ipc"
+
     def with_world(self, gpus: int) -> "Topology":
         """The same kind of node, as many as `gpus` needs."""
         per = self.gpus_per_node
@@ -59,9 +77,35 @@ class Topology:
         """e.g. "H100 SXM, 128 GPUs on 16 nodes of 8" (`gpus`: where fewer than the nodes
         hold)."""
         gpus = self.nodes * self.gpus_per_node if gpus is None else gpus
-        unit = "ranks" if self.intra_link == "loopback" else "GPUs"
+        unit = "ranks" if self.cpu_ranks else "GPUs"
         return (f"{self.name}, {gpus} {unit} on {self.nodes} node{'s' if self.nodes != 1 else ''}"
                 f" of {self.gpus_per_node}")
+
+
+# The plan's transport option (refit_engine.plan(..., transport=)): "auto" is the library's
+# default.
+TRANSPORTS = ("auto", "nccl", "ipc")
+
+
+def check_transport(topo: Topology, transport: str) -> None:
+    """Refuse (ValueError) a transport the topology's ranks cannot use: CUDA IPC and NCCL need
+    GPUs, so CPU ranks take "auto" (gloo) only."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport '{transport}' (known: {', '.join(TRANSPORTS)})")
+    if topo.cpu_ranks and transport != "auto":
+        raise ValueError(f"transport '{transport}' needs GPUs: {topo.name} ranks go over gloo "
+                         "(use auto)")
+
+
+def describe_transport(topo: Topology, transport: str) -> str:
+    """e.g. "auto: same-node peers over CUDA IPC, other nodes over NCCL"."""
+    check_transport(topo, transport)
+    if topo.cpu_ranks:
+        return f"{transport}: every peer over gloo (CPU ranks)"
+    if transport == "nccl":
+        return "nccl: every peer over NCCL (pack, send/recv, unpack through staging)"
+    return (f"{transport}: same-node peers over CUDA IPC (read in place, no staging), other "
+            "nodes over NCCL")
 
 
 PRESETS = {
