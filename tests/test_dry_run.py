@@ -251,10 +251,10 @@ def test_nccl_staging_and_buckets_are_the_plans_own():
         assert staging_bytes(p, ipc) == staged_buckets(p, ipc) == 0
 
 
-def test_staged_messages_keep_their_plan_offsets():
-    # Bucket 0 sends to peer 1 (IPC) then peer 9 (NCCL); bucket 1 to peer 9 alone. The NCCL
-    # message keeps its offset behind the IPC one (as the IPC executor lays staging out), so
-    # bucket 0 needs 300 bytes of send staging, bucket 1 needs 50.
+def test_staged_messages_are_packed_end_to_end():
+    # Bucket 0 sends to peer 1 (IPC) then peer 9 (NCCL); bucket 1 to peer 9 alone. The IPC
+    # executor packs the NCCL messages of a bucket end to end (executors.ipc.without_peers),
+    # so bucket 0 needs 100 bytes of send staging (not 300), bucket 1 needs 50.
     import numpy as np
 
     from refit_engine.compiler import MESSAGE_FIELDS, MSG, SEGMENT_FIELDS, RankPlan
@@ -265,7 +265,7 @@ def test_staged_messages_keep_their_plan_offsets():
         sent[:, MSG[name]] = column
     none = np.zeros((0, len(SEGMENT_FIELDS)), dtype=np.int64)
     plan = RankPlan(0, none, none, none, sent, sent[:0], [300, 50], [], 2)
-    assert staging_bytes(plan, {1: "ipc", 9: "nccl"}) == 2 * 300
+    assert staging_bytes(plan, {1: "ipc", 9: "nccl"}) == 2 * 100
     assert staging_bytes(plan, {1: "nccl", 9: "ipc"}) == 2 * 200
     assert staging_bytes(plan, {1: "ipc", 9: "ipc"}) == 0
     assert staged_buckets(plan, {1: "nccl", 9: "ipc"}) == 1

@@ -72,7 +72,7 @@ def _plan_with(peers_of_segments, buckets):
         seg[i, SEG["peer"]], seg[i, SEG["bucket"]] = peer, bucket
         seg[i, SEG["rows"]], seg[i, SEG["row_bytes"]] = 1, 100
         msg[i, MSG["peer"]], msg[i, MSG["bucket"]], msg[i, MSG["bytes"]] = peer, bucket, 100
-        msg[i, MSG["offset"]] = offsets.get(bucket, 0)
+        msg[i, MSG["offset"]] = seg[i, SEG["dst_offset"]] = offsets.get(bucket, 0)
         offsets[bucket] = offsets.get(bucket, 0) + 100
     empty = np.zeros((0, len(SEGMENT_FIELDS)), dtype=np.int64)
     staging = [offsets.get(b, 0) for b in range(max(buckets) + 1)]
@@ -85,8 +85,11 @@ def test_ipc_peers_leave_the_nccl_plan_with_its_staging():
     nccl = without_peers(plan, {1})
     assert sorted(nccl.send[:, SEG["peer"]].tolist()) == [2, 3]
     assert sorted(nccl.send_messages[:, MSG["peer"]].tolist()) == [2, 3]
-    # Peer 2's message sits at offset 100 of bucket 0 (after peer 1's): staging keeps its end.
-    assert nccl.send_staging_bytes == [200, 200]
+    # Peer 2's message moves from offset 100 of bucket 0 to 0 (peer 1's went to IPC), its
+    # staged segment with it: staging holds only what NCCL carries.
+    assert nccl.send_staging_bytes == [100, 100]
+    assert nccl.send_messages[:, MSG["offset"]].tolist() == [0, 0]
+    assert nccl.send[:, SEG["dst_offset"]].tolist() == [0, 0]
     everything = without_peers(plan, {1, 2, 3})
     assert len(everything.send) == 0 and everything.send_staging_bytes == [0, 0]
     assert without_peers(plan, set()) is plan

@@ -24,27 +24,29 @@ from refit_engine.tables import MSG, SEG
 
 def without_peers(plan: RankPlan, peers: set[int]) -> RankPlan:
     """`plan` with every segment and message to or from `peers` removed (they go over IPC),
-    and the staging it then needs: the end of the last message left in each bucket."""
+    and the messages left packed end to end in each bucket's staging, so staging holds only
+    what NCCL carries (every staged segment moves with its message)."""
     if not peers:
         return plan
     ids = np.array(sorted(peers), dtype=np.int64)
 
-    def keep(rows):
-        return np.ascontiguousarray(rows[~np.isin(rows[:, SEG["peer"]], ids)])
+    def packed(segments, messages, staged_offset: str):
+        segments = segments[~np.isin(segments[:, SEG["peer"]], ids)].copy()
+        messages = messages[~np.isin(messages[:, MSG["peer"]], ids)].copy()
+        staging = [0] * plan.num_buckets
+        for i in range(len(messages)):
+            peer, bucket = messages[i, MSG["peer"]], messages[i, MSG["bucket"]]
+            shift = staging[bucket] - messages[i, MSG["offset"]]
+            mine = (segments[:, SEG["peer"]] == peer) & (segments[:, SEG["bucket"]] == bucket)
+            segments[mine, SEG[staged_offset]] += shift
+            messages[i, MSG["offset"]] = staging[bucket]
+            staging[bucket] += int(messages[i, MSG["bytes"]])
+        return np.ascontiguousarray(segments), np.ascontiguousarray(messages), staging
 
-    def kept_messages(rows):
-        return np.ascontiguousarray(rows[~np.isin(rows[:, MSG["peer"]], ids)])
-
-    def staging(messages):
-        out = [0] * plan.num_buckets
-        for b, off, n in zip(*(messages[:, MSG[c]].tolist() for c in ("bucket", "offset", "bytes"))):
-            out[b] = max(out[b], off + n)
-        return out
-
-    send_messages, recv_messages = kept_messages(plan.send_messages), kept_messages(plan.recv_messages)
-    return RankPlan(plan.rank, plan.local, keep(plan.send), keep(plan.recv), send_messages,
-                    recv_messages, staging(send_messages), staging(recv_messages),
-                    plan.num_buckets)
+    send, send_messages, send_staging = packed(plan.send, plan.send_messages, "dst_offset")
+    recv, recv_messages, recv_staging = packed(plan.recv, plan.recv_messages, "src_offset")
+    return RankPlan(plan.rank, plan.local, send, recv, send_messages, recv_messages,
+                    send_staging, recv_staging, plan.num_buckets)
 
 
 def direct_part(send: np.ndarray, recv: np.ndarray, src_addresses: np.ndarray,

@@ -120,14 +120,12 @@ def staging_bytes(plan: RankPlan, transports: dict[int, str]) -> int:
     peers = staged_peers(transports)
 
     def largest_bucket(messages: np.ndarray) -> int:
-        # NOTE: staged messages keep their plan offsets, as the IPC executor keeps them
-        # (refit_engine.executors.ipc.without_peers): an IPC message laid out before an NCCL
-        # one in its bucket leaves its room in staging, so a bucket needs the end of its last
-        # staged message, not their sum.
+        # NOTE: the IPC executor packs the staged messages of a bucket end to end
+        # (refit_engine.executors.ipc.without_peers), so a bucket needs their sum.
         rows = staged_messages(messages, peers)
         if not len(rows):
             return 0
-        return int((rows[:, MSG["offset"]] + rows[:, MSG["bytes"]]).max())
+        return int(np.bincount(rows[:, MSG["bucket"]], weights=rows[:, MSG["bytes"]]).max())
     return 2 * (largest_bucket(plan.send_messages) + largest_bucket(plan.recv_messages))
 
 
