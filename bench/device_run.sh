@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests, GPU benchmarks. Logs and JSON go to $OUT.
-# Usage (device tool): bash bench/device_run.sh [suite|suite-a|suite-b|tests|kernels|loopback|sweep|multi|all]
+# Usage (device tool): bash bench/device_run.sh [suite|suite-a|suite-b|tests|kernels|loopback|sweep|multi|ipc|all]
 #   suite: the whole test suite (megatron-core from .whl when carried), the README's main job
 #   and the fault catalogue; suite-a / suite-b: its two halves, one call each
+#   ipc: the CUDA IPC transport's tests (rank processes sharing the one GPU), then its benchmark
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -74,5 +75,17 @@ if [[ $what == multi ]]; then
     --full-size --model "num_layers=${NUM_LAYERS:-4},num_experts=${NUM_EXPERTS:-64}" \
     --configs "${CONFIGS:-8:4 8:2 8:1 4:2 4:1}" --compare-megatron --iters 5 --warmup 2 \
     --output-dir "$OUT/multi" --run-id multi 2>&1 | tee "$OUT/multi.log" | grep -v -i warn | tail -40 || rc=1
+fi
+if [[ $what == ipc ]]; then
+  # CUDA IPC transport (issue 15): every rank process on cuda:0. The tests first (each a world
+  # of processes), then the benchmark: 8 processes under an MPS daemon of its own (bench/ipc.py
+  # --no-mps without), the loopback and the floor beside it; its last line is one JSON object.
+  per_test=""
+  if python3 -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout=${TEST_TIMEOUT_S:-180}"; fi
+  timeout ${IPC_TESTS_TIMEOUT_S:-330} python3 -m pytest -v -rfEs -p no:cacheprovider $per_test \
+    tests/test_ipc.py 2>&1 | tee "$OUT/tests_ipc.log" \
+    | grep -E "PASSED|FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed|skipped)" | tail -30 || rc=1
+  timeout ${IPC_BENCH_TIMEOUT_S:-240} python3 bench/ipc.py ${IPC_BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/ipc.log" | grep -v -i warn | tail -25 || rc=1
 fi
 exit $rc

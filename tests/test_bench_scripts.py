@@ -30,3 +30,69 @@ def test_plan_compile_benchmark(tmp_path):
     figures = run_script("plan_compile.py", ["--configs", "8:4", "--repeats", "1", "--no-megatron"],
                          tmp_path)
     assert figures["ours_rank_s"] > 0 and figures["config"] == "TP8/EP64 -> TP4/EP128"
+
+
+def _load_bench(name):
+    """A benchmark script as a module (bench/ is not a package); nothing runs on import."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ipc_benchmark_command_line():
+    """bench/ipc.py needs a GPU to run; its command line works everywhere: --help, the
+    defaults (bench/loopback.py's sizes, 8 processes, MPS on) and refused values."""
+    script = str(BENCH / "ipc.py")
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in ("--layers", "--experts", "--world", "--iters", "--mps", "--no-mps"):
+        assert flag in out.stdout, flag
+    bad = subprocess.run([sys.executable, script, "--world", "3"], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert bad.returncode == 2 and "--world" in bad.stderr, bad.stderr[-2000:]
+    ipc = _load_bench("ipc")
+    args = ipc.parse_args([])
+    assert (args.layers, args.experts, args.world, args.mps) == (4, 32, 8, True)
+    assert ipc.parse_args(["--no-mps", "--world", "4"]).mps is False
+    src, dst = ipc.layouts(ipc.parse_args(["--layers", "2", "--experts", "8"]))
+    assert sorted(src.ranks) == sorted(dst.ranks) == list(range(8))
+
+
+def test_ipc_benchmark_check_finds_exact_and_wrong():
+    """bench/ipc.py's bit-exact check (values hashed from tensor name and global index,
+    filled and checked per piece) on CPU tensors of the toy Kimi K2 at its layouts, refit by
+    the NumPy reference executor: exact, then one wrong element found, and a different seed's
+    values refused."""
+    import torch
+
+    from refit_engine.compiler import Planner
+    from refit_engine.executors.reference import run_reference
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
+    ipc = _load_bench("ipc")
+    ipc.BLOCK = 1000  # several blocks per piece
+    cfg = KimiK2Config.toy()
+    src = kimi_k2_layout(cfg, ParallelGrid(8, tp=8, ep=8))
+    dst = kimi_k2_layout(cfg, ParallelGrid(8, tp=4, ep=4))
+
+    def tensors(layout):
+        return {(b.rank, b.key): torch.empty(b.shape, dtype=getattr(torch, b.dtype))
+                for b in layout.buffers}
+
+    def as_bytes(buffers):
+        return {k: t.view(-1).view(torch.uint8).numpy() for k, t in buffers.items()}
+
+    src_t, dst_t = tensors(src), tensors(dst)
+    ipc.fill(src, src_t, seed=1)
+    ipc.poison(dst_t)
+    assert len(ipc.check(dst, dst_t, seed=1)) == len(dst_t)  # poisoned: every tensor wrong
+    run_reference(Planner(src, dst, 1 << 16).plan_all(), src, dst, as_bytes(src_t),
+                  as_bytes(dst_t))
+    assert ipc.check(dst, dst_t, seed=1) == []
+    assert ipc.check(dst, dst_t, seed=2) != []
+    (rank, key), t = next(iter(dst_t.items()))
+    t.view(-1).view(torch.int16)[3] += 1
+    assert ipc.check(dst, dst_t, seed=1) == [f"{rank}:{key}"]
