@@ -257,9 +257,11 @@ def _megatron_worker(rank, world):
     from refit_engine.verify import check_exact
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.cuda.set_device(0)
-    cfg = KimiK2Config.toy(num_layers=3, num_experts=8)
+    cfg = KimiK2Config.toy(num_layers=4, num_experts=8)
     cases = [("TP2->TP1", dict(tp=2), dict(tp=1)),
-             ("TP2/EP2->TP1/EP4 experts move", dict(tp=2, ep=2), dict(tp=1, ep=4))]
+             ("TP2/EP2->TP1/EP4 experts move", dict(tp=2, ep=2), dict(tp=1, ep=4)),
+             ("TP2/ETP2->TP2/EP2/ETP1", dict(tp=2, etp=2), dict(tp=2, ep=2, etp=1)),
+             ("TP2/PP2->TP4", dict(tp=2, pp=2), dict(tp=4))]
     report = {}
     for name, s, d in cases:
         sg, dg = ParallelGrid(world, **s), ParallelGrid(world, **d)
@@ -289,7 +291,8 @@ def _megatron_worker(rank, world):
 
 @pytest.mark.skipif(not _have_megatron(), reason="needs megatron-core")
 def test_megatron_models_on_one_gpu_bit_exact():
-    """megatron-core's toy Kimi K2 on cuda:0 in each of 4 processes: a TP and an EP change."""
+    """megatron-core's toy Kimi K2 on cuda:0 in each of 4 processes: TP, EP, ETP and PP
+    changes."""
     reports = run_world(_megatron_worker, 4, timeout=300)
     for rank, report in enumerate(reports):
         for name, e in report.items():
