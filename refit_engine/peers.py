@@ -55,7 +55,7 @@ class PeerLinks:
 
     transports: dict[int, str]  # every other rank of the plan -> "ipc" | "nccl"
     plan_of: Callable | None = None  # peer rank -> its RankPlan (IPC readers need the sender's)
-    ipc_sync: str = "host"
+    ipc_sync: str = "device"
     devices: dict[int, DeviceId] = field(default_factory=dict)
     src_key: Callable | None = None  # source buffer index -> its key, for errors
 

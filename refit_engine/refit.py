@@ -149,7 +149,7 @@ def _check_ranks(gathered, group, mode: str) -> None:
 def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
          timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None,
          mode: str = "auto", ranks_per_node: int | None = None, name: str = "plan",
-         transport: str = "auto", ipc_sync: str = "host") -> Plan:
+         transport: str = "auto", ipc_sync: str = "device") -> Plan:
     """Gather every rank's layouts over `group`, validate, compile this rank's plan and bind it.
 
     mode: "collocated" (both models on the same ranks), "non-collocated" (disjoint ranks) or
@@ -161,8 +161,9 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     models of the same shapes, which nothing else could tell apart). transport (CUDA tensors):
     "auto" reads peers on the same node straight from their memory over CUDA IPC and uses
     NCCL across nodes; "ipc" or "nccl" forces one for every peer (see `peers`). ipc_sync: how
-    IPC peers keep order, "host" (interprocess events and two host barriers per refit) or
-    "device" (flags in shared GPU memory: a graph=True refit then has no host step). Raises RefitError on every
+    IPC peers keep order, "device" (flags in shared GPU memory, each wait with a deadline: a
+    graph=True refit then has no host step; the faster, measured) or "host" (interprocess
+    events and two host barriers per refit). Raises RefitError on every
     rank, before any byte moves, if any rank's input is bad, and when ranks disagree on the plan.
     """
     if not dist.is_initialized():
