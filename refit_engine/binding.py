@@ -71,16 +71,22 @@ def bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
     return bound, addresses, devices, current
 
 
-def check_overlaps(rank: int, *currents: dict) -> None:
+def check_overlaps(rank: int, *currents: dict, same_ok=frozenset()) -> None:
     """Refuse local tensors of this rank that share memory where the refit writes: two
     destination tensors, or a destination and a source (sources may overlap each other: they
-    are only read). currents: bind's records of each side. One sort of the byte intervals."""
+    are only read). currents: bind's records of each side. One sort of the byte intervals.
+    same_ok: (source key, destination key) pairs whose memory may be the very same bytes (an
+    aliased pair: alias=True writes nothing into that destination)."""
     spans = []
     for current in currents:
         for key, *_, (side, info, _) in current.values():
             if info.nbytes > 0:
                 spans.append((info.device, info.address, info.address + info.nbytes,
                               side == "destination", side, key))
+    if same_ok:
+        sources = {(s[0], s[1], s[2]): s[5] for s in spans if not s[3]}
+        spans = [s for s in spans
+                 if not (s[3] and (sources.get((s[0], s[1], s[2])), s[5]) in same_ok)]
     spans.sort()
     device = reach = reach_dst = None  # the interval reaching furthest so far (a destination)
     for span in spans:

@@ -21,7 +21,9 @@ import numpy as np
 import torch.distributed as dist
 
 from refit_engine import megatron_layout
-from refit_engine.binding import bind, check_overlaps, device_of, stale_reason
+from refit_engine.aliasing import (aliasable_buffers, apply_aliases, choose_aliases,
+                                   without_buffers)
+from refit_engine.binding import bind, check_overlaps, device_of, record, stale_reason
 from refit_engine.channel import Channel, group_ranks
 from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner, RankPlan
 from refit_engine.errors import RefitError
@@ -83,6 +85,9 @@ class Plan:
     dst_tensors: dict = field(repr=False, default_factory=dict)
     broken: str | None = None
     refits: int = 0
+    # Destination tensors rebound to the source's storage (plan(alias=True)): moved by nothing.
+    aliases: list = field(repr=False, default_factory=list)
+    not_aliased: dict = field(repr=False, default_factory=dict)  # key -> why it is copied
     # What every bound tensor looked like when bound: see binding.bind / stale_reason.
     current: dict = field(repr=False, default_factory=dict)
     # One refit at a time: two threads running one plan would interleave its messages.
@@ -104,7 +109,8 @@ class Plan:
         return {"rank": self.rank, "bytes_local": rp.bytes_local, "bytes_sent": rp.bytes_sent,
                 "bytes_received": rp.bytes_received, "per_peer": rp.bytes_per_peer(),
                 "buckets": rp.num_buckets, "bytes_ipc": self.executor.bytes_ipc,
-                "staging_bytes": self.executor.staging_bytes}
+                "staging_bytes": self.executor.staging_bytes,
+                "bytes_aliased": sum(a.nbytes for a in self.aliases)}
 
     @property
     def peer_transports(self) -> dict[int, str]:
@@ -115,14 +121,15 @@ class Plan:
 
 
 def _check_same_options(options_of: dict) -> None:
-    """Every rank passed the same mode, timeout_s, threads, transport and ipc_sync
+    """Every rank passed the same mode, timeout_s, threads, transport, ipc_sync and alias
     (bucket_bytes and ranks_per_node are in the plan fingerprint)."""
     groups: dict = {}
     for rank, options in sorted(options_of.items()):
         groups.setdefault(options, []).append(rank)
     if len(groups) > 1:
         seen = "; ".join(f"ranks {ranks}: mode={o[0]!r}, timeout_s={o[1]}, threads={o[2]}, "
-                         f"transport={o[3]!r}, ipc_sync={o[4]!r}" for o, ranks in groups.items())
+                         f"transport={o[3]!r}, ipc_sync={o[4]!r}, alias={o[5]!r}"
+                         for o, ranks in groups.items())
         raise RefitError(f"ranks disagree on plan()'s options ({seen})",
                          ranks=list(options_of))
 
@@ -149,7 +156,7 @@ def _check_ranks(gathered, group, mode: str) -> None:
 def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
          timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None,
          mode: str = "auto", ranks_per_node: int | None = None, name: str = "plan",
-         transport: str = "auto", ipc_sync: str = "device") -> Plan:
+         transport: str = "auto", ipc_sync: str = "device", alias: bool = False) -> Plan:
     """Gather every rank's layouts over `group`, validate, compile this rank's plan and bind it.
 
     mode: "collocated" (both models on the same ranks), "non-collocated" (disjoint ranks) or
@@ -163,7 +170,11 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     NCCL across nodes; "ipc" or "nccl" forces one for every peer (see `peers`). ipc_sync: how
     IPC peers keep order, "device" (flags in shared GPU memory, each wait with a deadline: a
     graph=True refit then has no host step; the faster, measured) or "host" (interprocess
-    events and two host barriers per refit). Raises RefitError on every
+    events and two host barriers per refit). alias=True: destination tensors that would be
+    filled byte for byte from one source tensor of the same rank (same box, dtype and layout:
+    collocated, EP and expert TP unchanged) are rebound to the source's storage now, their own
+    storage released, and no refit moves them (`plan.aliases`; `bytes_aliased` in the
+    statistics); the inference model then sees every training update at once. Raises RefitError on every
     rank, before any byte moves, if any rank's input is bad, and when ranks disagree on the plan.
     """
     if not dist.is_initialized():
@@ -173,13 +184,13 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
         raise RefitError(f"name must be a non-empty string, not {name!r}", ranks=[rank])
     problem = _option_problem(bucket_bytes=bucket_bytes, timeout_s=timeout_s, threads=threads,
                               mode=mode, ranks_per_node=ranks_per_node, transport=transport,
-                              ipc_sync=ipc_sync)
+                              ipc_sync=ipc_sync, alias=alias)
     # Every later wait of this plan, this first arrival included, is bounded by timeout_s
     # (the default when timeout_s itself is the problem: reported on every rank below).
     channel = Channel(group, DEFAULT_TIMEOUT_S if problem else timeout_s, what=name)
     try:
         return _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes,
-                     timeout_s, threads, mode, ranks_per_node, transport, ipc_sync)
+                     timeout_s, threads, mode, ranks_per_node, transport, ipc_sync, alias)
     except BaseException:
         channel.close()
         raise
@@ -207,13 +218,15 @@ def _option_problem(**options) -> RefitError | None:
         reason = f"transport must be one of {TRANSPORTS}, not {options['transport']!r}"
     elif options["ipc_sync"] not in IPC_SYNCS:
         reason = f"ipc_sync must be one of {IPC_SYNCS}, not {options['ipc_sync']!r}"
+    elif not isinstance(options["alias"], (bool, np.bool_)):
+        reason = f"alias must be True or False, not {options['alias']!r}"
     else:
         return None
     return RefitError(reason)
 
 
 def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, timeout_s, threads,
-          mode, ranks_per_node, transport, ipc_sync) -> Plan:
+          mode, ranks_per_node, transport, ipc_sync, alias) -> Plan:
     status = problem
     try:
         if status is None:
@@ -224,7 +237,8 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         src_local = dst_local = ShardedTensors()
         status = _status_of(exc)
     options = (mode, float(timeout_s) if problem is None else None, threads,
-               transport if problem is None else None, ipc_sync if problem is None else None)
+               transport if problem is None else None, ipc_sync if problem is None else None,
+               bool(alias) if problem is None else None)
     gathered = channel.gather((rank, status, src_local.entries, dst_local.entries,
                                sorted(src_local.claimed_ranks | dst_local.claimed_ranks),
                                options), "layout exchange")
@@ -238,6 +252,8 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0))
     planner = Planner(src_layout, dst_layout, bucket_bytes, ranks_per_node)
     rank_plan = planner.plan_rank(rank)
+    # Pairs alias=True may share (plan-level; the tensors are checked once bound).
+    candidates = aliasable_buffers(rank_plan, src_layout, dst_layout) if alias else {}
 
     # Bind tensors and check them; then check that every rank compiled the same plan: a cheap
     # fingerprint of the inputs and options every plan is derived from.
@@ -254,7 +270,13 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
                                                                 "source")
         dst_tensors, dst_addr, dst_devices, dst_current = bind(dst_layout, dst_local, rank,
                                                                 "destination")
-        check_overlaps(rank, src_current, dst_current)
+        # A destination that already shares its aliasable source's memory (an earlier aliased
+        # plan over the same models) is no conflict: alias=True copies nothing into it.
+        check_overlaps(rank, src_current, dst_current,
+                       same_ok={(src_layout.buffers[s].key, dst_layout.buffers[d].key)
+                                for d, s in candidates.items()})
+        aliases, not_aliased = (choose_aliases(rank_plan, src_layout, dst_layout, src_tensors,
+                                               dst_tensors) if alias else ([], {}))
         check_empty_tensors(src_layout, dst_layout)
         device = device_of(src_devices | dst_devices, rank)
         where = this_device(device)
@@ -262,6 +284,7 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     except Exception as exc:  # reported on every rank below
         status = _status_of(exc)
         device, where = "cpu", None
+        aliases, not_aliased = [], {}
     checks = channel.gather((rank, status, layouts_digest, device.split(":")[0], where),
                             "binding check")
     _raise_first([(r, s) for r, s, *_ in checks], "binding tensors")
@@ -292,6 +315,7 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     # learns it in one more small step, so no rank returns a plan its peers do not have.
     executor, failure = None, None
     try:
+        rank_plan = without_buffers(rank_plan, {a.dst_buffer for a in aliases})
         executor = build_executor(transport_of(next(iter(kinds))), rank_plan, src_addr, dst_addr,
                                   channel, device, threads, ranks_per_node, links=links)
     except Exception as exc:
@@ -299,8 +323,17 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     if channel.union(int(failure is not None), "executors ready"):
         _raise_first(channel.gather((rank, failure), "executor failures"),
                      "building the executor")
+    # Every rank has its executor: only now are destination tensors rebound (a plan that
+    # fails leaves the models as they were).
+    current = {**src_current, **dst_current}
+    if aliases:
+        apply_aliases(aliases, src_tensors, dst_tensors, dst_local)
+        for a in aliases:
+            current[("destination", a.dst_buffer)] = record(dst_layout.buffers[a.dst_buffer],
+                                                            dst_local, "destination")
     return Plan(rank, rank_plan, src_layout, dst_layout, group, float(timeout_s), channel,
-                executor, src_tensors, dst_tensors, current={**src_current, **dst_current})
+                executor, src_tensors, dst_tensors, current=current, aliases=aliases,
+                not_aliased=not_aliased)
 
 
 class _RefusedCall(RefitError):
