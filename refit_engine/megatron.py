@@ -449,7 +449,9 @@ def prepare_swap_model_weights(src_model, target_model, group=None, src_rank_off
                                dst_pool_index: int = 0, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                                timeout_s: float = refit.DEFAULT_TIMEOUT_S,
                                threads: int | None = None, mode: str = "auto",
-                               ranks_per_node: int | None = None, name: str = "plan") -> None:
+                               ranks_per_node: int | None = None, name: str = "plan",
+                               transport: str = "auto", ipc_sync: str = "device",
+                               alias: bool = False) -> None:
     """megatron-core's `prepare_swap_model_weights`: plan and cache the refit ahead of the
     first `swap_model_weights`, moving no bytes. Collective over `group`.
 
@@ -460,7 +462,8 @@ def prepare_swap_model_weights(src_model, target_model, group=None, src_rank_off
     """
     _check_call(None, num_dst_pools, dst_pool_index, src_rank_offset, dst_rank_offset, None)
     options = {"bucket_bytes": bucket_bytes, "timeout_s": timeout_s, "threads": threads,
-               "mode": mode, "ranks_per_node": ranks_per_node, "name": name}
+               "mode": mode, "ranks_per_node": ranks_per_node, "name": name,
+               "transport": transport, "ipc_sync": ipc_sync, "alias": alias}
     for pool, src, target in _passes(src_model, target_model, num_dst_pools, dst_pool_index):
         cached_plan(src, target, group, src_rank_offset=src_rank_offset,
                     dst_rank_offset=dst_rank_offset, pool_index=pool, num_pools=num_dst_pools,
@@ -473,6 +476,7 @@ def swap_model_weights(src_model, target_model, refit_method, group=None,
                        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                        timeout_s: float = refit.DEFAULT_TIMEOUT_S, threads: int | None = None,
                        mode: str = "auto", ranks_per_node: int | None = None, name: str = "plan",
+                       transport: str = "auto", ipc_sync: str = "device", alias: bool = False,
                        graph: bool = False, stream=None, sync: bool = True, verify: bool = False,
                        check: bool = True, stats: dict | None = None) -> None:
     """Drop-in for megatron-core's `swap_model_weights` (0.19 / main): copy `src_model`'s
@@ -496,7 +500,7 @@ def swap_model_weights(src_model, target_model, refit_method, group=None,
     on every destination MegatronModule that has it (megatron-core main).
 
     Extras, keyword-only: refit_engine.plan()'s options (bucket_bytes, timeout_s, threads, mode,
-    ranks_per_node, name) and execute()'s (graph, stream, sync, verify, check); `stats`: a dict
+    ranks_per_node, name, transport, ipc_sync, alias) and execute()'s (graph, stream, sync, verify, check); `stats`: a dict
     cleared and filled with execute()'s statistics (summed over the pool passes, each pass
     under "passes").
 
@@ -510,7 +514,8 @@ def swap_model_weights(src_model, target_model, refit_method, group=None,
     _check_call(transform, num_dst_pools, dst_pool_index, src_rank_offset, dst_rank_offset,
                 stats)
     options = {"bucket_bytes": bucket_bytes, "timeout_s": timeout_s, "threads": threads,
-               "mode": mode, "ranks_per_node": ranks_per_node, "name": name}
+               "mode": mode, "ranks_per_node": ranks_per_node, "name": name,
+               "transport": transport, "ipc_sync": ipc_sync, "alias": alias}
     passes = []
     for pool, src, target in _passes(src_model, target_model, num_dst_pools, dst_pool_index):
         plan = cached_plan(src, target, group, src_rank_offset=src_rank_offset,

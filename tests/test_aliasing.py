@@ -156,6 +156,11 @@ def _megatron(rank, world):
     # A second aliased plan over the same (now sharing) models is no conflict.
     again = refit_engine.plan(src, dst, timeout_s=60, alias=True, name="again")
     refit_engine.execute(again)
+    # The drop-in takes alias=True as one of plan()'s keywords.
+    from refit_engine.megatron import swap_model_weights
+    stats = {}
+    swap_model_weights(src, dst, "gloo", alias=True, stats=stats)
+    assert stats["bytes_aliased"] == again.traffic["bytes_aliased"] > 0, stats
     return wrong, len(plan.aliases), shared, check_exact(again), len(again.aliases)
 
 
