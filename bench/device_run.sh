@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests, GPU benchmarks. Logs and JSON go to $OUT.
-# Usage (device tool): bash bench/device_run.sh [suite|suite-a|suite-b|tests|kernels|loopback|sweep|multi|ipc|all]
+# Usage (device tool): bash bench/device_run.sh [suite|suite-a|suite-b|tests|kernels|loopback|sweep|multi|ipc|alias|all]
 #   suite: the whole test suite (megatron-core from .whl when carried), the README's main job
 #   and the fault catalogue; suite-a / suite-b: its two halves, one call each
 #   ipc: the CUDA IPC transport's tests (rank processes sharing the one GPU), then its benchmark
+#   alias: plan(alias=True) over CUDA IPC with EP unchanged: its GPU test, then bench/ipc.py --alias-compare
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -87,5 +88,20 @@ if [[ $what == ipc ]]; then
     | grep -E "PASSED|FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed|skipped)" | tail -30 || rc=1
   timeout ${IPC_BENCH_TIMEOUT_S:-240} python3 bench/ipc.py ${IPC_BENCH_ARGS:-} 2>&1 \
     | tee "$OUT/ipc.log" | grep -v -i warn | tail -25 || rc=1
+fi
+if [[ $what == alias ]]; then
+  # plan(alias=True) (issue 17) on one H200: the aliasing test of tests/test_ipc.py (4 processes
+  # on cuda:0; ALIAS_TESTS=0 skips it), then bench/ipc.py --alias-compare: 8 processes, TP8/EP8
+  # -> TP4/EP8, alias off and on (time, memory_allocated, bytes_aliased, bit-exact); its last
+  # line is one JSON object. IPC_ALIAS_ARGS adds options (e.g. --no-mps, --iters 20).
+  if [[ ${ALIAS_TESTS:-1} != 0 ]]; then
+    per_test=""
+    if python3 -c "import pytest_timeout" 2>/dev/null; then per_test="--timeout=${TEST_TIMEOUT_S:-180}"; fi
+    timeout ${ALIAS_TESTS_TIMEOUT_S:-150} python3 -m pytest -v -rfEs -p no:cacheprovider $per_test \
+      tests/test_ipc.py -k alias 2>&1 | tee "$OUT/tests_alias.log" \
+      | grep -E "PASSED|FAILED|ERROR|SKIPPED|[0-9]+ (passed|failed|skipped|deselected)" | tail -10 || rc=1
+  fi
+  timeout ${IPC_ALIAS_TIMEOUT_S:-240} python3 bench/ipc.py --alias-compare ${IPC_ALIAS_ARGS:-} 2>&1 \
+    | tee "$OUT/alias.log" | grep -v -i warn | tail -25 || rc=1
 fi
 exit $rc

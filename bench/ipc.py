@@ -29,12 +29,26 @@ bench/results/ipc_<date>_<commit>.json (and $OUT when set).
 
 Source values are a hash of (seed, tensor name, global element index), computed on the GPU,
 so every rank fills and checks its own tensors without gathering the model.
+
+--alias-compare (issue 17) measures plan(alias=True) instead, and only that (no copy ceiling,
+no loopback, no host/device or graph figures): source TP=EP=world -> destination
+TP=world/2 with EP=world unchanged (same model and processes), so every routed expert and
+every tensor whole on every rank is aliased and only the TP-split ones move. For alias=False,
+then alias=True, each with models built fresh (the previous ones deleted, gc, empty_cache):
+torch.cuda.memory_allocated() of each rank process after planning and after the first refit
+(minus what it held before its models were allocated), the plan's bytes_aliased, the plain
+refit's time (slowest rank per iteration, median; --ipc-sync, default "device") and, after the
+timed runs, fresh source values, every destination that is not aliased poisoned, one refit and
+every destination element checked. Per rank, memory must drop by at least bytes_aliased (less
+1 MiB of slack): both figures and their difference are printed and kept. Results go to
+bench/results/ipc_alias_<date>_<commit>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import multiprocessing
@@ -88,6 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run under a CUDA MPS control daemon of its own (default on)")
     parser.add_argument("--loopback", action=argparse.BooleanOptionalAction, default=True,
                         help="also time LoopbackRefit staged and direct (default on)")
+    parser.add_argument("--alias-compare", action="store_true",
+                        help="only plan(alias=False) against plan(alias=True) with EP unchanged "
+                        "(TP=EP=world -> TP=world/2, EP=world): refit time, memory after "
+                        "planning and after a refit, bytes_aliased, bit-exactness")
+    parser.add_argument("--ipc-sync", choices=SYNCS, default="device",
+                        help="ipc_sync of the --alias-compare plans (default device, the "
+                        "library's)")
     args = parser.parse_args(argv)
     if args.world < 2 or args.world % 2:
         parser.error(f"--world must be even and at least 2, not {args.world}")
@@ -105,6 +126,15 @@ def layouts(args):
     w = args.world
     return (kimi_k2_layout(cfg, ParallelGrid(w, tp=w, ep=w)),
             kimi_k2_layout(cfg, ParallelGrid(w, tp=w // 2, ep=w // 2)))
+
+
+def alias_layouts(args):
+    """--alias-compare's (source, destination) layouts: TP=EP=world -> TP=world/2 with
+    EP=world kept (expert TP 1 on both sides), so every routed expert stays on its rank."""
+    cfg = KimiK2Config(num_layers=args.layers, num_experts=args.experts)
+    w = args.world
+    return (kimi_k2_layout(cfg, ParallelGrid(w, tp=w, ep=w)),
+            kimi_k2_layout(cfg, ParallelGrid(w, tp=w // 2, ep=w)))
 
 
 def layout_bytes(layout) -> int:
@@ -371,6 +401,250 @@ def _slowest(runs: list[dict], field: str, sub: str | None = None) -> list[float
     return [max(values) for values in zip(*series)]
 
 
+# -- --alias-compare: plan(alias=False) against plan(alias=True), EP unchanged -----------------
+
+ALIAS_SETTINGS = (("off", False), ("on", True))
+ALIAS_SLACK_BYTES = 1 << 20  # per rank: what the memory drop may fall short of bytes_aliased
+ALIAS_STATS = (*TRAFFIC, "bytes_aliased")
+
+
+def _clean_memory() -> int:
+    """Everything dropped is returned to the driver; this process's allocated bytes after."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
+
+
+def _alias_setting(args, rank: int, alias: bool, src, dst, src_t: dict, dst_t: dict) -> dict:
+    """One plan over this rank's fresh models (sources filled, destinations poisoned), with
+    `alias`: memory after planning and after its first refit, its statistics, the plain refit
+    timed, then bit-exactness with new source values. Closes the plan (every rank's mappings of
+    the peers' tensors released before the caller drops the tensors)."""
+    src_local = from_layout(src, rank, {k: t for (_, k), t in src_t.items()}) if src_t else None
+    dst_local = from_layout(dst, rank, {k: t for (_, k), t in dst_t.items()}) if dst_t else None
+    t0 = time.perf_counter()
+    plan = refit_engine.plan(src_local, dst_local, bucket_bytes=args.bucket_mib << 20,
+                             timeout_s=args.timeout_s, transport="auto", ipc_sync=args.ipc_sync,
+                             alias=alias, name=f"ipc-alias-{'on' if alias else 'off'}")
+    try:
+        torch.cuda.synchronize()
+        out = {"plan_s": time.perf_counter() - t0, "after_plan": torch.cuda.memory_allocated(),
+               "transports": sorted(set(plan.peer_transports.values())),
+               "traffic": {k: plan.traffic.get(k) for k in ALIAS_STATS},
+               "aliases": len(plan.aliases), "aliased_keys": sorted(a.key for a in plan.aliases),
+               "not_aliased": dict(plan.not_aliased),
+               # The caller's tensor objects themselves now hold the source's storage.
+               "shared": sum(dst_t[(rank, a.key)].data_ptr()
+                             == src_t[(rank, a.source_key)].data_ptr() for a in plan.aliases)}
+        stats = refit_engine.execute(plan)
+        torch.cuda.synchronize()
+        out["after_refit"] = torch.cuda.memory_allocated()
+        out["stats"] = {k: stats.get(k) for k in ALIAS_STATS}
+        for _ in range(args.warmup - 1):
+            refit_engine.execute(plan)
+        out.update(_timed(plan, False, args.iters))
+        # NOTE: an aliased destination IS its source's storage: poisoning it would overwrite
+        # the new source values (and nothing copies it back). Only the copied ones are poisoned;
+        # the check then reads the aliased ones through the shared storage.
+        aliased = set(out["aliased_keys"])
+        fill(src, src_t, seed=21)
+        poison({k: t for k, t in dst_t.items() if k[1] not in aliased})
+        refit_engine.execute(plan)
+        out["wrong"] = check(dst, dst_t, seed=21)
+    finally:
+        plan.close()
+    return out
+
+
+def alias_rank(rank, world, args):
+    """One rank process: alias off, then on, each over models built fresh on cuda:0 (the
+    previous ones deleted first). Rank 0 returns every rank's figures; the others None."""
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.deadline_s))
+    try:
+        src, dst = alias_layouts(args)
+        settings = {"device": device_name()}
+        for label, alias in ALIAS_SETTINGS:
+            base = _clean_memory()
+            src_t, dst_t = alloc(src, {rank}), alloc(dst, {rank})
+            fill(src, src_t, seed=1)
+            poison(dst_t)
+            torch.cuda.synchronize()
+            models = torch.cuda.memory_allocated()
+            try:
+                entry = _alias_setting(args, rank, alias, src, dst, src_t, dst_t)
+                entry.update(base=base, models=models)
+            except Exception as exc:  # noqa: BLE001 - reported; a RefitError is on every rank
+                entry = {"error": f"{type(exc).__name__}: {exc}"}
+            settings[label] = entry
+            torch.cuda.synchronize()
+            dist.barrier()  # every plan closed before any rank frees what peers mapped
+            del src_t, dst_t
+            _clean_memory()
+            if rank == 0:
+                print(f"[ipc] alias={alias}: "
+                      + ("failed: " + entry["error"] if "error" in entry else "done"), flush=True)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, settings)
+        return gathered if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def merge_alias(per_rank: list[dict]) -> dict:
+    """Every rank's figures of each setting (times: slowest rank per iteration, then the
+    median), and per rank how far memory dropped with aliasing against bytes_aliased."""
+    out = {"device": per_rank[0].get("device")}
+    for label, _ in ALIAS_SETTINGS:
+        errors = {r: m[label]["error"] for r, m in enumerate(per_rank) if "error" in m[label]}
+        if errors:
+            out[label] = {"error": errors[min(errors)], "ranks_failed": sorted(errors)}
+            continue
+        runs = [m[label] for m in per_rank]
+        wall, event = _slowest(runs, "wall_ms"), _slowest(runs, "event_ms")
+        out[label] = {
+            "median_ms": statistics.median(wall), "min_ms": min(wall), "max_ms": max(wall),
+            "event_median_ms": statistics.median(event), "wall_ms": wall, "event_ms": event,
+            "plan_s": max(r["plan_s"] for r in runs),
+            "transports": sorted({t for r in runs for t in r["transports"]}),
+            "traffic": {k: _total(r["traffic"][k] for r in runs) for k in ALIAS_STATS},
+            "stats": {k: _total(r["stats"][k] for r in runs) for k in ALIAS_STATS},
+            "aliases": sum(r["aliases"] for r in runs), "shared": sum(r["shared"] for r in runs),
+            "not_aliased": sum(len(r["not_aliased"]) for r in runs),
+            "wrong": [w for r in runs for w in r["wrong"]],
+            # Per rank: memory_allocated() before its models, with them, after planning, after
+            # the first refit (absolute bytes), and its own statistics.
+            "per_rank": [{k: r[k] for k in ("base", "models", "after_plan", "after_refit")}
+                         | {"bytes_aliased": r["stats"]["bytes_aliased"],
+                            "bytes_local": r["stats"]["bytes_local"]} for r in runs]}
+    if "error" in out["off"] or "error" in out["on"]:
+        return out
+    rows = []
+    for rank, (off, on) in enumerate(zip(out["off"]["per_rank"], out["on"]["per_rank"])):
+        # Each setting against what the process held before its own models were allocated.
+        plan_off, plan_on = off["after_plan"] - off["base"], on["after_plan"] - on["base"]
+        refit_off, refit_on = off["after_refit"] - off["base"], on["after_refit"] - on["base"]
+        aliased = on["bytes_aliased"] or 0
+        rows.append({"rank": rank, "bytes_aliased": aliased,
+                     "mem_off": plan_off, "mem_on": plan_on, "drop": plan_off - plan_on,
+                     "drop_minus_aliased": plan_off - plan_on - aliased,
+                     "refit_mem_off": refit_off, "refit_mem_on": refit_on,
+                     "refit_drop": refit_off - refit_on,
+                     "local_saved": (off["bytes_local"] or 0) - (on["bytes_local"] or 0)})
+    out["per_rank"] = rows
+    return out
+
+
+def _alias_row(label, e) -> str:
+    gib = 2**30
+    t = e["stats"]
+    return (f"{label:<8}{e['median_ms']:>10.2f}{e['event_median_ms']:>10.2f}{e['plan_s']:>8.1f}"
+            f"{sum(r['after_plan'] - r['base'] for r in e['per_rank']) / gib:>10.2f}"
+            f"{sum(r['after_refit'] - r['base'] for r in e['per_rank']) / gib:>10.2f}"
+            f"{(t['bytes_local'] or 0) / gib:>10.2f}{(t['bytes_ipc'] or 0) / gib:>9.2f}"
+            f"{(t['bytes_aliased'] or 0) / gib:>12.2f}{e['aliases']:>9d}")
+
+
+def report_alias(args, alias: dict, mps: dict, src_bytes: int, dst_bytes: int) -> dict:
+    w, gib, mib = args.world, 2**30, 2**20
+    print()
+    print(f"{alias.get('device') or '?'}: plan(alias=False) against plan(alias=True), EP "
+          f"unchanged; MPS {'on' if mps['on'] else 'off'}; ipc_sync={args.ipc_sync}")
+    print(f"Kimi K2 {args.layers} layers, {args.experts} experts: TP{w}/EP{w} "
+          f"({src_bytes / gib:.1f} GiB) -> TP{w // 2}/EP{w} ({dst_bytes / gib:.1f} GiB), "
+          f"{w} processes on cuda:0; each setting's models built fresh")
+    print(f"{'alias':<8}{'median ms':>10}{'events ms':>10}{'plan s':>8}{'mem GiB':>10}"
+          f"{'refit GiB':>10}{'local GiB':>10}{'IPC GiB':>9}{'aliased GiB':>12}{'aliases':>9}")
+    key = {"device": alias.get("device"), "world": w, "mps": mps["on"],
+           "ipc_sync": args.ipc_sync, "config": f"TP{w}/EP{w} -> TP{w // 2}/EP{w}"}
+    ok = [label for label, _ in ALIAS_SETTINGS if "error" not in alias[label]]
+    for label, _ in ALIAS_SETTINGS:
+        e = alias[label]
+        if "error" in e:
+            print(f"{label:<8}failed (ranks {e['ranks_failed']}): {e['error'][:200]}")
+            continue
+        print(_alias_row(label, e))
+        key[f"alias_{label}_ms"] = e["median_ms"]
+        key[f"alias_{label}_event_ms"] = e["event_median_ms"]
+        key[f"alias_{label}_mem_gib"] = sum(r["after_plan"] - r["base"]
+                                            for r in e["per_rank"]) / gib
+        key[f"alias_{label}_refit_mem_gib"] = sum(r["after_refit"] - r["base"]
+                                                  for r in e["per_rank"]) / gib
+        key[f"alias_{label}_exact"] = not e["wrong"]
+    print("(median ms: slowest rank's wall time around execute(sync=True), events: its CUDA "
+          "events; mem / refit GiB: torch.cuda.memory_allocated() after planning / after the "
+          "first refit, less what each process held before its models, summed over ranks; "
+          "local / IPC / aliased GiB: the refit's statistics summed over ranks)")
+    rows = alias.get("per_rank", [])
+    for r in rows:
+        print(f"rank {r['rank']}: memory after planning off {r['mem_off'] / mib:.1f} MiB, on "
+              f"{r['mem_on'] / mib:.1f} MiB, drop {r['drop'] / mib:.1f} MiB; bytes_aliased "
+              f"{r['bytes_aliased'] / mib:.1f} MiB; drop - aliased "
+              f"{r['drop_minus_aliased'] / mib:+.3f} MiB (after a refit: drop "
+              f"{r['refit_drop'] / mib:.1f} MiB)")
+    exact = len(ok) == len(ALIAS_SETTINGS) and not any(alias[s]["wrong"] for s in ok)
+    mem_ok = bool(rows) and all(
+        min(r["drop"], r["refit_drop"]) >= r["bytes_aliased"] - ALIAS_SLACK_BYTES for r in rows)
+    on = alias["on"] if "on" in ok else {}
+    shared = bool(on) and on["aliases"] > 0 and on["shared"] == on["aliases"]
+    local_ok = bool(rows) and all(r["local_saved"] == r["bytes_aliased"] for r in rows)
+    transports = sorted({t for s in ok for t in alias[s]["transports"]})
+    staging = _total([alias[s]["stats"]["staging_bytes"] for s in ok]
+                     + [alias[s]["traffic"]["staging_bytes"] for s in ok])
+    wrong = "".join(f"; {s} wrong in {alias[s]['wrong'][:3]}" for s in ok if alias[s]["wrong"])
+    print(f"bit-exact after the timed runs: {exact}{wrong}; memory dropped by bytes_aliased on "
+          f"every rank (less {ALIAS_SLACK_BYTES // mib} MiB): {mem_ok}; aliased destinations "
+          f"share the source's storage: {shared}; bytes_local dropped by bytes_aliased: "
+          f"{local_ok}; transports {transports}; staging bytes {staging}")
+    if "alias_off_ms" in key and "alias_on_ms" in key:
+        key["alias_speedup"] = key["alias_off_ms"] / key["alias_on_ms"]
+    key.update(
+        bytes_aliased_gib=sum(r["bytes_aliased"] for r in rows) / gib if rows else None,
+        alias_mem_drop_gib=sum(r["drop"] for r in rows) / gib if rows else None,
+        alias_refit_mem_drop_gib=sum(r["refit_drop"] for r in rows) / gib if rows else None,
+        alias_mem_drop_minus_aliased_mib=(sum(r["drop_minus_aliased"] for r in rows) / mib
+                                          if rows else None),
+        alias_mem_drop_minus_aliased_min_mib=(min(r["drop_minus_aliased"] for r in rows) / mib
+                                              if rows else None),
+        alias_mem_ok=mem_ok, alias_shared=shared, alias_local_ok=local_ok,
+        transports=transports, staging_bytes=staging, alias_exact=exact)
+    return key
+
+
+def alias_main(args) -> int:
+    src, dst = alias_layouts(args)  # no CUDA in this process: the layouts only
+    src_bytes, dst_bytes = layout_bytes(src), layout_bytes(dst)
+    del src, dst
+    w = args.world
+    print(f"[ipc] --alias-compare: scaled Kimi K2, {args.layers} layers, {args.experts} experts; "
+          f"TP{w}/EP{w} ({src_bytes / 2**30:.1f} GiB) -> TP{w // 2}/EP{w} "
+          f"({dst_bytes / 2**30:.1f} GiB) over {w} processes on one GPU, alias off then on",
+          flush=True)
+    with Mps(args.mps) as mps:
+        values, failures = run_ranks(alias_rank, w, args, env=mps.env, timeout=args.deadline_s)
+        if failures:
+            print("[ipc] rank processes failed"
+                  + (" (MPS was on: --no-mps runs without it)" if mps.on else "")
+                  + ":\n" + failure_report(failures), flush=True)
+            return 1
+    alias = merge_alias(values[0])
+    key = report_alias(args, alias, mps.record(), src_bytes, dst_bytes)
+    payload = {"bench": "ipc_alias",
+               "env": {**environment(__file__), "device": alias.get("device")},
+               "args": vars(args), "mps": mps.record(), "src_bytes": src_bytes,
+               "dst_bytes": dst_bytes, "alias": alias, "key": key}
+    path = save_json(results_dir(__file__), "ipc_alias", payload)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], path.name), "w") as f:
+            json.dump(payload, f, indent=1)
+    print(json.dumps(key))
+    good = (key["alias_exact"] and key["alias_mem_ok"] and key["alias_shared"]
+            and key["alias_local_ok"] and key["staging_bytes"] == 0
+            and set(key["transports"]) <= {"ipc"})
+    return 0 if good else 1
+
+
 # -- MPS -----------------------------------------------------------------------------------------
 
 class Mps:
@@ -519,6 +793,8 @@ def _stop(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
+    if args.alias_compare:
+        return alias_main(args)
     src, dst = layouts(args)  # no CUDA in this process: the layouts only
     src_bytes, dst_bytes = layout_bytes(src), layout_bytes(dst)
     del src, dst

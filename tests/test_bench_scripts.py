@@ -96,3 +96,54 @@ def test_ipc_benchmark_check_finds_exact_and_wrong():
     (rank, key), t = next(iter(dst_t.items()))
     t.view(-1).view(torch.int16)[3] += 1
     assert ipc.check(dst, dst_t, seed=1) == [f"{rank}:{key}"]
+
+
+def test_ipc_benchmark_alias_compare_command_line():
+    """bench/ipc.py --alias-compare (plan(alias=True) against alias=False over IPC, EP
+    unchanged) parses everywhere; its layouts keep EP (every routed expert of every rank is
+    aliasable) and its report says whether memory dropped by bytes_aliased on every rank."""
+    from refit_engine.aliasing import aliasable_buffers
+    from refit_engine.compiler import Planner
+    script = str(BENCH / "ipc.py")
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--alias-compare" in out.stdout and "--ipc-sync" in out.stdout
+    ipc = _load_bench("ipc")
+    assert ipc.parse_args([]).alias_compare is False
+    args = ipc.parse_args(["--alias-compare", "--layers", "2", "--experts", "8"])
+    assert args.alias_compare and args.ipc_sync == "device" and args.world == 8
+    src, dst = ipc.alias_layouts(args)
+    planner = Planner(src, dst)
+    for rank in range(8):
+        keys = {dst.buffers[d].key for d in aliasable_buffers(planner.plan_rank(rank), src, dst)}
+        experts = {b.key for b in dst.buffers if b.rank == rank and ".experts." in b.key}
+        assert experts and experts <= keys, rank
+
+    def rank_figures(aliased, dropped):
+        def setting(on):
+            local = 100 << 20
+            return {"wall_ms": [2.0, 1.0, 3.0] if on else [4.0, 5.0, 6.0],
+                    "event_ms": [1.0, 1.0, 1.0], "plan_s": 1.0, "transports": ["ipc"],
+                    "traffic": dict.fromkeys(ipc.ALIAS_STATS, 0),
+                    "stats": {**dict.fromkeys(ipc.ALIAS_STATS, 0),
+                              "bytes_aliased": aliased if on else 0,
+                              "bytes_local": local - aliased if on else local},
+                    "aliases": 3 if on else 0, "shared": 3 if on else 0, "not_aliased": {},
+                    "wrong": [], "base": 10, "models": 1000 << 20,
+                    "after_plan": (1000 << 20) - (dropped if on else 0),
+                    "after_refit": (1000 << 20) - (dropped if on else 0)}
+        return {"device": "test", "off": setting(False), "on": setting(True)}
+
+    args = ipc.parse_args(["--alias-compare", "--world", "2", "--experts", "2"])
+    mps = ipc.Mps(False).record()
+    good = ipc.merge_alias([rank_figures(64 << 20, (64 << 20) + 4096)] * 2)
+    key = ipc.report_alias(args, good, mps, 1, 1)
+    assert key["alias_mem_ok"] and key["alias_exact"] and key["alias_shared"], key
+    assert key["alias_local_ok"] and key["staging_bytes"] == 0
+    assert (key["alias_off_ms"], key["alias_on_ms"]) == (5.0, 2.0)
+    assert key["bytes_aliased_gib"] == 128 / 1024
+    assert key["alias_mem_drop_minus_aliased_mib"] == 2 * 4096 / 2**20
+    assert good["per_rank"][0]["drop"] == (64 << 20) + 4096
+    short = ipc.merge_alias([rank_figures(64 << 20, 32 << 20)] * 2)
+    assert not ipc.report_alias(args, short, mps, 1, 1)["alias_mem_ok"]

@@ -514,3 +514,100 @@ def test_expandable_segments_plan_or_refuse_naming_a_tensor():
         for rank, r in enumerate(results):
             assert r["planned"] == [], (rank, r)
             assert set(r["transports"]) <= {"ipc"}, (rank, r)
+
+
+# -- plan(alias=True) over IPC (issue 17) ------------------------------------------------------
+
+ALIAS_SLACK_BYTES = 64 << 10  # per rank: what the memory drop may fall short of bytes_aliased
+
+
+def _aliased_over_ipc(rank, world, ipc_sync):
+    """TP4/EP4 -> TP2/EP4 (EP and expert TP unchanged) on cuda:0, alias=False then alias=True,
+    each over models built fresh (the previous ones freed first): bit-exact with poisoned
+    destinations, aliases sharing the source's memory, memory_allocated() after planning,
+    and new source values written in place (a training update) seen after execute."""
+    import gc
+
+    import torch.distributed as dist
+
+    from refit_engine.executors.reference import materialize, random_globals
+    from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
+    from refit_engine.local import from_layout
+    torch.cuda.set_device(0)
+    # Larger routed experts than the toy's (512 KiB each), so the aliased bytes dwarf the
+    # allocator's rounding and the slack.
+    cfg = KimiK2Config.toy(moe_ffn=2048)
+    src = kimi_k2_layout(cfg, ParallelGrid(world, tp=world, ep=world))
+    dst = kimi_k2_layout(cfg, ParallelGrid(world, tp=world // 2, ep=world))
+    mine = {rank}
+    out = {}
+    for alias in (False, True):
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        rng = np.random.default_rng(50 + int(alias))
+        values = random_globals(src, rng)
+        src_t = _on_gpu(materialize(src, values, ranks=mine))
+        dst_t = _on_gpu(materialize(dst, poison=POISON, ranks=mine))
+        before = {k: t.data_ptr() for k, t in dst_t.items()}
+        plan = refit_engine.plan(from_layout(src, rank, src_t), from_layout(dst, rank, dst_t),
+                                 bucket_bytes=1 << 16, timeout_s=60, transport="auto",
+                                 ipc_sync=ipc_sync, alias=alias, name=f"alias-{alias}")
+        torch.cuda.synchronize()
+        entry = {"planned_bytes": torch.cuda.memory_allocated() - base,
+                 "transports": sorted(set(plan.peer_transports.values())),
+                 "aliased": sorted(a.key for a in plan.aliases),
+                 "alias_nbytes": sum(a.nbytes for a in plan.aliases),
+                 "traffic_aliased": plan.traffic["bytes_aliased"],
+                 "staging_bytes": plan.traffic["staging_bytes"]}
+        entry["shared"] = sorted(a.key for a in plan.aliases
+                                 if dst_t[a.key].data_ptr() == src_t[a.source_key].data_ptr()
+                                 != before[a.key])
+        stats = refit_engine.execute(plan)
+        entry["stats"] = {k: stats.get(k) for k in ("bytes_aliased", "bytes_local", "bytes_ipc",
+                                                    "staging_bytes")}
+        entry["first"] = _wrong(dst_t, materialize(dst, values, poison=POISON, ranks=mine))
+        # A training update in place on the sources, right after the refit (NOTE at the top).
+        # The aliased destinations are the sources' memory: only the others are poisoned.
+        values = random_globals(src, rng)
+        _write_in_place(src_t, materialize(src, values, ranks=mine))
+        _poison({k: t for k, t in dst_t.items() if k not in set(entry["aliased"])})
+        refit_engine.execute(plan)
+        entry["updated"] = _wrong(dst_t, materialize(dst, values, ranks=mine))
+        entry["aliased_see_update"] = [k for k in entry["aliased"]
+                                       if torch.equal(dst_t[k], src_t[k])]
+        plan.close()
+        torch.cuda.synchronize()
+        dist.barrier()  # every rank's mappings of this rank's tensors released before freeing
+        out[alias] = entry
+        del plan, src_t, dst_t
+    return out
+
+
+@pytest.mark.parametrize("ipc_sync", ["device", "host"])
+def test_alias_over_ipc_shares_storage_and_releases_memory(ipc_sync):
+    """4 processes on cuda:0, EP unchanged: alias=True is bit-exact (poisoned destinations),
+    aliases every routed expert into the source's memory, and memory_allocated() after
+    planning is lower than with alias=False by at least bytes_aliased (less the slack)."""
+    results = run_world(_aliased_over_ipc, 4, ipc_sync, timeout=180)
+    for rank, r in enumerate(results):
+        off, on = r[False], r[True]
+        for label, e in (("off", off), ("on", on)):
+            where = f"rank {rank}, alias {label}"
+            assert set(e["transports"]) <= {"ipc"}, f"{where}: transports {e['transports']}"
+            assert e["staging_bytes"] == 0 and e["stats"]["staging_bytes"] == 0, (where, e)
+            assert e["first"] == [], f"{where}: wrong after the first refit: {e['first'][:5]}"
+            assert e["updated"] == [], f"{where}: wrong after an update: {e['updated'][:5]}"
+        assert off["aliased"] == [] and off["stats"]["bytes_aliased"] == 0, (rank, off)
+        assert any(".experts." in k for k in on["aliased"]), (rank, on["aliased"])
+        aliased = on["stats"]["bytes_aliased"]
+        assert aliased > 0 and aliased == on["alias_nbytes"] == on["traffic_aliased"], (rank, on)
+        assert on["shared"] == on["aliased"], (rank, on["shared"], on["aliased"])
+        assert on["aliased_see_update"] == on["aliased"], (rank, on["aliased_see_update"])
+        assert on["stats"]["bytes_local"] == off["stats"]["bytes_local"] - aliased, (rank, on)
+        drop = off["planned_bytes"] - on["planned_bytes"]
+        assert drop >= aliased - ALIAS_SLACK_BYTES, \
+            f"rank {rank}: memory dropped by {drop} bytes, bytes_aliased {aliased}"
+    assert sum(r[True]["stats"]["bytes_ipc"] for r in results) > 0, "nothing moved over IPC"
