@@ -11,6 +11,7 @@
 #include "bindings/transports.h"
 #include "cuda/executor.h"
 #include "cuda/segment_table.h"
+#include "transform/transform_copy.h"
 
 namespace py = pybind11;
 
@@ -50,6 +51,16 @@ void bind_cuda(py::module_& m) {
              py::arg("rows"), py::arg("row_bytes"))
         .def("launch", [](const SegmentTable& t, uintptr_t stream) { t.launch(as_stream(stream)); },
              py::arg("stream") = 0, "Enqueue the copies on a CUDA stream (integer handle).");
+
+    py::class_<TransformTable, std::shared_ptr<TransformTable>>(
+        m, "TransformTable", "Transforming copies (casts, FP8 quantization) uploaded to the GPU.")
+        .def(py::init([](const py::dict& columns) {
+                 return std::make_shared<TransformTable>(as_transforms(columns));
+             }),
+             py::arg("columns"))
+        .def("launch", [](const TransformTable& t, uintptr_t stream) { t.launch(as_stream(stream)); },
+             py::arg("stream") = 0, "Enqueue the table on a CUDA stream (integer handle).")
+        .def_property_readonly("tiles", &TransformTable::tiles);
 
     // Each transport's Python classes; peer_transports() turns an executor's `comm` into them.
     bind_nccl(m);

@@ -25,5 +25,6 @@ PYBIND11_MODULE(_core, m) {
 
     refit::bind_plan(m);
     refit::bind_cpu(m);
+    refit::bind_transform(m);
     refit::bind_cuda(m);
 }
