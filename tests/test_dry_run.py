@@ -319,3 +319,115 @@ def test_dry_run_cli_transport(capsys):
         with pytest.raises(SystemExit) as exc:
             main(args + argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+# Aliasing (issue 17): plan(alias=True)'s shared local tensors, counted once and never copied.
+
+ALIAS_CASES = [  # (ranks, source TP/EP/ETP, destination TP/EP/ETP)
+    (8, (4, 4, 1), (2, 4, 1)),   # EP and ETP kept: every routed expert shared
+    (8, (4, 4, 1), (2, 8, 1)),   # EP changed: the experts a rank holds on both sides
+    (8, (2, 4, 1), (2, 4, 1)),   # nothing changes: everything shared
+    (8, (4, 2, 2), (2, 2, 2)),   # expert TP kept, TP changed
+    (8, (4, 4, 1), (2, 2, 2)),   # expert shards differ: replicated tensors only
+]
+
+
+@pytest.mark.parametrize("gpus, s, d", ALIAS_CASES)
+def test_aliased_bytes_are_counted_once_and_never_copied(gpus, s, d):
+    # The dry run's figure is the library's: aliasing.aliased_bytes on each rank's plan of the
+    # same layouts (built as Layout objects here), and memory and local copies drop by
+    # exactly that much while every byte over a link stays.
+    from refit_engine import aliasing
+    from refit_engine.compiler import compile_plans
+    from refit_engine.harness.models.kimi_k2 import kimi_k2_layout
+    cfg, topo = KimiK2Config.toy(), preset("h100", gpus)
+    src = ParallelGrid(gpus, tp=s[0], ep=s[1], etp=s[2])
+    dst = ParallelGrid(gpus, tp=d[0], ep=d[1], etp=d[2])
+    off, on = (dry_run(cfg, src, dst, topo, alias=a) for a in (False, True))
+    assert not off["alias"] and on["alias"]
+    layouts = kimi_k2_layout(cfg, src), kimi_k2_layout(cfg, dst)
+    plans = compile_plans(*layouts, ranks_per_node=topo.gpus_per_node)
+    expected = {r: aliasing.aliased_bytes(p, *layouts) for r, p in plans.items()}
+    assert any(expected.values())
+    for a, b in zip(off["ranks"], on["ranks"]):
+        assert a.aliased_bytes == 0 and b.aliased_bytes == expected[a.rank]
+        assert a.total_bytes - b.total_bytes == b.aliased_bytes
+        assert a.local_bytes - b.local_bytes == b.aliased_bytes
+        assert (a.src_bytes, a.dst_bytes, a.staging_bytes) == (b.src_bytes, b.dst_bytes,
+                                                               b.staging_bytes)
+        assert _moved(a)[1:] == _moved(b)[1:]
+    assert on["predicted"]["seconds"] <= off["predicted"]["seconds"]
+    assert on["floor"]["seconds"] <= off["floor"]["seconds"]
+
+
+def test_aliasing_applies_to_collocated_refits_only(capsys):
+    on = _toy_dry_run(8, "auto", non_collocated=True)
+    cfg = KimiK2Config.toy()
+    src, dst = ParallelGrid(8, tp=4, ep=4), ParallelGrid(8, tp=2, ep=8, offset=8)
+    aliased = dry_run(cfg, src, dst, preset("h100", 16), alias=True)
+    assert not aliased["alias"]
+    assert [vars(f) for f in aliased["ranks"]] == [vars(f) for f in on["ranks"]]
+    with pytest.raises(SystemExit) as exc:
+        main(["--gpus", "8", "--src", "tp=4,ep=4", "--dst", "tp=2,ep=8", "--layers", "3",
+              "--non-collocated", "--alias"])
+    assert exc.value.code == 2 and "needs a collocated refit" in capsys.readouterr().err
+
+
+def test_a_refit_refused_without_aliasing_fits_with_it():
+    from dataclasses import replace
+
+    from refit_engine.harness.dry_run import GIB
+    cfg = KimiK2Config.toy()
+    src, dst = ParallelGrid(8, tp=4, ep=4), ParallelGrid(8, tp=2, ep=4)
+    on = dry_run(cfg, src, dst, preset("h100", 8), alias=True)
+    need_on = max(f.total_bytes for f in on["ranks"])
+    need_off = max(f.total_bytes + f.aliased_bytes for f in on["ranks"])
+    assert need_on < need_off
+    topo = replace(preset("h100", 8), memory_gib=(need_on + need_off) / 2 / GIB / 0.9)
+    with pytest.raises(RefitError, match="does not fit"):
+        dry_run(cfg, src, dst, topo)
+    fits = dry_run(cfg, src, dst, topo, alias=True)
+    assert fits["fits"] and "reason" not in fits
+    # Just below what the plan needs with aliasing: the exact figure refuses it, saying so.
+    tight = replace(topo, memory_gib=need_on * 0.99 / GIB / 0.9)
+    result = dry_run(cfg, src, dst, tight, alias=True)
+    assert not result["fits"]
+    assert re.match(r"does not fit: rank \d+ needs [\d.]+ GiB \(source [\d.]+ \+ destination "
+                    r"[\d.]+ - aliased [\d.]+ \+ staging 0\.0 GiB, the plan's\)", result["reason"])
+
+
+def test_the_memory_check_counts_aliased_bytes_once():
+    # The dry run of issue 17: TP8/EP64 -> TP4/EP64 on 128 H100s needs 74.5 GiB (72 usable)
+    # when every byte is copied; with aliasing the smaller side may be shared, so the check
+    # before any plan lets it through for the plan to count exactly.
+    src, dst = ParallelGrid(128, tp=8, ep=64), ParallelGrid(128, tp=4, ep=64)
+    with pytest.raises(RefitError) as exc:
+        check_fits(KimiK2Config(), src, dst, preset("h100", 128), collocated=True)
+    assert "need 74.5 GiB per GPU" in exc.value.reason and "(72 GiB usable" in exc.value.reason
+    assert check_fits(KimiK2Config(), src, dst, preset("h100", 128), collocated=True,
+                      alias=True) == pytest.approx((34.04, 36.51), abs=0.01)
+    shared = r"\+ destination 36\.5 GiB .* - at most 36\.5 GiB aliased \(the smaller side\)"
+    with pytest.raises(RefitError, match=shared):
+        check_fits(KimiK2Config(), ParallelGrid(128, tp=8, ep=8), dst, preset("h100", 128),
+                   collocated=True, alias=True)
+
+
+def test_dry_run_cli_alias(capsys):
+    import json
+    args = ["--gpus", "8", "--src", "tp=4,ep=4", "--dst", "tp=2,ep=4", "--layers", "3"]
+    assert main(args + ["--alias"]) == 0
+    out = capsys.readouterr().out
+    assert "(collocated, aliasing on)" in out
+    line = r"aliased, counted once \(rank \d\) +[\d.]+ +[\d.]+ GiB over 8 ranks"
+    assert re.search(line, out), out
+    assert "(aliased bytes are not copied)" in out
+    figures = {}
+    for extra in ([], ["--alias"]):
+        assert main(args + extra + ["--json"]) == 0
+        figures[bool(extra)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    off, on = figures[False], figures[True]
+    assert not off["alias"] and off["max_aliased_gib"] == 0 and on["alias"]
+    assert on["max_gpu_gib"] < off["max_gpu_gib"] and on["max_local_gib"] < off["max_local_gib"]
+    assert on["predicted_s"] < off["predicted_s"]
+    assert main(args + ["--alias", "--per-rank"]) == 0
+    assert "aliased" in capsys.readouterr().out.splitlines()[-9]

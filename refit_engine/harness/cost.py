@@ -36,7 +36,9 @@ class RankFigures:
     bytes: local copies, sent and received over the node's links and over the network.
     `received_ipc` / `sent_ipc`: the part of `received_intra` / `sent_intra` that goes over
     CUDA IPC (read in place by the receiver: as execute()'s "bytes_ipc", a part of what it
-    receives), so neither packed nor unpacked; the rest is staged (NCCL, gloo)."""
+    receives), so neither packed nor unpacked; the rest is staged (NCCL, gloo).
+    `aliased_bytes`: destination bytes sharing the source's storage (plan(alias=True)),
+    counted once in `total_bytes`; they are in no local copy."""
 
     rank: int
     src_bytes: int = 0
@@ -50,10 +52,11 @@ class RankFigures:
     messages: int = 0
     received_ipc: int = 0
     sent_ipc: int = 0
+    aliased_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.src_bytes + self.dst_bytes + self.staging_bytes
+        return self.src_bytes + self.dst_bytes - self.aliased_bytes + self.staging_bytes
 
     @property
     def sent_staged(self) -> int:

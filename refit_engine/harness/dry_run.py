@@ -10,6 +10,11 @@ The transport is the plan's (`--transport`, default auto as the library's): same
 over CUDA IPC need no staging and no pack / unpack passes; NCCL peers keep both. `--transport
 nccl` gives the figures of every peer over NCCL.
 
+Aliasing (`--alias`, `plan(..., alias=True)`; collocated only): a destination local tensor the
+plan fills byte for byte from one source local tensor of the same rank shares its storage
+(refit_engine.aliasing.aliasable_buffers on each rank's plan). Its bytes are counted once in
+memory and never copied: they leave the local copies, the traffic and the prediction.
+
     python -m refit_engine.memory --src tp=8,ep=64 --dst tp=4,ep=128 --gpus 128 --gpu h100
 """
 
@@ -20,10 +25,12 @@ import json
 import math
 import sys
 from dataclasses import asdict
+from typing import NamedTuple
 
 import numpy as np
 
-from refit_engine import dtypes
+from refit_engine import _core, dtypes
+from refit_engine.aliasing import aliasable_buffers, without_buffers
 from refit_engine.compiler import DEFAULT_BUCKET_BYTES, MSG, Planner, RankPlan
 from refit_engine.errors import RefitError
 from refit_engine.harness.cli import layout_arg, overrides_arg, positive_float, positive_int
@@ -33,7 +40,7 @@ from refit_engine.harness.models.kimi_k2 import (KimiK2Config, kimi_k2_parameter
                                                  kimi_k2_tables, stage_of)
 from refit_engine.harness.topology import (PRESETS, TRANSPORTS, Topology, check_transport,
                                            describe_transport, preset)
-from refit_engine.tables import BUFFER, LayoutTables
+from refit_engine.tables import BUFFER, PIECE, TENSOR, LayoutTables
 
 GIB = 2**30
 
@@ -75,18 +82,34 @@ def staging_allowance(topo: Topology, ranks: int, transport: str, bucket_bytes: 
     return 4 * bucket_bytes * TYPICAL_PEERS
 
 
-def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collocated: bool,
-               headroom: float = 0.9, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-               transport: str = "auto") -> tuple[float, float]:
-    """Refuse (RefitError) a configuration whose weights and staging cannot fit, before
-    building anything. `headroom`: the fraction of GPU memory they may use; `transport`: the
-    plan's (IPC peers need no staging). Returns the largest per-GPU weights of each side, in
-    GiB."""
-    budget = topo.memory_gib * headroom
+def memory_need(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collocated: bool,
+                bucket_bytes: int = DEFAULT_BUCKET_BYTES, transport: str = "auto",
+                alias: bool = False) -> dict:
+    """GiB per GPU before building anything: the largest weights of each side, the staging
+    allowance, and `need`, what the busiest GPU needs at least. With aliasing (collocated only)
+    a rank can share at most the smaller of its two models, so `shared` is that bound and
+    `need` the larger side plus staging; the dry run replaces it with the plan's exact
+    figure."""
     src_gib, dst_gib = weights_per_gpu_gib(cfg, src), weights_per_gpu_gib(cfg, dst)
     ranks = max(src.offset + src.world, dst.offset + dst.world)
     staging_gib = staging_allowance(topo, ranks, transport, bucket_bytes) / GIB
-    need = (src_gib + dst_gib if collocated else max(src_gib, dst_gib)) + staging_gib
+    shared = min(src_gib, dst_gib) if alias and collocated else 0.0
+    weights = src_gib + dst_gib - shared if collocated else max(src_gib, dst_gib)
+    return {"src": src_gib, "dst": dst_gib, "staging": staging_gib, "shared": shared,
+            "need": weights + staging_gib}
+
+
+def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collocated: bool,
+               headroom: float = 0.9, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+               transport: str = "auto", alias: bool = False) -> tuple[float, float]:
+    """Refuse (RefitError) a configuration whose weights and staging cannot fit, before
+    building anything. `headroom`: the fraction of GPU memory they may use; `transport`: the
+    plan's (IPC peers need no staging); `alias`: aliased bytes counted once (`memory_need`:
+    the smaller model at most, before the plan says exactly). Returns the largest per-GPU
+    weights of each side, in GiB."""
+    budget = topo.memory_gib * headroom
+    m = memory_need(cfg, src, dst, topo, collocated, bucket_bytes, transport, alias)
+    src_gib, dst_gib, staging_gib, need = m["src"], m["dst"], m["staging"], m["need"]
     if need > budget:
         cpu = topo.cpu_ranks  # CPU ranks over gloo: a memory budget, not a GPU
         unit = "rank" if cpu else "GPU"
@@ -96,7 +119,9 @@ def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, colloc
             f"does not fit: weights and staging need {need:.1f} GiB per {unit} (source {src_gib:.1f} GiB at "
             f"TP{src.tp}/PP{src.pp}/EP{src.ep}/ETP{src.etp}"
             + (f" + destination {dst_gib:.1f} GiB at TP{dst.tp}/PP{dst.pp}/EP{dst.ep}/ETP{dst.etp}"
-               if collocated else "") + f" + staging {staging_gib:.1f} GiB"
+               if collocated else "")
+            + (f" - at most {m['shared']:.1f} GiB aliased (the smaller side)" if m["shared"]
+               else "") + f" + staging {staging_gib:.1f} GiB"
             + (" (every peer over CUDA IPC)" if not staging_gib else "")
             + f") but {have} ({budget:.0f} GiB usable "
             f"at {headroom:.0%}); raise EP (experts are 99% of the weights) or TP")
@@ -138,36 +163,114 @@ def staged_buckets(plan: RankPlan, transports: dict[int, str]) -> int:
     return max((int(b.max()) + 1 for b in buckets if len(b)), default=0)
 
 
+class TableBuffers:
+    """One side's local tensors as `aliasing.aliasable_buffers` reads a Layout's (`.buffers[i]`
+    with dtype, numel and shape), from the planner's tables: the dry run has no Layout (one of
+    2048 ranks takes a minute to build). The tables hold no local shapes, so a local tensor is
+    seen flat: for kimi_k2_tables that loses nothing, since each local tensor holds one box of
+    one tensor, and the same tensor's box filled at the same offsets, as many elements of the
+    same dtype, is the same local shape."""
+
+    def __init__(self, tables: LayoutTables):
+        pieces, count = tables.pieces, tables.pieces[:, PIECE["holders_count"]]
+        # Holder slot of every (piece, holder) pair, piece by piece: first + 0, 1, ...
+        starts = np.repeat(pieces[:, PIECE["holders_first"]] - (np.cumsum(count) - count), count)
+        slots = starts + np.arange(int(count.sum()))
+        self._codes = np.full(len(tables.buffers), -1, dtype=np.int64)
+        self._codes[tables.holders[slots]] = tables.tensors[
+            np.repeat(pieces[:, PIECE["tensor"]], count), TENSOR["dtype_code"]]
+        self._numel = tables.buffers[:, BUFFER["numel"]]
+        self.buffers = self
+
+    def __len__(self) -> int:
+        return len(self._numel)
+
+    def __getitem__(self, i: int) -> _FlatBuffer:
+        numel = int(self._numel[i])
+        return _FlatBuffer(_core.DTYPE_NAMES[int(self._codes[i])], numel, (numel,))
+
+
+class _FlatBuffer(NamedTuple):
+    dtype: str
+    numel: int
+    shape: tuple
+
+
+def plan_tables(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topology,
+                bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                src_tables: LayoutTables | None = None) -> dict:
+    """Both sides' tables, every rank's plan and the ranks ({"src", "dst", "plans", "world"});
+    `src_tables`: the source's, already built for `src` (the advisor plans many destinations
+    beside one)."""
+    # The planner's tables built with NumPy: a Layout of 2048 GPUs would take a minute.
+    src_tables = src_tables if src_tables is not None else kimi_k2_tables(cfg, src)
+    dst_tables = kimi_k2_tables(cfg, dst)
+    plans = Planner(src_tables, dst_tables, bucket_bytes, topo.gpus_per_node).plan_all()
+    world = max(src.offset + src.world, dst.offset + dst.world)
+    return {"src": src_tables, "dst": dst_tables, "plans": plans, "world": world}
+
+
+def aliases_per_rank(planned: dict) -> dict[int, dict[int, int]]:
+    """{rank: {destination buffer: source buffer}} that plan(..., alias=True) would share
+    (aliasing.aliasable_buffers on each rank's plan; none where a rank holds one side only)."""
+    src, dst = TableBuffers(planned["src"]), TableBuffers(planned["dst"])
+    return {r: aliasable_buffers(p, src, dst) for r, p in planned["plans"].items()}
+
+
 def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topology,
             bucket_bytes: int = DEFAULT_BUCKET_BYTES, headroom: float = 0.9,
-            transport: str = "auto") -> dict:
+            transport: str = "auto", alias: bool = False) -> dict:
     """Every rank's figures (`RankFigures`), the floor and the prediction of a refit whose
-    plan takes `transport` (refit_engine.plan's option: auto, nccl, ipc)."""
+    plan takes `transport` (refit_engine.plan's option: auto, nccl, ipc) and `alias`
+    (plan(alias=True): shared local tensors counted once and never copied; collocated only)."""
     check_transport(topo, transport)
     collocated = src.offset == dst.offset
-    check_fits(cfg, src, dst, topo, collocated, headroom, bucket_bytes, transport)
-    world = max(src.offset + src.world, dst.offset + dst.world)
-    # The planner's tables built with NumPy: a Layout of 2048 GPUs would take a minute.
-    src_tables, dst_tables = kimi_k2_tables(cfg, src), kimi_k2_tables(cfg, dst)
-    plans = Planner(src_tables, dst_tables, bucket_bytes, topo.gpus_per_node).plan_all()
+    alias = alias and collocated
+    check_fits(cfg, src, dst, topo, collocated, headroom, bucket_bytes, transport, alias)
+    planned = plan_tables(cfg, src, dst, topo, bucket_bytes)
+    return figures(planned, topo, transport, headroom, aliases_per_rank(planned) if alias else None)
+
+
+def figures(planned: dict, topo: Topology, transport: str = "auto", headroom: float = 0.9,
+            aliases: dict[int, dict[int, int]] | None = None) -> dict:
+    """The dry run's result from `plan_tables`' plans. `aliases`: `aliases_per_rank`'s (None:
+    aliasing off): their destination bytes count once in memory (`RankFigures.aliased_bytes`)
+    and leave the local copies, hence the prediction."""
+    src_tables, dst_tables, plans = planned["src"], planned["dst"], planned["plans"]
+    world = planned["world"]
     src_w, dst_w = _weights_per_rank(src_tables, world), _weights_per_rank(dst_tables, world)
+    dst_bytes = dst_tables.buffers[:, BUFFER["numel"]] * dst_tables.buffers[:, BUFFER["itemsize"]]
     ranks, buckets = [], {}
     for r in range(world):
         p = plans.get(r)
         if p is None:
             ranks.append(RankFigures(r, src_bytes=src_w[r], dst_bytes=dst_w[r]))
             continue
+        shared = (aliases or {}).get(r, {})
+        aliased = int(dst_bytes[list(shared)].sum()) if shared else 0
+        p = without_buffers(p, shared)  # aliased local tensors: nothing copies them
         per_peer = p.bytes_per_peer()
         transports = {peer: topo.peer_transport(r, peer, transport) for peer in per_peer}
         peers = staged_peers(transports)
         messages = sum(len(staged_messages(m, peers)) for m in (p.send_messages, p.recv_messages))
         ranks.append(rank_figures(r, p.bytes_local, per_peer, topo, transports,
                                   src_bytes=src_w[r], dst_bytes=dst_w[r],
-                                  staging_bytes=staging_bytes(p, transports), messages=messages))
+                                  staging_bytes=staging_bytes(p, transports), messages=messages,
+                                  aliased_bytes=aliased))
         buckets[r] = staged_buckets(p, transports)
-    return {"ranks": ranks, "floor": floor(ranks, topo), "topology": topo,
-            "transport": transport, "predicted": predict(ranks, topo, buckets),
-            "fits": max(f.total_bytes for f in ranks) <= topo.memory_gib * headroom * GIB}
+    budget = topo.memory_gib * headroom * GIB
+    worst = max(ranks, key=lambda f: f.total_bytes)
+    result = {"ranks": ranks, "floor": floor(ranks, topo), "topology": topo,
+              "transport": transport, "predicted": predict(ranks, topo, buckets),
+              "alias": aliases is not None, "fits": worst.total_bytes <= budget}
+    if not result["fits"]:
+        result["reason"] = (
+            f"does not fit: rank {worst.rank} needs {worst.total_bytes / GIB:.1f} GiB (source "
+            f"{worst.src_bytes / GIB:.1f} + destination {worst.dst_bytes / GIB:.1f}"
+            + (f" - aliased {worst.aliased_bytes / GIB:.1f}" if aliases is not None else "")
+            + f" + staging {worst.staging_bytes / GIB:.1f} GiB, the plan's) but "
+            f"{topo.memory_gib:.0f} GiB each, {budget / GIB:.0f} usable at {headroom:.0%}")
+    return result
 
 
 def parse_grid(text: str, world: int, offset: int = 0) -> ParallelGrid:
@@ -190,9 +293,11 @@ def report(result: dict) -> str:
         f"{'source weights':<34}{max(f.src_bytes for f in ranks) / GIB:>10.2f}",
         f"{'destination weights':<34}{max(f.dst_bytes for f in ranks) / GIB:>10.2f}",
         f"{'staging (2 x send + 2 x recv)':<34}{max(f.staging_bytes for f in ranks) / GIB:>10.2f}",
+        *_aliased_lines(result),
         f"{'total (rank ' + str(worst.rank) + ')':<34}{worst.total_bytes / GIB:>10.2f}"
         f"   of {topo.memory_gib:.0f} GiB: {'fits' if result['fits'] else 'DOES NOT FIT'}",
-        f"{'local copy (max)':<34}{max(f.local_bytes for f in ranks) / GIB:>10.2f}",
+        f"{'local copy (max)':<34}{max(f.local_bytes for f in ranks) / GIB:>10.2f}"
+        + ("   (aliased bytes are not copied)" if result.get("alias") else ""),
         most("sent_intra", f"sent over {intra}"), most("received_intra", f"received over {intra}"),
         most("received_ipc", "of which read over IPC"),
         most("sent_inter", f"sent over {inter}"), most("received_inter", f"received over {inter}"),
@@ -203,6 +308,20 @@ def report(result: dict) -> str:
         f"{topo.inter_node_gbps:g} GB/s, copy {topo.copy_gbps:g} GB/s",
     ]
     return "\n".join(lines)
+
+
+def _aliased_lines(result: dict) -> list[str]:
+    """With aliasing: how much each rank shares with the source (counted once, never copied)."""
+    if not result.get("alias"):
+        return []
+    ranks = result["ranks"]
+    top = max(ranks, key=lambda f: f.aliased_bytes)
+    total = sum(f.aliased_bytes for f in ranks)
+    dst = sum(f.dst_bytes for f in ranks)
+    share = total / dst if dst else 0.0
+    return [(f"{'aliased, counted once (rank ' + str(top.rank) + ')':<34}"
+             f"{top.aliased_bytes / GIB:>10.2f}   {total / GIB:.1f} GiB over {len(ranks)} ranks: "
+             f"{share:.1%} of the destination shares the source's storage")]
 
 
 def _ipc_refusal(ranks: list[RankFigures], topo: Topology, transport: str) -> str:
@@ -240,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the plan's transport: auto (the library's default: same-node peers "
                              "over CUDA IPC, other nodes over NCCL), nccl (every peer over NCCL: "
                              "the figures before IPC), ipc (same-node peers over IPC)")
+    parser.add_argument("--alias", action="store_true",
+                        help="plan(alias=True): destination tensors the plan fills byte for byte "
+                             "from one source tensor of the same rank share its storage, counted "
+                             "once and never copied (collocated only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--per-rank", action="store_true",
                         help="also print every rank's memory and bytes moved")
@@ -260,6 +383,9 @@ def main(argv=None) -> int:
         dst = parse_grid(args.dst, args.gpus, offset=args.gpus if args.non_collocated else 0)
     except RefitError as exc:
         parser.error(f"{exc.reason} (--gpus {args.gpus})")
+    if args.alias and args.non_collocated:
+        parser.error("--alias: aliasing shares the storage of one rank's two models, so it needs "
+                     "a collocated refit (not --non-collocated)")
     total = args.gpus * (2 if args.non_collocated else 1)
     topo = preset(args.gpu, total)
     try:
@@ -268,7 +394,7 @@ def main(argv=None) -> int:
         parser.error(f"--transport: {exc} (--gpu {args.gpu})")
     try:
         result = dry_run(cfg, src, dst, topo, args.bucket_mib << 20, args.headroom,
-                         args.transport)
+                         args.transport, args.alias)
     except RefitError as exc:
         print(f"refused: {exc.reason}", file=sys.stderr)
         if args.json:
@@ -276,16 +402,24 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         worst = max(result["ranks"], key=lambda f: f.total_bytes)
+        ranks = result["ranks"]
         print(json.dumps({"fits": result["fits"], "floor_s": result["floor"]["seconds"],
                           "predicted_s": result["predicted"]["seconds"],
                           "max_gpu_gib": worst.total_bytes / GIB,
-                          "max_staging_gib": max(f.staging_bytes for f in result["ranks"]) / GIB,
-                          "transport": args.transport, "topology": asdict(topo)}))
+                          "max_staging_gib": max(f.staging_bytes for f in ranks) / GIB,
+                          "alias": args.alias,
+                          "max_aliased_gib": max(f.aliased_bytes for f in ranks) / GIB,
+                          "max_local_gib": max(f.local_bytes for f in ranks) / GIB,
+                          "transport": args.transport, "topology": asdict(topo),
+                          **({"reason": result["reason"]} if "reason" in result else {})}))
     else:
         print(f"Kimi K2 ({cfg.num_layers} layers) source {args.src} -> destination {args.dst} "
               f"on {topo.describe(total)} "
-              f"({'non-collocated' if args.non_collocated else 'collocated'})")
+              f"({'non-collocated' if args.non_collocated else 'collocated'}"
+              f"{', aliasing on' if args.alias else ''})")
         print(report(result))
+        if "reason" in result:
+            print(result["reason"])
         if args.per_rank:
             print(per_rank_table(result["ranks"], topo))
     return 0 if result["fits"] else 2
@@ -293,13 +427,15 @@ def main(argv=None) -> int:
 
 def per_rank_table(ranks: list[RankFigures], topo: Topology | None = None) -> str:
     intra = topo.intra_link if topo else "NVLink"
-    head = (f"{'rank':>5}{'source GiB':>11}{'dest GiB':>10}{'staging GiB':>12}{'total GiB':>10}"
+    head = (f"{'rank':>5}{'source GiB':>11}{'dest GiB':>10}{'aliased':>8}{'staging GiB':>12}"
+            f"{'total GiB':>10}"
             f"{'local GiB':>10}{intra[:7] + ' out':>11}{intra[:7] + ' in':>10}{'IPC in':>8}"
             f"{'net out':>9}{'net in':>8}")
     rows = [head]
     for f in ranks:
         rows.append(f"{f.rank:>5}{f.src_bytes / GIB:>11.2f}{f.dst_bytes / GIB:>10.2f}"
-                    f"{f.staging_bytes / GIB:>12.2f}{f.total_bytes / GIB:>10.2f}"
+                    f"{f.aliased_bytes / GIB:>8.2f}{f.staging_bytes / GIB:>12.2f}"
+                    f"{f.total_bytes / GIB:>10.2f}"
                     f"{f.local_bytes / GIB:>10.2f}{f.sent_intra / GIB:>11.2f}"
                     f"{f.received_intra / GIB:>10.2f}{f.received_ipc / GIB:>8.2f}"
                     f"{f.sent_inter / GIB:>9.2f}"

@@ -7,8 +7,10 @@ without a launcher it spawns --world gloo processes itself.
 
 A configuration is SRC_TP:DST_TP[:MODE[:METHOD]]; EP / ETP / PP come from --src-extra /
 --dst-extra (e.g. "ep=64"); where one is not given, an expert-parallel size is chosen so both
-models fit: destination EP as large as the expert count and GPU count allow, source EP the
-smallest that fits beside it. `--check-only` checks the same layouts the sweep would run.
+models fit: source EP the smallest that fits beside the destination's smallest footprint (EP
+as large as the expert count and GPU count allow), destination EP the layout advisor's
+fastest that fits beside the source (harness/advisor.py: the dry run of every rank's plan).
+`--check-only` checks the same layouts the sweep would run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.distributed as dist
 
 from refit_engine.errors import RefitError
 from refit_engine.harness import launch, main_job, spawn
+from refit_engine.harness.advisor import best_expert_parallel
 from refit_engine.harness.cli import env_flag, non_negative_int, positive_float, positive_int
 from refit_engine.harness.config import RunConfig, model_config
 from refit_engine.harness.dry_run import check_fits, parse_grid
@@ -58,30 +61,57 @@ def parse_configs(text: str) -> list[dict]:
     return out
 
 
-def choose_expert_parallel(cfg, world: int, src_tp: int, dst_tp: int, collocated: bool,
-                           topo_name: str) -> tuple[int, int]:
-    """(source EP, destination EP) so that both models fit: the destination spreads experts as
-    far as it can; the source takes the smallest EP that still fits beside it."""
+def _side(world: int, src_tp: int, dst_tp: int, collocated: bool) -> int:
+    """Ranks of each model; RefitError where a TP does not divide them (no EP helps then)."""
     side = world // 2 if not collocated else world
     where = f"{side} ranks" + ("" if collocated else " (half of the world, non-collocated)")
     for name, tp in (("source", src_tp), ("destination", dst_tp)):
         if tp < 1 or side % tp:  # no EP helps: say so, not "does not fit"
             raise RefitError(f"{name} TP {tp} does not divide {where}")
+    return side
+
+
+def choose_source_ep(cfg, world: int, src_tp: int, dst_tp: int, collocated: bool,
+                     topo_name: str) -> int:
+    """The smallest source EP that fits beside the destination's smallest footprint (EP as
+    large as the expert count and GPU count allow)."""
+    side = _side(world, src_tp, dst_tp, collocated)
     cap = gcd(cfg.num_experts, side)
     divisors = [d for d in range(1, cap + 1) if cap % d == 0]
     topo = preset(topo_name, world)
-    dst_ep = divisors[-1]
     last = None
     for src_ep in divisors:
         try:
             check_fits(cfg, ParallelGrid(side, tp=src_tp, ep=src_ep),
-                       ParallelGrid(side, tp=dst_tp, ep=dst_ep, offset=0 if collocated else side),
-                       topo, collocated)
-            return src_ep, dst_ep
+                       ParallelGrid(side, tp=dst_tp, ep=divisors[-1],
+                                    offset=0 if collocated else side), topo, collocated)
+            return src_ep
         except RefitError as exc:
             last = exc
     raise RefitError(f"no expert-parallel size lets TP{src_tp} -> TP{dst_tp} fit on "
                      f"{topo.describe(world)} (with source EP{divisors[-1]}: {last.reason})")
+
+
+def choose_destination_ep(cfg, world: int, src: ParallelGrid, dst_tp: int, collocated: bool,
+                          topo_name: str) -> int:
+    """The layout advisor's fastest destination EP that fits beside `src` (ETP 1, PP 1, no
+    aliasing: what the sweep runs), by the dry run of every rank's plan on the preset; where
+    none fits, the largest EP (the smallest footprint), whose memory check then says why."""
+    side = _side(world, src.tp, dst_tp, collocated)
+    best = best_expert_parallel(cfg, src, dst_tp, preset(topo_name, world), collocated)
+    return best.ep if best else max(d for d in range(1, side + 1)
+                                    if side % d == 0 and cfg.num_experts % d == 0)
+
+
+def choose_expert_parallel(cfg, world: int, src_tp: int, dst_tp: int, collocated: bool,
+                           topo_name: str) -> tuple[int, int]:
+    """(source EP, destination EP) so that both models fit: the source takes the smallest EP
+    that fits beside the destination's smallest footprint, the destination the advisor's
+    fastest that fits beside that source."""
+    side = _side(world, src_tp, dst_tp, collocated)
+    src_ep = choose_source_ep(cfg, world, src_tp, dst_tp, collocated, topo_name)
+    return src_ep, choose_destination_ep(cfg, world, ParallelGrid(side, tp=src_tp, ep=src_ep),
+                                         dst_tp, collocated, topo_name)
 
 
 def plot(results: list[dict], path: Path) -> Path | None:
@@ -257,13 +287,16 @@ def check_only(args, configs) -> int:
 
 def layout_extras(cfg, c: dict, args, world: int) -> tuple[str, str]:
     """The EP / ETP / PP parts of configuration `c`'s two layouts: --src-extra / --dst-extra
-    where given, otherwise an expert-parallel size chosen so both models fit."""
+    where given, otherwise an expert-parallel size chosen so both models fit (the
+    destination's: the layout advisor's fastest beside the source)."""
     src_extra, dst_extra = args.src_extra, args.dst_extra
-    if not src_extra or not dst_extra:
-        src_ep, dst_ep = choose_expert_parallel(cfg, world, c["src_tp"], c["dst_tp"],
-                                                c["mode"] == "collocated", args.gpu)
-        src_extra = src_extra or f"ep={src_ep}"
-        dst_extra = dst_extra or f"ep={dst_ep}"
+    collocated = c["mode"] == "collocated"
+    src_tp, dst_tp = c["src_tp"], c["dst_tp"]
+    if not src_extra:
+        src_extra = f"ep={choose_source_ep(cfg, world, src_tp, dst_tp, collocated, args.gpu)}"
+    if not dst_extra:
+        src = parse_grid_extra(src_tp, src_extra, _side(world, src_tp, dst_tp, collocated), 0)
+        dst_extra = f"ep={choose_destination_ep(cfg, world, src, dst_tp, collocated, args.gpu)}"
     return src_extra, dst_extra
 
 
