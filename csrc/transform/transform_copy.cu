@@ -17,6 +17,23 @@ constexpr int kColsPerLane = kBlock / 32;      // 4: lane l takes columns l, l +
 
 enum Column { kSrc, kDst, kSrcPitch, kDstPitch, kRows, kCols, kSrcFmt, kDstFmt, kScale, kScalePitch };
 
+// Calls fn(k, j, r, c) for every element (row r, column c of the rectangle) this thread owns
+// in the tile at (r0, c0): rows warp + 8k, columns lane + 32j, inside the rectangle only.
+template <typename Fn>
+__device__ __forceinline__ void each_element(int64_t r0, int64_t c0, int64_t rows, int64_t cols,
+                                             Fn fn) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int k = 0; k < kRowsPerWarp; ++k) {
+        const int64_t r = r0 + warp + kWarps * k;
+#pragma unroll
+        for (int j = 0; j < kColsPerLane; ++j) {
+            const int64_t c = c0 + lane + 32 * j;
+            if (r < rows && c < cols) fn(k, j, r, c);
+        }
+    }
+}
+
 __device__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, o));
     return v;
@@ -45,24 +62,15 @@ __global__ void __launch_bounds__(kThreads) transform_kernel(DeviceTransforms t)
         const int sb = element_bytes(sf), db = element_bytes(df);
 
         // Every element of the tile this thread owns, widened (or raw for a plain copy).
-        uint32_t raw[kRowsPerWarp][kColsPerLane];
+        uint32_t raw[kRowsPerWarp][kColsPerLane] = {};
         float amax = 0.0f;
-#pragma unroll
-        for (int k = 0; k < kRowsPerWarp; ++k) {
-            const int64_t r = r0 + warp + kWarps * k;
-#pragma unroll
-            for (int j = 0; j < kColsPerLane; ++j) {
-                const int64_t c = c0 + lane + 32 * j;
-                raw[k][j] = 0;
-                if (r < rows && c < cols) {
-                    raw[k][j] = load_raw(src + r * sp + c * sb, sf);
-                    if (df == kFp8Block128) {
-                        const float v = widen(raw[k][j], sf);
-                        if (is_finite(v)) amax = fmaxf(amax, fabsf(v));
-                    }
-                }
+        each_element(r0, c0, rows, cols, [&](int k, int j, int64_t r, int64_t c) {
+            raw[k][j] = load_raw(src + r * sp + c * sb, sf);
+            if (df == kFp8Block128) {
+                const float v = widen(raw[k][j], sf);
+                if (is_finite(v)) amax = fmaxf(amax, fabsf(v));
             }
-        }
+        });
 
         if (df == kFp8Block128) {
             amax = warp_max(amax);
@@ -76,15 +84,9 @@ __global__ void __launch_bounds__(kThreads) transform_kernel(DeviceTransforms t)
                 auto* scale = reinterpret_cast<uint8_t*>(t.col[kScale][i]);
                 memcpy(scale + (r0 / kBlock) * t.col[kScalePitch][i] + (c0 / kBlock) * 4, &s, 4);
             }
-#pragma unroll
-            for (int k = 0; k < kRowsPerWarp; ++k) {
-                const int64_t r = r0 + warp + kWarps * k;
-#pragma unroll
-                for (int j = 0; j < kColsPerLane; ++j) {
-                    const int64_t c = c0 + lane + 32 * j;
-                    if (r < rows && c < cols) dst[r * dp + c] = block_element(widen(raw[k][j], sf), s);
-                }
-            }
+            each_element(r0, c0, rows, cols, [&](int k, int j, int64_t r, int64_t c) {
+                dst[r * dp + c] = block_element(widen(raw[k][j], sf), s);
+            });
         } else if (df == kMxfp8) {
             // A group is the 32 lanes of one (row, j): 32 consecutive elements of the row.
 #pragma unroll
@@ -108,18 +110,10 @@ __global__ void __launch_bounds__(kThreads) transform_kernel(DeviceTransforms t)
                 }
             }
         } else {
-#pragma unroll
-            for (int k = 0; k < kRowsPerWarp; ++k) {
-                const int64_t r = r0 + warp + kWarps * k;
-#pragma unroll
-                for (int j = 0; j < kColsPerLane; ++j) {
-                    const int64_t c = c0 + lane + 32 * j;
-                    if (r < rows && c < cols) {
-                        const uint32_t out = df == sf ? raw[k][j] : narrow(widen(raw[k][j], sf), df);
-                        store_raw(dst + r * dp + c * db, out, df);
-                    }
-                }
-            }
+            each_element(r0, c0, rows, cols, [&](int k, int j, int64_t r, int64_t c) {
+                const uint32_t out = df == sf ? raw[k][j] : narrow(widen(raw[k][j], sf), df);
+                store_raw(dst + r * dp + c * db, out, df);
+            });
         }
     }
 }
