@@ -147,3 +147,14 @@ def test_the_sweep_asks_the_advisor_only_for_what_is_not_given(monkeypatch):
     args.dst_extra = "ep=8"  # given: no advisor
     assert sweep.layout_extras(TOY, c, args, 8) == ("ep=4,etp=2", "ep=8")
     assert len(asked) == 2
+
+
+def test_a_refusal_by_the_memory_check_shows_the_plans_own_figure():
+    # The copy is refused by the memory check, before any plan; the plan built for the aliased
+    # variant says what the copy itself would need (on 128 H100s the check's 4 GiB staging
+    # allowance refuses TP8/EP64 -> TP4/EP64 while the plan stages nothing: every peer IPC).
+    advice = advise(TOY, SRC, [2], _tight_topology())
+    off = next(c for c in advice["refused"] if (c.ep, c.etp, c.alias) == (4, 1, False))
+    on = next(c for c in advice["fits"] if (c.ep, c.etp, c.alias) == (4, 1, True))
+    assert off.plan_gib == pytest.approx(on.memory_gib + on.aliased_gib)
+    assert f"(the plan itself: {off.plan_gib:.1f} GiB, staging 0.0)" in off.reason

@@ -55,6 +55,9 @@ class Candidate:
     predicted_s: float | None = None
     floor_s: float | None = None
     bound: str | None = None          # what sets the predicted time (rank and stage)
+    # A variant the memory check refused, where the plan was built for the other one: what the
+    # plan itself needs (its staging can be below the check's allowance, e.g. all peers IPC).
+    plan_gib: float | None = None
 
     @property
     def layout(self) -> str:
@@ -129,16 +132,17 @@ def advise(cfg: KimiK2Config, src: ParallelGrid, dst_tps, topo: Topology, colloc
                          f"not tried, the inference model alone needs {alone:.1f} GiB per GPU "
                          f"at EP{ep}, more than the {budget:.0f} GiB usable")
     for i, (grid, (tp, ep, etp, pp)) in enumerate(todo):
-        variants = {}
+        variants, checked = {}, []
         for a in aliases:
             c = Candidate(tp, ep, etp, pp, a)
             m = dry.memory_need(cfg, src, grid, topo, collocated, bucket_bytes, transport, a)
             c.memory_gib = m["need"]
             if m["need"] > budget:
                 c.reason = _short_reason(m, budget, a)
-                refused.append(c)
+                checked.append(c)
             else:
                 variants[a] = c
+        refused += checked
         if not variants:
             continue
         t0 = time.perf_counter()
@@ -152,6 +156,14 @@ def advise(cfg: KimiK2Config, src: ParallelGrid, dst_tps, topo: Topology, colloc
             result = dry.figures(planned, topo, transport, headroom, shared if a else None)
             _fill(c, result)
             (fits if c.fits else refused).append(c)
+        for c in checked:  # refused before any plan: say what the plan built anyway needs
+            if c.alias and shared is None:
+                continue
+            result = dry.figures(planned, topo, transport, headroom, shared if c.alias else None)
+            worst = max(result["ranks"], key=lambda f: f.total_bytes)
+            c.plan_gib = worst.total_bytes / GIB
+            c.reason += (f" (the plan itself: {c.plan_gib:.1f} GiB, staging "
+                         f"{worst.staging_bytes / GIB:.1f})")
         if progress:
             progress(f"{i + 1}/{len(todo)} {grid_text(grid)}: done in "
                      f"{time.perf_counter() - t0:.1f} s")
