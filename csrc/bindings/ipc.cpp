@@ -73,15 +73,18 @@ void bind_ipc(py::module_& m) {
         m, "IpcFlags", "Device-side flags in IPC-shared memory: the graph-capturable ordering.")
         .def(py::init<int, double>(), py::arg("device"), py::arg("timeout_s"))
         .def_property_readonly("handle", [](const IpcFlags& f) { return py::bytes(f.handle()); })
+        .def_property_readonly("nonce", &IpcFlags::nonce)
         .def(
             "connect",
             [](IpcFlags& f, const std::vector<int64_t>& owner_ranks,
-               const std::vector<py::bytes>& owners, const std::vector<int64_t>& reader_ranks,
-               const std::vector<py::bytes>& readers) {
-                f.connect(owner_ranks, as_strings(owners), reader_ranks, as_strings(readers));
+               const std::vector<py::bytes>& owners, const std::vector<int64_t>& owner_nonces,
+               const std::vector<int64_t>& reader_ranks, const std::vector<py::bytes>& readers,
+               const std::vector<int64_t>& reader_nonces) {
+                f.connect(owner_ranks, as_strings(owners), owner_nonces, reader_ranks,
+                          as_strings(readers), reader_nonces);
             },
-            py::arg("owner_ranks"), py::arg("owners"), py::arg("reader_ranks"),
-            py::arg("readers"));
+            py::arg("owner_ranks"), py::arg("owners"), py::arg("owner_nonces"),
+            py::arg("reader_ranks"), py::arg("readers"), py::arg("reader_nonces"));
 }
 
 }  // namespace refit

@@ -140,7 +140,7 @@ class CudaPlanExecutor(CudaRefitExecutor):
             status = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
         handles = None
         if isinstance(ordering, _core.IpcFlags):
-            handles = ordering.handle
+            handles = (ordering.handle, ordering.nonce)
         elif ordering is not None:
             handles = (ordering.ready_handle, ordering.done_handle)
         gathered = channel.gather((channel.rank, status, side, handles, needs_nccl),
@@ -170,8 +170,10 @@ class CudaPlanExecutor(CudaRefitExecutor):
                                                 group_rank_of, index, direct=direct)
         host_ordering = None
         if isinstance(ordering, _core.IpcFlags):
-            ordering.connect(side.owners, [peer_handles[o] for o in side.owners],
-                             side.readers, [peer_handles[r] for r in side.readers])
+            ordering.connect(side.owners, [peer_handles[o][0] for o in side.owners],
+                             [peer_handles[o][1] for o in side.owners], side.readers,
+                             [peer_handles[r][0] for r in side.readers],
+                             [peer_handles[r][1] for r in side.readers])
             executor.set_ordering(ordering)
         elif ordering is not None:
             ordering.connect([peer_handles[o][0] for o in side.owners],

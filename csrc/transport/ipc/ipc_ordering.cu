@@ -2,6 +2,7 @@
 
 #include <cuda/atomic>
 
+#include <random>
 #include <stdexcept>
 
 #include "common/check.h"
@@ -35,7 +36,7 @@ cudaEvent_t interprocess_event() {
 }
 
 // Which wait of IpcFlags failed (status word 0).
-constexpr int kOwnersLate = 1, kReadersLate = 2;
+constexpr int kOwnersLate = 1, kReadersLate = 2, kOwnerLost = 3;
 
 __device__ uint64_t global_ns() {
     uint64_t t;
@@ -45,43 +46,70 @@ __device__ uint64_t global_ns() {
 
 using SystemFlag = cuda::atomic_ref<int64_t, cuda::thread_scope_system>;
 
-// Publishes `epoch` in slot `mine` of this rank's block, then spins until slot `mine` of every
-// peer's block holds it (peers' blocks: addresses then ranks in `peers`).
-__device__ void publish_and_wait(int64_t* block, int mine, int64_t epoch, const int64_t* peers,
-                                 int64_t count, int64_t timeout_ns, int* status, int which) {
+__device__ void fail(int64_t* block, int* status, int which, int64_t peer_rank) {
+    reinterpret_cast<volatile int64_t*>(block)[3] = which;  // copies skip
+    volatile int* s = status;
+    s[1] = int(peer_rank);
+    __threadfence_system();
+    s[0] = which;
+}
+
+// A flag holds its rank's nonce + epoch, never the epoch alone: memory that is not a live
+// peer's flag (a peer that died, its pages gone) matches with probability 2^-64 instead of
+// passing a `>=` test. Epochs advance in lockstep, so an exact match is what a wait needs:
+// no peer can publish epoch e + 1 before every rank waiting on its epoch e has seen it.
+// Peers' blocks: n addresses, n ranks, n nonces in `peers`.
+__device__ int64_t flag_of(const int64_t* peers, int64_t count, int64_t i, int mine) {
+    return SystemFlag(reinterpret_cast<int64_t*>(peers[i])[mine]).load(cuda::memory_order_acquire);
+}
+
+// Publishes nonce + `epoch` in slot `mine` of this rank's block, then spins until slot `mine`
+// of every peer's block holds that peer's nonce + `epoch`.
+__device__ bool publish_and_wait(int64_t* block, int64_t nonce, int mine, int64_t epoch,
+                                 const int64_t* peers, int64_t count, int64_t timeout_ns,
+                                 int* status, int which) {
     // Everything this stream did before (the previous kernels' writes) is visible before the
     // flag is: stream order ends them before this kernel; the fence orders this thread's view.
     __threadfence_system();
-    SystemFlag(block[mine]).store(epoch, cuda::memory_order_release);
+    SystemFlag(block[mine]).store(int64_t(uint64_t(nonce) + uint64_t(epoch)),
+                                  cuda::memory_order_release);
     const uint64_t start = global_ns();
     for (int64_t i = 0; i < count; ++i) {
-        int64_t* peer = reinterpret_cast<int64_t*>(peers[i]);
-        while (SystemFlag(peer[mine]).load(cuda::memory_order_acquire) < epoch) {
+        const int64_t want = int64_t(uint64_t(peers[2 * count + i]) + uint64_t(epoch));
+        while (flag_of(peers, count, i, mine) != want) {
             if (int64_t(global_ns() - start) > timeout_ns) {
-                reinterpret_cast<volatile int64_t*>(block)[3] = which;  // copies skip
-                volatile int* s = status;
-                s[1] = int(peers[count + i]);
-                __threadfence_system();
-                s[0] = which;
-                return;
+                fail(block, status, which, peers[count + i]);
+                return false;
             }
             __nanosleep(256);
         }
     }
+    return true;
 }
 
-__global__ void enter_kernel(int64_t* block, const int64_t* owners, int64_t count,
-                             int64_t timeout_ns, int* status) {
+__global__ void enter_kernel(int64_t* block, int64_t nonce, const int64_t* owners,
+                             int64_t count, int64_t timeout_ns, int* status) {
     if (*static_cast<volatile int*>(status) != 0) return;  // an earlier refit failed
     const int64_t epoch = block[2] + 1;
     block[2] = epoch;
-    publish_and_wait(block, 0, epoch, owners, count, timeout_ns, status, kOwnersLate);
+    publish_and_wait(block, nonce, 0, epoch, owners, count, timeout_ns, status, kOwnersLate);
 }
 
-__global__ void leave_kernel(int64_t* block, const int64_t* readers, int64_t count,
+__global__ void leave_kernel(int64_t* block, int64_t nonce, const int64_t* owners,
+                             int64_t owner_count, const int64_t* readers, int64_t count,
                              int64_t timeout_ns, int* status) {
     if (*static_cast<volatile int*>(status) != 0) return;
-    publish_and_wait(block, 1, block[2], readers, count, timeout_ns, status, kReadersLate);
+    const int64_t epoch = block[2];
+    // Every owner read from must still be there, its flag unchanged: one that died during
+    // the copies (its memory gone) makes this refit fail rather than pass what it read.
+    for (int64_t i = 0; i < owner_count; ++i) {
+        const int64_t want = int64_t(uint64_t(owners[2 * owner_count + i]) + uint64_t(epoch));
+        if (flag_of(owners, owner_count, i, 0) != want) {
+            fail(block, status, kOwnerLost, owners[owner_count + i]);
+            return;
+        }
+    }
+    publish_and_wait(block, nonce, 1, epoch, readers, count, timeout_ns, status, kReadersLate);
 }
 
 }  // namespace
@@ -138,6 +166,8 @@ IpcFlags::IpcFlags(int device, double timeout_s)
     cudaIpcMemHandle_t h;
     REFIT_CUDA_CHECK(cudaIpcGetMemHandle(&h, block_));
     handle_.assign(reinterpret_cast<const char*>(&h), sizeof(h));
+    std::random_device entropy;
+    nonce_ = int64_t((uint64_t(entropy()) << 32) ^ uint64_t(entropy()));
     void* status = nullptr;
     REFIT_CUDA_CHECK(cudaHostAlloc(&status, 2 * sizeof(int), cudaHostAllocMapped));
     status_ = static_cast<int*>(status);
@@ -154,14 +184,18 @@ IpcFlags::~IpcFlags() {
 }
 
 void IpcFlags::upload(Peers& peers, const std::vector<int64_t>& ranks,
-                      const std::vector<std::string>& handles) {
-    if (ranks.size() != handles.size()) throw std::invalid_argument("one handle per peer rank");
+                      const std::vector<std::string>& handles,
+                      const std::vector<int64_t>& nonces) {
+    if (ranks.size() != handles.size() || ranks.size() != nonces.size()) {
+        throw std::invalid_argument("one handle and one nonce per peer rank");
+    }
     std::vector<int64_t> host;
     for (const auto& h : handles) {
         peers.mappings.push_back(IpcMapping::open(h, device_));
         host.push_back(int64_t(peers.mappings.back()->base()));
     }
     host.insert(host.end(), ranks.begin(), ranks.end());
+    host.insert(host.end(), nonces.begin(), nonces.end());
     peers.count = int64_t(ranks.size());
     if (host.empty()) return;
     void* dev = nullptr;
@@ -173,22 +207,24 @@ void IpcFlags::upload(Peers& peers, const std::vector<int64_t>& ranks,
 
 void IpcFlags::connect(const std::vector<int64_t>& owner_ranks,
                        const std::vector<std::string>& owners,
+                       const std::vector<int64_t>& owner_nonces,
                        const std::vector<int64_t>& reader_ranks,
-                       const std::vector<std::string>& readers) {
+                       const std::vector<std::string>& readers,
+                       const std::vector<int64_t>& reader_nonces) {
     REFIT_CUDA_CHECK(cudaSetDevice(device_));
-    upload(owners_, owner_ranks, owners);
-    upload(readers_, reader_ranks, readers);
+    upload(owners_, owner_ranks, owners, owner_nonces);
+    upload(readers_, reader_ranks, readers, reader_nonces);
 }
 
 void IpcFlags::enter(cudaStream_t stream) {
-    enter_kernel<<<1, 1, 0, stream>>>(block_, owners_.device, owners_.count, timeout_ns_,
-                                      status_);
+    enter_kernel<<<1, 1, 0, stream>>>(block_, nonce_, owners_.device, owners_.count,
+                                      timeout_ns_, status_);
     REFIT_CUDA_CHECK(cudaGetLastError());
 }
 
 void IpcFlags::leave(cudaStream_t stream) {
-    leave_kernel<<<1, 1, 0, stream>>>(block_, readers_.device, readers_.count, timeout_ns_,
-                                      status_);
+    leave_kernel<<<1, 1, 0, stream>>>(block_, nonce_, owners_.device, owners_.count,
+                                      readers_.device, readers_.count, timeout_ns_, status_);
     REFIT_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -198,6 +234,11 @@ std::string IpcFlags::error() const {
     if (which == 0) return "";
     const int peer = s[1];
     const double seconds = double(timeout_ns_) / 1e9;
+    if (which == kOwnerLost) {
+        return "CUDA IPC: rank " + std::to_string(peer) + " went away while this rank read its " +
+               "memory (its flag changed during the refit: the peer died); what was read is " +
+               "not trusted";
+    }
     if (which == kOwnersLate) {
         return "CUDA IPC: rank " + std::to_string(peer) + " did not publish its sources within " +
                std::to_string(seconds) + " s (the peer died, or is late into this refit)";

@@ -57,11 +57,15 @@ class IpcFlags : public StreamOrdering {
     IpcFlags(const IpcFlags&) = delete;
     IpcFlags& operator=(const IpcFlags&) = delete;
 
-    // This rank's flag block, for the peers' connect().
+    // This rank's flag block and its random nonce (flags hold nonce + epoch), for the peers'
+    // connect().
     std::string handle() const { return handle_; }
-    // Peers by global rank (named in errors) and the handles of their flag blocks.
+    int64_t nonce() const { return nonce_; }
+    // Peers by global rank (named in errors), the handles of their flag blocks, their nonces.
     void connect(const std::vector<int64_t>& owner_ranks, const std::vector<std::string>& owners,
-                 const std::vector<int64_t>& reader_ranks, const std::vector<std::string>& readers);
+                 const std::vector<int64_t>& owner_nonces,
+                 const std::vector<int64_t>& reader_ranks, const std::vector<std::string>& readers,
+                 const std::vector<int64_t>& reader_nonces);
 
     void enter(cudaStream_t stream) override;
     void leave(cudaStream_t stream) override;
@@ -71,17 +75,18 @@ class IpcFlags : public StreamOrdering {
    private:
     struct Peers {
         std::vector<std::shared_ptr<IpcMapping>> mappings;
-        int64_t* device = nullptr;  // n flag-block addresses, then n ranks
+        int64_t* device = nullptr;  // n flag-block addresses, then n ranks, then n nonces
         int64_t count = 0;
     };
     void upload(Peers& peers, const std::vector<int64_t>& ranks,
-                const std::vector<std::string>& handles);
+                const std::vector<std::string>& handles, const std::vector<int64_t>& nonces);
 
     int device_;
     int64_t timeout_ns_;
     // [0] ready epoch, [1] done epoch (read by peers), [2] this rank's epoch, [3] failed (device)
     int64_t* block_ = nullptr;
     std::string handle_;
+    int64_t nonce_ = 0;
     int* status_ = nullptr;     // host-mapped: [0] 0 or which wait failed, [1] the late peer
     Peers owners_, readers_;
 };
