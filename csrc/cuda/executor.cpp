@@ -197,7 +197,16 @@ void CudaExecutor::wait(cudaStream_t stream, double timeout_s) {
     const auto start = std::chrono::steady_clock::now();
     while (true) {
         const cudaError_t state = cudaEventQuery(sync_);
-        if (state == cudaSuccess) return;
+        if (state == cudaSuccess) {
+            // NOTE: a failed ordering wait ends its kernel at its own deadline and the copies
+            // after it skip, so the stream completes: done is not success until the ordering
+            // says so too (else a dead peer's refit returned with its destination unwritten).
+            if (ordering_) {
+                const std::string failed = ordering_->error();
+                if (!failed.empty()) throw std::runtime_error(failed + abort_all());
+            }
+            return;
+        }
         if (state != cudaErrorNotReady) REFIT_CUDA_CHECK(state);
         if (ordering_) {
             const std::string failed = ordering_->error();
