@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from refit_engine import dtypes
-from refit_engine.compiler import RankPlan
+from refit_engine.compiler import RankPlan, segment_bytes
 from refit_engine.layouts import Layout
 from refit_engine.tables import SEG
 
@@ -56,8 +56,7 @@ def aliasable_buffers(plan: RankPlan, src: Layout, dst: Layout) -> dict[int, int
         if not (np.all(flat) and np.array_equal(segs[:, SEG["src_offset"]],
                                                 segs[:, SEG["dst_offset"]])):
             continue
-        nbytes = int(np.dot(segs[:, SEG["rows"]], segs[:, SEG["row_bytes"]]))
-        if nbytes == b.numel * dtypes.itemsize(b.dtype):
+        if segment_bytes(segs) == b.numel * dtypes.itemsize(b.dtype):
             out[d] = s
     return out
 

@@ -20,7 +20,7 @@ from refit_engine.tables import MESSAGE_FIELDS, MSG, SEG, SEGMENT_FIELDS, Layout
 
 __all__ = ["DEFAULT_BUCKET_BYTES", "MESSAGE_FIELDS", "MSG", "SEG", "SEGMENT_FIELDS", "Planner",
            "RankPlan", "bucket_messages", "compile_plans", "messages_in_bucket",
-           "segments_in_bucket"]
+           "segment_bytes", "segments_in_bucket"]
 
 # Largest message between two ranks in one bucket. 64 MiB messages reach NCCL's link bandwidth,
 # and staging stays at 4 x 64 MiB x peers (double-buffered send and receive): about 5 GiB for a
@@ -42,7 +42,7 @@ def bucket_messages(messages: np.ndarray, bucket: int) -> list[tuple[int, int, i
     return list(zip(*(rows[:, MSG[name]].tolist() for name in ("peer", "offset", "bytes"))))
 
 
-def _bytes(segments: np.ndarray) -> int:
+def segment_bytes(segments: np.ndarray) -> int:
     if len(segments) == 0:
         return 0
     return int(np.dot(segments[:, SEG["rows"]], segments[:, SEG["row_bytes"]]))
@@ -71,15 +71,15 @@ class RankPlan:
 
     @property
     def bytes_local(self) -> int:
-        return _bytes(self.local)
+        return segment_bytes(self.local)
 
     @property
     def bytes_sent(self) -> int:
-        return _bytes(self.send)
+        return segment_bytes(self.send)
 
     @property
     def bytes_received(self) -> int:
-        return _bytes(self.recv)
+        return segment_bytes(self.recv)
 
     def bytes_per_peer(self) -> dict[int, dict[str, int]]:
         """{peer: {"sent": bytes, "received": bytes}}."""

@@ -26,3 +26,21 @@ class RefitError(RuntimeError):
 
 def _rebuild(reason, tensor, ranks):
     return RefitError(reason, tensor=tensor, ranks=ranks)
+
+
+def status_of(exc: Exception):
+    """What a rank reports of its own failure for `raise_first`: the RefitError itself, or
+    the exception in words (any other exception, which may not pickle)."""
+    return exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+
+
+def raise_first(statuses, what: str):
+    """Raise on every rank the first rank's error (statuses gathered from all ranks)."""
+    for rank, status in statuses:
+        if isinstance(status, RefitError):
+            if not status.ranks:  # found in one rank's own tensors: that rank is the culprit
+                raise RefitError(status.reason, tensor=status.tensor, ranks=[rank])
+            raise status
+        if status is not None:
+            raise RefitError(f"{what} failed on rank {rank}: {status}", ranks=[rank])
+

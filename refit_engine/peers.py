@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -56,7 +56,6 @@ class PeerLinks:
     transports: dict[int, str]  # every other rank of the plan -> "ipc" | "nccl"
     plan_of: Callable | None = None  # peer rank -> its RankPlan (IPC readers need the sender's)
     ipc_sync: str = "device"
-    devices: dict[int, DeviceId] = field(default_factory=dict)
     src_key: Callable | None = None  # source buffer index -> its key, for errors
 
     def peers(self, kind: str) -> set[int]:

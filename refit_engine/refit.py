@@ -26,7 +26,7 @@ from refit_engine.aliasing import (aliasable_buffers, apply_aliases, choose_alia
 from refit_engine.binding import bind, check_overlaps, device_of, record, stale_reason
 from refit_engine.channel import Channel, group_ranks
 from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner, RankPlan
-from refit_engine.errors import RefitError
+from refit_engine.errors import RefitError, raise_first, status_of
 from refit_engine.executors.base import Executor
 from refit_engine.executors.factory import build_executor, transport_of
 from refit_engine.layouts import Layout
@@ -50,23 +50,6 @@ def describe(model) -> ShardedTensors:
     if local.errors:  # kept by ShardedTensors.add, whoever filled it
         raise local.errors[0]
     return local
-
-
-def _status_of(exc: Exception):
-    """What a rank reports of its own failure for `_raise_first`: the RefitError itself, or
-    the exception in words (any other exception, which may not pickle)."""
-    return exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
-
-
-def _raise_first(statuses, what: str):
-    """Raise on every rank the first rank's error (statuses gathered from all ranks)."""
-    for rank, status in statuses:
-        if isinstance(status, RefitError):
-            if not status.ranks:  # found in one rank's own tensors: that rank is the culprit
-                raise RefitError(status.reason, tensor=status.tensor, ranks=[rank])
-            raise status
-        if status is not None:
-            raise RefitError(f"{what} failed on rank {rank}: {status}", ranks=[rank])
 
 
 @dataclass
@@ -235,14 +218,14 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
             src_local = dst_local = ShardedTensors()
     except Exception as exc:  # reported on every rank below
         src_local = dst_local = ShardedTensors()
-        status = _status_of(exc)
+        status = status_of(exc)
     options = (mode, float(timeout_s) if problem is None else None, threads,
                transport if problem is None else None, ipc_sync if problem is None else None,
                bool(alias) if problem is None else None)
     gathered = channel.gather((rank, status, src_local.entries, dst_local.entries,
                                sorted(src_local.claimed_ranks | dst_local.claimed_ranks),
                                options), "layout exchange")
-    _raise_first([(r, s) for r, s, *_ in gathered], "describing the models")
+    raise_first([(r, s) for r, s, *_ in gathered], "describing the models")
     _check_same_options({g[0]: g[5] for g in gathered})
     gathered = [g[:5] for g in gathered]
     _check_ranks(gathered, group, mode)
@@ -282,12 +265,12 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         where = this_device(device)
         status = None
     except Exception as exc:  # reported on every rank below
-        status = _status_of(exc)
+        status = status_of(exc)
         device, where = "cpu", None
         aliases, not_aliased = [], {}
     checks = channel.gather((rank, status, layouts_digest, device.split(":")[0], where),
                             "binding check")
-    _raise_first([(r, s) for r, s, *_ in checks], "binding tensors")
+    raise_first([(r, s) for r, s, *_ in checks], "binding tensors")
     devices = {r: w for r, *_, w in checks}
     checks = [c[:4] for c in checks]
     digests = {}
@@ -306,7 +289,7 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     links = None
     if kinds == {"cuda"}:
         links = PeerLinks(choose_transports(rank, devices, transport), planner.plan_rank,
-                          ipc_sync, devices, src_key=lambda b: src_layout.buffers[b].key)
+                          ipc_sync, src_key=lambda b: src_layout.buffers[b].key)
     elif transport != "auto":
         raise RefitError(f"transport={transport!r} is for CUDA tensors; these are on the CPU "
                          "(gloo moves them)", ranks=[r for r, *_ in checks])
@@ -319,9 +302,9 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         executor = build_executor(transport_of(next(iter(kinds))), rank_plan, src_addr, dst_addr,
                                   channel, device, threads, ranks_per_node, links=links)
     except Exception as exc:
-        failure = _status_of(exc)
+        failure = status_of(exc)
     if channel.union(int(failure is not None), "executors ready"):
-        _raise_first(channel.gather((rank, failure), "executor failures"),
+        raise_first(channel.gather((rank, failure), "executor failures"),
                      "building the executor")
     # Every rank has its executor: only now are destination tensors rebound (a plan that
     # fails leaves the models as they were).

@@ -13,8 +13,8 @@ import torch
 
 from refit_engine import _core
 from refit_engine.channel import Channel
-from refit_engine.compiler import RankPlan, bucket_messages, segments_in_bucket
-from refit_engine.errors import RefitError
+from refit_engine.compiler import RankPlan, bucket_messages, segment_bytes, segments_in_bucket
+from refit_engine.errors import RefitError, raise_first, status_of
 from refit_engine.executors import ipc
 from refit_engine.executors.base import Executor
 from refit_engine.peers import PeerLinks
@@ -51,10 +51,6 @@ def _part(segments, src_bases=None, dst_bases=None, src_staging=None, dst_stagin
     """(source addresses, destination addresses, segments): one part of a segment table."""
     return (_addresses(segments, "src_buffer", "src_offset", src_bases, src_staging),
             _addresses(segments, "dst_buffer", "dst_offset", dst_bases, dst_staging), segments)
-
-
-def _segment_bytes(segments: np.ndarray) -> int:
-    return int(np.dot(segments[:, SEG["rows"]], segments[:, SEG["row_bytes"]])) if len(segments) else 0
 
 
 def _contiguous(seg, side: str) -> bool:
@@ -136,8 +132,8 @@ class CudaPlanExecutor(CudaRefitExecutor):
             if side.owners or side.readers:
                 ordering = (_core.IpcFlags(index, channel.timeout_s) if links.ipc_sync == "device"
                             else _core.IpcEvents(index))
-        except Exception as exc:
-            status = exc if isinstance(exc, RefitError) else f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # reported on every rank below
+            status = status_of(exc)
         handles = None
         if isinstance(ordering, _core.IpcFlags):
             handles = (ordering.handle, ordering.nonce)
@@ -145,13 +141,7 @@ class CudaPlanExecutor(CudaRefitExecutor):
             handles = (ordering.ready_handle, ordering.done_handle)
         gathered = channel.gather((channel.rank, status, side, handles, needs_nccl),
                                   "IPC exports")
-        for rank, problem, *_ in gathered:
-            if isinstance(problem, RefitError):
-                raise problem if problem.ranks else RefitError(problem.reason,
-                                                               tensor=problem.tensor, ranks=[rank])
-            if problem is not None:
-                raise RefitError(f"setting up CUDA IPC failed on rank {rank}: {problem}",
-                                 ranks=[rank])
+        raise_first([(g[0], g[1]) for g in gathered], "setting up CUDA IPC")
         sides = {g[0]: g[2] for g in gathered}
         peer_handles = {g[0]: g[3] for g in gathered}
         comm, group_rank_of = None, dict(channel.index_of)
@@ -185,7 +175,7 @@ class CudaPlanExecutor(CudaRefitExecutor):
             host_ordering = ipc.IpcOrdering(None, channel) if links.ipc_sync == "host" else None
         out = cls(executor, staging, comm, index, host_ordering, [*mappings, ordering])
         out.peer_transports = {p: links.transports[p] for p in rank_plan.bytes_per_peer()}
-        out.bytes_ipc = sum(_segment_bytes(d[2]) for d in direct)
+        out.bytes_ipc = sum(segment_bytes(d[2]) for d in direct)
         out.staging_bytes = 2 * (max(nccl_plan.send_staging_bytes, default=0)
                                  + max(nccl_plan.recv_staging_bytes, default=0))
         return out
