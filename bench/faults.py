@@ -377,6 +377,22 @@ def _mutation_case(side, how):
     return fn
 
 
+def _aliased_mutation(side):
+    """plan(alias=True) with the layout unchanged (every destination shares its source's
+    storage), then rank 1 gives `side`'s 'proj' new storage: caught like any replaced tensor."""
+    def fn(rank, world, case):
+        torch = _torch()
+
+        def mutate(plan, src, dst, want):
+            if rank == 1:
+                t = (src if side == "source" else dst).tensors["proj"]
+                t.data = torch.empty_like(t)
+            return want
+        return run_refit(lambda: _pair(rank, world, dst_tp=world), {"alias": True},
+                         after_plan=mutate)
+    return fn
+
+
 # -- ranks late, stopped, absent or dead -------------------------------------------------------
 
 def _die(kind):
@@ -498,6 +514,10 @@ def _disagree(option):
             exec_kw["verify"] = rank == 1
         elif option == "check":
             exec_kw["check"] = rank == 0
+        elif option == "alias":
+            plan_kw["alias"] = rank == 1
+        elif option == "transport":
+            plan_kw["transport"] = "nccl"  # CPU tensors: gloo carries them, on every rank
         out = run_refit(lambda: _pair(rank, world), plan_kw, exec_kw)
         if option == "check" and "untouched" in out:
             # the rank that opted out of the check copies its local pieces at once: the
@@ -1077,6 +1097,8 @@ def cases() -> list[Case]:
                      "dict": f"{'src' if side == 'source' else 'dst'}.tensors[k] = ..."}[how]
             out.append(C(f"{side} {label} after plan", _mutation_case(side, how),
                          tensor="proj", ranks=[1], deadline=15))
+        out.append(C(f"aliased {side} t.data = ... after plan(alias=True)",
+                     _aliased_mutation(side), tensor="proj", ranks=[1], deadline=15))
 
     # Ranks late, stopped, absent, dead: world 3, the last rank faulty, timeout_s 1.5 s.
     fault_deadline = TIMEOUT_S + LATE_S + 2 * SYNC_S + 4
@@ -1114,6 +1136,8 @@ def cases() -> list[Case]:
           timed=TIMEOUT_S, deadline=15),
         C("check=False on one rank only", _disagree("check"), same_error=False,
           timed=TIMEOUT_S, deadline=15),
+        C("alias=True on one rank only", _disagree("alias"), deadline=15),
+        C("transport='nccl' with CPU tensors", _disagree("transport"), deadline=15),
         C("two threads execute one plan at once", _two_threads, expect="either",
           same_error=False, deadline=15),
         # A plan owns its channel (refit_engine/channel.py): the caller's group may go.
