@@ -93,12 +93,13 @@ def _layouts(cfg: KimiK2Config, side: int, tps, pps) -> list[tuple[int, int, int
 def advise(cfg: KimiK2Config, src: ParallelGrid, dst_tps, topo: Topology, collocated: bool = True,
            aliases=(False, True), pps=(1,), etps=None, transport: str = "auto",
            headroom: float = 0.9, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-           progress=None) -> dict:
+           progress=None, dst_format: str = "bf16") -> dict:
     """Every inference layout of the TPs `dst_tps` beside training layout `src` on `topo`:
     {"fits": [Candidate], fastest first, "refused": [Candidate], "not_tried": [str],
     "best": the fastest Candidate that fits or None}. `aliases`: the variants to try (aliasing
     applies to collocated refits only); `etps`: expert TPs to keep (None: 1 and TP); `progress`:
-    called with a line before each candidate's plan (they take seconds at full size).
+    called with a line before each candidate's plan (they take seconds at full size);
+    `dst_format`: the inference model's formats (dry_run.DST_FORMATS: bf16, fp8).
     RefitError where the training layout itself cannot be built."""
     check_transport(topo, transport)
     side = src.world
@@ -121,7 +122,7 @@ def advise(cfg: KimiK2Config, src: ParallelGrid, dst_tps, topo: Topology, colloc
             refused += [Candidate(tp, ep, etp, pp, a, reason=exc.reason) for a in aliases]
             continue
         grid = ParallelGrid(side, tp=tp, ep=ep, etp=etp, pp=pp, offset=0 if collocated else side)
-        alone = dry.weights_per_gpu_gib(cfg, grid)
+        alone = dry.weights_per_gpu_gib(cfg, grid, dry.dst_rules(dst_format))
         if alone > budget:  # no aliasing helps: below the smallest sensible EP
             smallest.setdefault((tp, etp, pp), []).append((ep, alone))
             continue
@@ -135,7 +136,8 @@ def advise(cfg: KimiK2Config, src: ParallelGrid, dst_tps, topo: Topology, colloc
         variants, checked = {}, []
         for a in aliases:
             c = Candidate(tp, ep, etp, pp, a)
-            m = dry.memory_need(cfg, src, grid, topo, collocated, bucket_bytes, transport, a)
+            m = dry.memory_need(cfg, src, grid, topo, collocated, bucket_bytes, transport, a,
+                                dst_format)
             c.memory_gib = m["need"]
             if m["need"] > budget:
                 c.reason = _short_reason(m, budget, a)
@@ -150,7 +152,7 @@ def advise(cfg: KimiK2Config, src: ParallelGrid, dst_tps, topo: Topology, colloc
             progress(f"{i + 1}/{len(todo)} {grid_text(grid)}: planning {world} ranks")
         if src_tables is None:
             src_tables = kimi_k2_tables(cfg, src)
-        planned = dry.plan_tables(cfg, src, grid, topo, bucket_bytes, src_tables)
+        planned = dry.plan_tables(cfg, src, grid, topo, bucket_bytes, src_tables, dst_format)
         shared = dry.aliases_per_rank(planned) if variants.get(True) else None
         for a, c in variants.items():
             result = dry.figures(planned, topo, transport, headroom, shared if a else None)
@@ -171,7 +173,8 @@ def advise(cfg: KimiK2Config, src: ParallelGrid, dst_tps, topo: Topology, colloc
     refused.sort(key=lambda c: (c.tp, c.etp, c.pp, c.ep, c.alias))
     return {"fits": fits, "refused": refused, "not_tried": not_tried,
             "best": fits[0] if fits else None, "source": src, "topology": topo,
-            "collocated": collocated, "transport": transport, "usable_gib": budget}
+            "collocated": collocated, "transport": transport, "usable_gib": budget,
+            "dst_format": dst_format}
 
 
 def grid_text(g: ParallelGrid) -> str:
@@ -214,7 +217,9 @@ def report(advice: dict) -> str:
     mode = "collocated" if advice["collocated"] else "non-collocated"
     lines = [(f"inference layouts beside training {grid_text(src)} on {topo.describe(gpus)} "
               f"({mode}), transport {advice['transport']}, {advice['usable_gib']:.0f} GiB "
-              "usable per GPU"),
+              "usable per GPU"
+              + (f", inference model in {advice['dst_format']}"
+                 if advice.get("dst_format", "bf16") != "bf16" else "")),
              "fit, fastest first (GiB per GPU, busiest rank; links: busiest direction):",
              (f"{'#':>3}  {'inference layout':<20}{'alias':>6}{'memory':>9}{'aliased':>9}"
               f"{'local':>8}{'NVLink':>8}{'network':>9}{'predicted':>12}{'floor':>11}  bound by")]
@@ -241,7 +246,8 @@ def as_json(advice: dict) -> dict:
     best = advice["best"]
     return {"source": grid_text(src), "gpus": src.world, "gpu": topo.name,
             "collocated": advice["collocated"], "transport": advice["transport"],
-            "usable_gib": advice["usable_gib"], "best": best.as_dict() if best else None,
+            "usable_gib": advice["usable_gib"], "dst_format": advice.get("dst_format", "bf16"),
+            "best": best.as_dict() if best else None,
             "fits": [c.as_dict() for c in advice["fits"]],
             "refused": [c.as_dict() for c in advice["refused"]],
             "not_tried": advice["not_tried"]}
@@ -312,7 +318,8 @@ def main(argv=None) -> int:
         advice = advise(cfg, src, args.dst_tp, topo, not args.non_collocated,
                         aliases=(True,) if args.alias else (False, True), pps=args.pp or (1,),
                         transport=args.transport, headroom=args.headroom,
-                        bucket_bytes=args.bucket_mib << 20, progress=progress)
+                        bucket_bytes=args.bucket_mib << 20, progress=progress,
+                        dst_format=args.dst_format)
     except RefitError as exc:  # the training layout itself
         print(f"refused: {exc.reason}", file=sys.stderr)
         if args.json:

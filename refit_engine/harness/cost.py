@@ -21,13 +21,79 @@ A refit ends with its slowest rank, after the collective check every refit start
 (`Topology.check_us`). The floor (`floor`) drops the staging copies, the latency and the
 check: it is what no executor can beat, whatever the transport (an all-IPC rank's prediction
 is above it by at most its IPC bytes' copy pass, 2 x IPC bytes over the copy bandwidth).
+
+Destination formats (issue 16: an FP8 inference model). What a box of a tensor takes in a format
+is `box_bytes` (elements x `format_size`'s element bytes, plus one scale per block the box
+touches). Where the destination's format differs from the source's, each pass reads the bytes of
+one side and writes those of the other: a pack reads the source and writes what crosses the wire
+(quantized on the sender where the piece holds whole blocks), an unpack reads that and writes the
+destination's format, and local copies and IPC reads read the source (BF16 over NVLink) and
+write the destination's format. `RankFigures`' written / read fields say so; left None, a pass
+writes what it reads (no transform: every figure as before).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
+
+from refit_engine import quantize
 from refit_engine.harness.topology import Topology
+
+
+class FormatSize(NamedTuple):
+    """What one tensor takes in a format: bytes per element, bytes per scale (0: no scales)
+    and the scales' block of the GLOBAL 2-D tensor, (rows, cols) elements per scale."""
+
+    element: int
+    scale: int
+    block: tuple[int, int]
+
+
+_PLAIN_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def format_size(fmt: str, itemsize: int) -> FormatSize:
+    """`fmt`'s sizes (refit_engine.quantize's formats) for a tensor whose source elements take
+    `itemsize` bytes ("keep": the source's)."""
+    fmt = quantize.format_name(fmt)
+    if fmt == "fp8_block128":  # e4m3 elements, one float32 scale_inv per 128 x 128 block
+        return FormatSize(1, 4, (quantize.BLOCK, quantize.BLOCK))
+    if fmt == "mxfp8":  # e4m3 elements, one e8m0 scale per 32 consecutive elements of a row
+        return FormatSize(1, 1, (1, quantize.MX_GROUP))
+    return FormatSize(int(itemsize) if fmt == quantize.KEEP else _PLAIN_BYTES[fmt], 0, (1, 1))
+
+
+def box_scales(start, extent, block: tuple[int, int]):
+    """Scales of the blocks a box of a global 2-D tensor touches: per dimension the blocks from
+    the one holding `start` to the one holding the last element. `start`, `extent`: (row, col)
+    on the last axis, arrays of boxes too (then an array); an empty box has none."""
+    start, extent = np.asarray(start, dtype=np.int64), np.asarray(extent, dtype=np.int64)
+    b = np.asarray(block, dtype=np.int64)
+    spans = (start + extent - 1) // b - start // b + 1
+    return np.where((extent > 0).all(axis=-1), spans.prod(axis=-1), 0)
+
+
+def box_bytes(shape: Sequence[int], start: Sequence[int], extent: Sequence[int], fmt: str,
+              itemsize: int) -> int:
+    """Bytes of the box (`start`, `extent`) of a global tensor of `shape` held in `fmt` (source
+    elements of `itemsize` bytes): its elements, and the scales of the blocks it touches (a
+    whole tensor: `quantize.scale_shape`'s)."""
+    size = format_size(fmt, itemsize)
+    n = math.prod(int(e) for e in extent)
+    if not size.scale:
+        return n * size.element
+    quantize.scale_shape(shape, fmt)  # 2-D, or ValueError
+    return n * size.element + size.scale * int(box_scales(start, extent, size.block))
+
+
+def tensor_bytes(shape: Sequence[int], fmt: str, itemsize: int) -> int:
+    """Bytes of a whole tensor of `shape` in `fmt`."""
+    return box_bytes(shape, (0,) * len(shape), shape, fmt, itemsize)
 
 
 @dataclass
@@ -38,7 +104,13 @@ class RankFigures:
     CUDA IPC (read in place by the receiver: as execute()'s "bytes_ipc", a part of what it
     receives), so neither packed nor unpacked; the rest is staged (NCCL, gloo).
     `aliased_bytes`: destination bytes sharing the source's storage (plan(alias=True)),
-    counted once in `total_bytes`; they are in no local copy."""
+    counted once in `total_bytes`; they are in no local copy.
+    Link and local figures are what crosses the link and what local copies read. Where the
+    destination's format differs (module doc): `local_written`, what local copies write;
+    `ipc_written`, what the IPC copies write (they read `received_ipc`); `unpack_written`, what
+    unpacks write (they read `received_staged`); `pack_read`, what packs read from the source
+    (they write `sent_staged`). None: as many bytes as the pass reads or writes on its other
+    side (no transform)."""
 
     rank: int
     src_bytes: int = 0
@@ -53,6 +125,26 @@ class RankFigures:
     received_ipc: int = 0
     sent_ipc: int = 0
     aliased_bytes: int = 0
+    local_written: int | None = None
+    ipc_written: int | None = None
+    unpack_written: int | None = None
+    pack_read: int | None = None
+
+    @property
+    def local_write_bytes(self) -> int:
+        return self.local_bytes if self.local_written is None else self.local_written
+
+    @property
+    def ipc_write_bytes(self) -> int:
+        return self.received_ipc if self.ipc_written is None else self.ipc_written
+
+    @property
+    def unpack_write_bytes(self) -> int:
+        return self.received_staged if self.unpack_written is None else self.unpack_written
+
+    @property
+    def pack_read_bytes(self) -> int:
+        return self.sent_staged if self.pack_read is None else self.pack_read
 
     @property
     def total_bytes(self) -> int:
@@ -113,24 +205,26 @@ def floor(ranks: list[RankFigures], topo: Topology) -> dict:
     ranks. Seconds, and which rank and term (the link's name, or "local copy") set it."""
     best = {"seconds": 0.0, "rank": None, "term": None}
     for f in ranks:
-        terms = {**f.link_seconds(topo), "local copy": 2 * f.local_bytes / (topo.copy_gbps * 1e9)}
+        local = (f.local_bytes + f.local_write_bytes) / (topo.copy_gbps * 1e9)  # read + written
+        terms = {**f.link_seconds(topo), "local copy": local}
         term, seconds = max(terms.items(), key=lambda kv: kv[1])
         if seconds > best["seconds"]:
             best = {"seconds": seconds, "rank": f.rank, "term": term}
     return best
 
 
-
 def predict_rank(f: RankFigures, topo: Topology, buckets: int) -> dict:
     """Seconds of one rank's refit and what bounds it. buckets: how many buckets its staged
     (NCCL, gloo) messages take, 0 where every peer is IPC (IPC reads are one pass, unbucketed)."""
     copy = topo.copy_gbps * 1e9
-    pack = 2 * f.sent_staged / copy
-    unpack = 2 * f.received_staged / copy
+    # Every pass: bytes read + bytes written over the copy bandwidth (the same where no format
+    # changes: twice what it moves).
+    pack = (f.pack_read_bytes + f.sent_staged) / copy
+    unpack = (f.received_staged + f.unpack_write_bytes) / copy
     # Local copies and IPC reads are one fused kernel: an IPC byte is read once and written
     # once, like a local one. Its NVLink time is in the transfer, on the link it shares with
     # the node's NCCL bytes.
-    local = 2 * (f.local_bytes + f.received_ipc) / copy
+    local = (f.local_bytes + f.local_write_bytes + f.received_ipc + f.ipc_write_bytes) / copy
     transfer = max(f.link_seconds(topo).values()) + buckets * topo.latency_us * 1e-6
     copy_stage = "unpack + local + ipc" if f.received_ipc else "unpack + local"
     stages = {"pack": pack, "transfer": transfer, copy_stage: unpack + local}

@@ -15,6 +15,16 @@ plan fills byte for byte from one source local tensor of the same rank shares it
 (refit_engine.aliasing.aliasable_buffers on each rank's plan). Its bytes are counted once in
 memory and never copied: they leave the local copies, the traffic and the prediction.
 
+Destination format (`--dst-format`, issue 16): bf16 keeps every tensor in its own dtype; fp8 is
+Kimi K2's rule (`refit_engine.quantize.KIMI_K2_FORMATS`: linear weights fp8_block128, e4m3 plus
+one float32 scale per 128 x 128 block; embeddings, output layer, norms and router bf16, the
+router's expert bias fp32). The destination model then takes the smaller bytes; a piece sent to
+an NCCL peer crosses quantized (1 byte an element, plus its blocks' scales) where its tensor's
+shards hold whole blocks on both sides (every Kimi K2 shard at TP 1-8), else as the source's BF16
+(then quantized by the receiver); IPC reads stay BF16 over NVLink and the receiver writes FP8;
+local copies read BF16 and write FP8 (`TensorFormats`). Staging stays the plan's (sized for BF16
+messages: an upper bound). A destination tensor in another format never aliases the source.
+
     python -m refit_engine.memory --src tp=8,ep=64 --dst tp=4,ep=128 --gpus 128 --gpu h100
 """
 
@@ -29,20 +39,40 @@ from typing import NamedTuple
 
 import numpy as np
 
-from refit_engine import _core, dtypes
+from refit_engine import _core, dtypes, quantize
 from refit_engine.aliasing import aliasable_buffers, without_buffers
-from refit_engine.compiler import DEFAULT_BUCKET_BYTES, MSG, Planner, RankPlan
+from refit_engine.compiler import DEFAULT_BUCKET_BYTES, MSG, SEG, Planner, RankPlan
 from refit_engine.errors import RefitError
 from refit_engine.harness.cli import layout_arg, overrides_arg, positive_float, positive_int
-from refit_engine.harness.cost import RankFigures, floor, predict, rank_figures
+from refit_engine.harness.cost import (RankFigures, box_scales, floor, format_size, predict,
+                                       rank_figures, tensor_bytes)
 from refit_engine.harness.grid import ParallelGrid, parse_layout_spec
 from refit_engine.harness.models.kimi_k2 import (KimiK2Config, kimi_k2_parameters,
                                                  kimi_k2_tables, stage_of)
 from refit_engine.harness.topology import (PRESETS, TRANSPORTS, Topology, check_transport,
                                            describe_transport, preset)
-from refit_engine.tables import BUFFER, PIECE, TENSOR, LayoutTables
+from refit_engine.tables import BUFFER, PIECE, TENSOR, LayoutTables, span
 
 GIB = 2**30
+
+# --dst-format's choices: format rules per canonical name (refit_engine.quantize.format_for);
+# None: every tensor in its own dtype (the training model's: BF16, the expert bias FP32).
+DST_FORMATS: dict[str, tuple[tuple[str, str], ...] | None] = {
+    "bf16": None, "fp8": quantize.KIMI_K2_FORMATS}
+
+
+DST_FORMAT_HELP = {
+    "bf16": "bf16 (every tensor in its own dtype, as the training model)",
+    "fp8": "fp8 (Kimi K2's rule: linear weights fp8_block128, e4m3 + a float32 scale per 128 x "
+           "128 block; embeddings, output layer, norms, router bf16; expert bias fp32)"}
+
+
+def dst_rules(dst_format: str):
+    """The rule table of a --dst-format choice (ValueError for an unknown one)."""
+    if dst_format not in DST_FORMATS:
+        raise ValueError(f"unknown destination format {dst_format!r} "
+                         f"(known: {', '.join(DST_FORMATS)})")
+    return DST_FORMATS[dst_format]
 
 
 def _weights_per_rank(tables: LayoutTables, world: int) -> list[int]:
@@ -54,18 +84,37 @@ def _weights_per_rank(tables: LayoutTables, world: int) -> list[int]:
     return [int(b) for b in per_rank[:world]]
 
 
-def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid) -> float:
+def weights_per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid, rules=None) -> float:
     """Largest per-GPU weight bytes of one model, from parameter counts alone (no layout),
-    so hopeless configurations are refused in milliseconds."""
+    so hopeless configurations are refused in milliseconds. `rules`: the model's formats
+    (`DST_FORMATS`; None: the parameters' own dtypes); a shard's scales are taken as its share
+    of the whole tensor's."""
+    def nbytes(p):
+        fmt = quantize.KEEP if rules is None else quantize.format_for(p.name, rules)
+        return tensor_bytes(p.shape, fmt, dtypes.itemsize(p.dtype))
+    return _per_gpu_gib(cfg, grid, nbytes)
+
+
+def _per_gpu_gib(cfg: KimiK2Config, grid: ParallelGrid, nbytes) -> float:
+    """Largest per-GPU sum of `nbytes(param)` over the stages, each parameter's share of it."""
     per_stage = [0.0] * grid.pp
     for p in kimi_k2_parameters(cfg):
-        n = dtypes.itemsize(p.dtype) * math.prod(p.shape)
+        n = nbytes(p)
         if p.expert is not None:
             n /= grid.ep * grid.etp
         elif p.split:
             n /= grid.tp
         per_stage[stage_of(cfg, grid, p)] += n
     return max(per_stage) / GIB
+
+
+def _kept_gib(cfg: KimiK2Config, grid: ParallelGrid, rules) -> float:
+    """Largest per-GPU bytes of the parameters whose format `rules` keep (they may alias)."""
+    def nbytes(p):
+        kept = quantize.format_name(quantize.format_for(p.name, rules)) in (
+            quantize.KEEP, quantize.format_name(p.dtype))
+        return dtypes.itemsize(p.dtype) * math.prod(p.shape) if kept else 0
+    return _per_gpu_gib(cfg, grid, nbytes)
 
 
 # Staging allowance before a plan exists: double-buffered send and receive, one bucket per peer,
@@ -84,16 +133,21 @@ def staging_allowance(topo: Topology, ranks: int, transport: str, bucket_bytes: 
 
 def memory_need(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collocated: bool,
                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, transport: str = "auto",
-                alias: bool = False) -> dict:
-    """GiB per GPU before building anything: the largest weights of each side, the staging
-    allowance, and `need`, what the busiest GPU needs at least. With aliasing (collocated only)
-    a rank can share at most the smaller of its two models, so `shared` is that bound and
-    `need` the larger side plus staging; the dry run replaces it with the plan's exact
-    figure."""
-    src_gib, dst_gib = weights_per_gpu_gib(cfg, src), weights_per_gpu_gib(cfg, dst)
+                alias: bool = False, dst_format: str = "bf16") -> dict:
+    """GiB per GPU before building anything: the largest weights of each side (the destination
+    in `dst_format`), the staging allowance, and `need`, what the busiest GPU needs at least.
+    With aliasing (collocated only) a rank can share at most the smaller of its two models
+    (only tensors that keep their format: none of the quantized ones), so `shared` is that
+    bound and `need` the larger side plus staging; the dry run replaces it with the plan's
+    exact figure."""
+    rules = dst_rules(dst_format)
+    src_gib, dst_gib = weights_per_gpu_gib(cfg, src), weights_per_gpu_gib(cfg, dst, rules)
     ranks = max(src.offset + src.world, dst.offset + dst.world)
     staging_gib = staging_allowance(topo, ranks, transport, bucket_bytes) / GIB
-    shared = min(src_gib, dst_gib) if alias and collocated else 0.0
+    shared = 0.0
+    if alias and collocated:  # the smaller side, of the tensors that keep their format
+        shared = (min(src_gib, dst_gib) if rules is None
+                  else min(_kept_gib(cfg, src, rules), _kept_gib(cfg, dst, rules)))
     weights = src_gib + dst_gib - shared if collocated else max(src_gib, dst_gib)
     return {"src": src_gib, "dst": dst_gib, "staging": staging_gib, "shared": shared,
             "need": weights + staging_gib}
@@ -101,14 +155,15 @@ def memory_need(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collo
 
 def check_fits(cfg, src: ParallelGrid, dst: ParallelGrid, topo: Topology, collocated: bool,
                headroom: float = 0.9, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-               transport: str = "auto", alias: bool = False) -> tuple[float, float]:
+               transport: str = "auto", alias: bool = False,
+               dst_format: str = "bf16") -> tuple[float, float]:
     """Refuse (RefitError) a configuration whose weights and staging cannot fit, before
     building anything. `headroom`: the fraction of GPU memory they may use; `transport`: the
     plan's (IPC peers need no staging); `alias`: aliased bytes counted once (`memory_need`:
-    the smaller model at most, before the plan says exactly). Returns the largest per-GPU
-    weights of each side, in GiB."""
+    the smaller model at most, before the plan says exactly); `dst_format`: the destination
+    model's (`DST_FORMATS`). Returns the largest per-GPU weights of each side, in GiB."""
     budget = topo.memory_gib * headroom
-    m = memory_need(cfg, src, dst, topo, collocated, bucket_bytes, transport, alias)
+    m = memory_need(cfg, src, dst, topo, collocated, bucket_bytes, transport, alias, dst_format)
     src_gib, dst_gib, staging_gib, need = m["src"], m["dst"], m["staging"], m["need"]
     if need > budget:
         cpu = topo.cpu_ranks  # CPU ranks over gloo: a memory budget, not a GPU
@@ -163,6 +218,23 @@ def staged_buckets(plan: RankPlan, transports: dict[int, str]) -> int:
     return max((int(b.max()) + 1 for b in buckets if len(b)), default=0)
 
 
+def holder_pairs(tables: LayoutTables) -> tuple[np.ndarray, np.ndarray]:
+    """(piece, buffer) of every holder of every piece, piece by piece."""
+    pieces, count = tables.pieces, tables.pieces[:, PIECE["holders_count"]]
+    # Holder slot of every (piece, holder) pair, piece by piece: first + 0, 1, ...
+    starts = np.repeat(pieces[:, PIECE["holders_first"]] - (np.cumsum(count) - count), count)
+    slots = starts + np.arange(int(count.sum()))
+    return np.repeat(np.arange(len(pieces)), count), tables.holders[slots]
+
+
+def buffer_tensors(tables: LayoutTables) -> np.ndarray:
+    """The tensor each local tensor holds (a piece of; -1: none)."""
+    piece, buffer = holder_pairs(tables)
+    out = np.full(len(tables.buffers), -1, dtype=np.int64)
+    out[buffer] = tables.pieces[piece, PIECE["tensor"]]
+    return out
+
+
 class TableBuffers:
     """One side's local tensors as `aliasing.aliasable_buffers` reads a Layout's (`.buffers[i]`
     with dtype, numel and shape), from the planner's tables: the dry run has no Layout (one of
@@ -172,13 +244,7 @@ class TableBuffers:
     same dtype, is the same local shape."""
 
     def __init__(self, tables: LayoutTables):
-        pieces, count = tables.pieces, tables.pieces[:, PIECE["holders_count"]]
-        # Holder slot of every (piece, holder) pair, piece by piece: first + 0, 1, ...
-        starts = np.repeat(pieces[:, PIECE["holders_first"]] - (np.cumsum(count) - count), count)
-        slots = starts + np.arange(int(count.sum()))
-        self._codes = np.full(len(tables.buffers), -1, dtype=np.int64)
-        self._codes[tables.holders[slots]] = tables.tensors[
-            np.repeat(pieces[:, PIECE["tensor"]], count), TENSOR["dtype_code"]]
+        self._codes = tables.tensors[buffer_tensors(tables), TENSOR["dtype_code"]]
         self._numel = tables.buffers[:, BUFFER["numel"]]
         self.buffers = self
 
@@ -196,10 +262,177 @@ class _FlatBuffer(NamedTuple):
     shape: tuple
 
 
+class TensorFormats:
+    """Each destination tensor's format by a rule table (`quantize.format_for` on its canonical
+    name; None: "keep", every tensor in its own dtype) and the bytes the dry run counts with it,
+    per destination tensor (the plan's segments' `tensor` index):
+
+    - the destination model: `buffer_bytes`, each local tensor's pieces by `cost.box_bytes`;
+    - a segment (`segment_bytes`): what it moves as planned (the source's bytes: what packs,
+      local copies and IPC reads read, and IPC carries over NVLink), what crosses NCCL (`wire`:
+      quantized where `wire_quantized`, else the source's bytes) and what lands in the
+      destination (`written`: its elements in the destination's format plus the scales whose
+      block starts in it, so that the segments of a block-aligned box count its blocks once).
+
+    `wire_quantized`: the tensor's format has scales and every piece of it on both sides holds
+    whole blocks (`quantize.shard_cut` None), so every box sent can be quantized by its sender;
+    otherwise boxes may cut a block and the tensor crosses as the source's bytes."""
+
+    def __init__(self, src: LayoutTables, dst: LayoutTables, rules=None):
+        self.src, self.dst, self.rules = src, dst, rules
+        self.itemsize = dst.tensors[:, TENSOR["itemsize"]]
+        self.formats = [quantize.KEEP if rules is None else quantize.format_for(n, rules)
+                        for n in dst.names]
+        sizes = [format_size(f, i) for f, i in zip(self.formats, self.itemsize.tolist())]
+        self.element = np.array([z.element for z in sizes], dtype=np.int64)
+        self.scale = np.array([z.scale for z in sizes], dtype=np.int64)
+        self.block = np.array([z.block for z in sizes], dtype=np.int64).reshape(-1, 2)
+        self.quantized = self.scale > 0
+        # Another format than the source's: such a tensor cannot share the source's storage.
+        self.transformed = self.quantized | (self.element != self.itemsize)
+        shapes = dst.tensors[:, span(TENSOR, "shape")]
+        for t in np.flatnonzero(self.quantized):
+            try:
+                quantize.scale_shape(shapes[t, :dst.tensors[t, TENSOR["ndim"]]], self.formats[t])
+            except ValueError as exc:
+                raise ValueError(f"{dst.names[t]}: {exc}") from None
+        index = {n: i for i, n in enumerate(dst.names)}
+        self._dst_of = {"dst": np.arange(len(dst.names)),
+                        "src": np.array([index.get(n, -1) for n in src.names], dtype=np.int64)}
+        self.wire_quantized = self.quantized & ~self._cuts("src") & ~self._cuts("dst")
+        self._lookup: dict[str, tuple] = {}
+
+    @property
+    def identity(self) -> bool:
+        return not self.transformed.any()
+
+    def _tables(self, side: str) -> LayoutTables:
+        return self.src if side == "src" else self.dst
+
+    def _cuts(self, side: str) -> np.ndarray:
+        """Per destination tensor: a piece of it on `side` cuts a block of its format."""
+        tables, dst_of = self._tables(side), self._dst_of[side]
+        pieces = tables.pieces
+        t = dst_of[pieces[:, PIECE["tensor"]]]
+        mine = np.flatnonzero((t >= 0) & self.quantized[np.maximum(t, 0)])
+        cut = np.zeros(len(self.formats), dtype=bool)
+        if not len(mine):
+            return cut
+        start, extent = span(PIECE, "start"), span(PIECE, "extent")
+        boxes = np.column_stack([t[mine], pieces[mine, start][:, :2], pieces[mine, extent][:, :2]])
+        shapes = self.dst.tensors[:, span(TENSOR, "shape")]
+        for tensor, r0, c0, rows, cols in np.unique(boxes, axis=0).tolist():  # few distinct
+            if quantize.shard_cut(shapes[tensor, :2], (r0, rows, c0, cols), self.formats[tensor]):
+                cut[tensor] = True
+        return cut
+
+    def buffer_bytes(self) -> np.ndarray:
+        """Bytes of every destination local tensor in its format: numel x itemsize where the
+        format is kept, else the sum of its pieces' `cost.box_bytes`."""
+        tables = self.dst
+        out = tables.buffers[:, BUFFER["numel"]] * tables.buffers[:, BUFFER["itemsize"]]
+        piece, buffer = holder_pairs(tables)
+        t = tables.pieces[piece, PIECE["tensor"]]
+        moved = self.transformed[t]
+        if not moved.any():
+            return out
+        piece, buffer, t = piece[moved], buffer[moved], t[moved]
+        rows = tables.pieces[piece]
+        extent = rows[:, span(PIECE, "extent")]
+        ndim = tables.tensors[t, TENSOR["ndim"]]
+        numel = np.where(np.arange(extent.shape[1]) < ndim[:, None], extent, 1).prod(axis=1)
+        nbytes = numel * self.element[t]
+        q = self.quantized[t]
+        scales = box_scales(rows[q][:, span(PIECE, "start")][:, :2],
+                            extent[q][:, :2], self.block[t[q]])
+        nbytes[q] += scales * self.scale[t[q]]
+        out = out.copy()
+        out[np.unique(buffer)] = 0
+        np.add.at(out, buffer, nbytes)
+        return out
+
+    def _pieces_of(self, side: str) -> tuple:
+        """Sorted (buffer, local offset) keys of every holder of every piece, and the piece."""
+        if side not in self._lookup:
+            piece, buffer = holder_pairs(self._tables(side))
+            keys = buffer * _OFFSETS + self._tables(side).pieces[piece, PIECE["local_offset"]]
+            order = np.argsort(keys, kind="stable")
+            self._lookup[side] = keys[order], piece[order]
+        return self._lookup[side]
+
+    def segment_bytes(self, segments: np.ndarray, side: str) -> tuple[np.ndarray, ...]:
+        """(moved, wire, written) bytes of each segment, read on `side` ("src": a send's, whose
+        source is a local tensor; "dst": a receive's or a local copy's)."""
+        rows, row_bytes = segments[:, SEG["rows"]], segments[:, SEG["row_bytes"]]
+        t = segments[:, SEG["tensor"]]
+        moved = rows * row_bytes
+        elements = moved // self.itemsize[t]
+        written, wire = elements * self.element[t], moved.copy()
+        q = np.flatnonzero(self.quantized[t])
+        if len(q):
+            scales = self._block_starts(segments[q], side) * self.scale[t[q]]
+            written[q] += scales
+            quantized = elements[q] * self.element[t[q]] + scales
+            wire[q] = np.where(self.wire_quantized[t[q]], quantized, moved[q])
+        return moved, wire, written
+
+    def _block_starts(self, segments: np.ndarray, side: str) -> np.ndarray:
+        """How many blocks (of the tensor's format) start in each segment: have their first
+        element, the top-left one of the global 2-D tensor, among the segment's. A segment is
+        `rows` runs of `row_bytes`, `pitch` apart, in one 2-D piece of a local tensor stored row
+        major: a run may cover several of its rows (coalesced), rows > 1 runs one row each."""
+        tables = self._tables(side)
+        t = segments[:, SEG["tensor"]]
+        item = self.itemsize[t]
+        keys, piece_of = self._pieces_of(side)
+        buffer, offset = segments[:, SEG[f"{side}_buffer"]], segments[:, SEG[f"{side}_offset"]]
+        element = offset // item
+        at = np.searchsorted(keys, buffer * _OFFSETS + element, side="right") - 1
+        piece = tables.pieces[piece_of[np.maximum(at, 0)]]
+        start, extent, stride = (piece[:, span(PIECE, f)] for f in ("start", "extent", "stride"))
+        width = stride[:, 0]  # elements per local row
+        i0, j0 = np.divmod(element - piece[:, PIECE["local_offset"]], np.maximum(width, 1))
+        n, rows = segments[:, SEG["row_bytes"]] // item, segments[:, SEG["rows"]]
+        pitch = segments[:, SEG[f"{side}_pitch"]] // item
+        bad = ((at < 0) | (keys[np.maximum(at, 0)] // _OFFSETS != buffer) | (stride[:, 1] != 1)
+               | (extent[:, 1] != width) | (offset % item != 0)
+               | ((rows > 1) & ((j0 + n > width) | (pitch != width))))
+        r0, c0 = start[:, 0] + i0, start[:, 1] + j0
+        br, bc = self.block[t, 0], self.block[t, 1]
+        # One run of n elements from local (i0, j0): the rest of row i0, whole rows, a tail.
+        head = np.minimum(n, width - j0)
+        whole, tail = np.divmod(n - head, np.maximum(width, 1))
+        one_run = ((r0 % br == 0) * _multiples(c0, c0 + head, bc)
+                   + _multiples(r0 + 1, r0 + 1 + whole, br) * _multiples(start[:, 1],
+                                                                         start[:, 1] + width, bc)
+                   + ((tail > 0) & ((r0 + 1 + whole) % br == 0))
+                   * _multiples(start[:, 1], start[:, 1] + tail, bc))
+        last = np.where(rows > 1, i0 + rows - 1, i0 + whole + (tail > 0))
+        # Several runs, one local row each, one row apart.
+        runs = _multiples(r0, r0 + rows, br) * _multiples(c0, c0 + n, bc)
+        bad |= last >= extent[:, 0]
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{self.dst.names[t[i]]}: the dry run cannot count the "
+                             f"{self.formats[t[i]]} scales of segment "
+                             f"{dict(zip(SEG, segments[i].tolist()))} on the {side} side "
+                             "(a row-major 2-D piece, runs within its rows, is what it reads)")
+        return np.where(rows > 1, runs, one_run)
+
+
+_OFFSETS = 1 << 40  # (buffer, element offset) keys: offsets below 2^40 elements
+
+
+def _multiples(a, b, step):
+    """How many multiples of `step` lie in [a, b) (elementwise; 0 where b <= a)."""
+    return np.maximum(-(-b // step) - -(-a // step), 0)
+
+
 def plan_tables(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topology,
                 bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                src_tables: LayoutTables | None = None) -> dict:
-    """Both sides' tables, every rank's plan and the ranks ({"src", "dst", "plans", "world"});
+                src_tables: LayoutTables | None = None, dst_format: str = "bf16") -> dict:
+    """Both sides' tables, every rank's plan, the ranks and the destination's formats
+    ({"src", "dst", "plans", "world", "formats"}: a `TensorFormats` of `dst_format`);
     `src_tables`: the source's, already built for `src` (the advisor plans many destinations
     beside one)."""
     # The planner's tables built with NumPy: a Layout of 2048 GPUs would take a minute.
@@ -207,39 +440,83 @@ def plan_tables(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: T
     dst_tables = kimi_k2_tables(cfg, dst)
     plans = Planner(src_tables, dst_tables, bucket_bytes, topo.gpus_per_node).plan_all()
     world = max(src.offset + src.world, dst.offset + dst.world)
-    return {"src": src_tables, "dst": dst_tables, "plans": plans, "world": world}
+    return {"src": src_tables, "dst": dst_tables, "plans": plans, "world": world,
+            "formats": TensorFormats(src_tables, dst_tables, dst_rules(dst_format)),
+            "dst_format": dst_format}
 
 
 def aliases_per_rank(planned: dict) -> dict[int, dict[int, int]]:
     """{rank: {destination buffer: source buffer}} that plan(..., alias=True) would share
-    (aliasing.aliasable_buffers on each rank's plan; none where a rank holds one side only)."""
+    (aliasing.aliasable_buffers on each rank's plan; none where a rank holds one side only,
+    nor for a destination tensor in another format than the source's)."""
     src, dst = TableBuffers(planned["src"]), TableBuffers(planned["dst"])
-    return {r: aliasable_buffers(p, src, dst) for r, p in planned["plans"].items()}
+    out = {r: aliasable_buffers(p, src, dst) for r, p in planned["plans"].items()}
+    formats = planned.get("formats")
+    if formats is None or formats.identity:
+        return out
+    transformed = formats.transformed[buffer_tensors(planned["dst"])]
+    return {r: {d: s for d, s in shared.items() if not transformed[d]}
+            for r, shared in out.items()}
 
 
 def dry_run(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topology,
             bucket_bytes: int = DEFAULT_BUCKET_BYTES, headroom: float = 0.9,
-            transport: str = "auto", alias: bool = False) -> dict:
+            transport: str = "auto", alias: bool = False, dst_format: str = "bf16") -> dict:
     """Every rank's figures (`RankFigures`), the floor and the prediction of a refit whose
     plan takes `transport` (refit_engine.plan's option: auto, nccl, ipc) and `alias`
-    (plan(alias=True): shared local tensors counted once and never copied; collocated only)."""
+    (plan(alias=True): shared local tensors counted once and never copied; collocated only),
+    into a destination model in `dst_format` (`DST_FORMATS`: bf16, fp8)."""
     check_transport(topo, transport)
+    dst_rules(dst_format)
     collocated = src.offset == dst.offset
     alias = alias and collocated
-    check_fits(cfg, src, dst, topo, collocated, headroom, bucket_bytes, transport, alias)
-    planned = plan_tables(cfg, src, dst, topo, bucket_bytes)
+    check_fits(cfg, src, dst, topo, collocated, headroom, bucket_bytes, transport, alias,
+               dst_format)
+    planned = plan_tables(cfg, src, dst, topo, bucket_bytes, dst_format=dst_format)
     return figures(planned, topo, transport, headroom, aliases_per_rank(planned) if alias else None)
+
+
+def _per_peer(segments: np.ndarray, nbytes: np.ndarray) -> dict[int, int]:
+    peers = segments[:, SEG["peer"]]
+    return {int(p): int(nbytes[peers == p].sum()) for p in np.unique(peers)}
+
+
+def transformed_bytes(p: RankPlan, formats: TensorFormats, transports: dict[int, str]):
+    """A rank's bytes where the destination's format differs (`TensorFormats`): {peer: {"sent",
+    "received"}} as they cross the link (quantized to NCCL peers, the source's bytes over IPC),
+    and `RankFigures`' written / read fields for its local copies, IPC reads, unpacks, packs."""
+    ipc = np.array([q for q, t in transports.items() if t == "ipc"], dtype=np.int64)
+    out = {}
+    per_peer: dict[int, dict[str, int]] = {}
+    for kind, segments, side in (("sent", p.send, "src"), ("received", p.recv, "dst")):
+        moved, wire, written = formats.segment_bytes(segments, side)
+        over_ipc = np.isin(segments[:, SEG["peer"]], ipc)
+        for peer, n in _per_peer(segments, np.where(over_ipc, moved, wire)).items():
+            per_peer.setdefault(peer, {"sent": 0, "received": 0})[kind] = n
+        if kind == "sent":
+            out["pack_read"] = int(moved[~over_ipc].sum())
+        else:
+            out["unpack_written"] = int(written[~over_ipc].sum())
+            out["ipc_written"] = int(written[over_ipc].sum())
+    out["local_written"] = int(formats.segment_bytes(p.local, "dst")[2].sum())
+    return per_peer, out
 
 
 def figures(planned: dict, topo: Topology, transport: str = "auto", headroom: float = 0.9,
             aliases: dict[int, dict[int, int]] | None = None) -> dict:
     """The dry run's result from `plan_tables`' plans. `aliases`: `aliases_per_rank`'s (None:
     aliasing off): their destination bytes count once in memory (`RankFigures.aliased_bytes`)
-    and leave the local copies, hence the prediction."""
+    and leave the local copies, hence the prediction. The destination's formats are
+    `planned["formats"]`'s (a `TensorFormats`; absent: every tensor in its own dtype)."""
     src_tables, dst_tables, plans = planned["src"], planned["dst"], planned["plans"]
     world = planned["world"]
-    src_w, dst_w = _weights_per_rank(src_tables, world), _weights_per_rank(dst_tables, world)
-    dst_bytes = dst_tables.buffers[:, BUFFER["numel"]] * dst_tables.buffers[:, BUFFER["itemsize"]]
+    formats = planned.get("formats")
+    formats = None if formats is None or formats.identity else formats
+    src_w = _weights_per_rank(src_tables, world)
+    dst_bytes = (formats.buffer_bytes() if formats else
+                 dst_tables.buffers[:, BUFFER["numel"]] * dst_tables.buffers[:, BUFFER["itemsize"]])
+    dst_w = np.bincount(dst_tables.buffers[:, BUFFER["rank"]], weights=dst_bytes,
+                        minlength=world)[:world].astype(np.int64).tolist()
     ranks, buckets = [], {}
     for r in range(world):
         p = plans.get(r)
@@ -253,16 +530,20 @@ def figures(planned: dict, topo: Topology, transport: str = "auto", headroom: fl
         transports = {peer: topo.peer_transport(r, peer, transport) for peer in per_peer}
         peers = staged_peers(transports)
         messages = sum(len(staged_messages(m, peers)) for m in (p.send_messages, p.recv_messages))
+        written = {}
+        if formats:
+            per_peer, written = transformed_bytes(p, formats, transports)
         ranks.append(rank_figures(r, p.bytes_local, per_peer, topo, transports,
                                   src_bytes=src_w[r], dst_bytes=dst_w[r],
                                   staging_bytes=staging_bytes(p, transports), messages=messages,
-                                  aliased_bytes=aliased))
+                                  aliased_bytes=aliased, **written))
         buckets[r] = staged_buckets(p, transports)
     budget = topo.memory_gib * headroom * GIB
     worst = max(ranks, key=lambda f: f.total_bytes)
     result = {"ranks": ranks, "floor": floor(ranks, topo), "topology": topo,
               "transport": transport, "predicted": predict(ranks, topo, buckets),
-              "alias": aliases is not None, "fits": worst.total_bytes <= budget}
+              "alias": aliases is not None, "fits": worst.total_bytes <= budget,
+              "dst_format": planned.get("dst_format", "bf16")}
     if not result["fits"]:
         result["reason"] = (
             f"does not fit: rank {worst.rank} needs {worst.total_bytes / GIB:.1f} GiB (source "
@@ -289,6 +570,8 @@ def report(result: dict) -> str:
     transport = result.get("transport", "nccl")  # results from before IPC: every peer staged
     lines = [
         f"transport {describe_transport(topo, transport)}" + _ipc_refusal(ranks, topo, transport),
+        *([f"destination format {DST_FORMAT_HELP[result['dst_format']]}"]
+          if result.get("dst_format", "bf16") != "bf16" else []),
         f"{'per GPU (max over ranks)':<34}{'GiB':>10}",
         f"{'source weights':<34}{max(f.src_bytes for f in ranks) / GIB:>10.2f}",
         f"{'destination weights':<34}{max(f.dst_bytes for f in ranks) / GIB:>10.2f}",
@@ -298,6 +581,7 @@ def report(result: dict) -> str:
         f"   of {topo.memory_gib:.0f} GiB: {'fits' if result['fits'] else 'DOES NOT FIT'}",
         f"{'local copy (max)':<34}{max(f.local_bytes for f in ranks) / GIB:>10.2f}"
         + ("   (aliased bytes are not copied)" if result.get("alias") else ""),
+        *_format_lines(result),
         most("sent_intra", f"sent over {intra}"), most("received_intra", f"received over {intra}"),
         most("received_ipc", "of which read over IPC"),
         most("sent_inter", f"sent over {inter}"), most("received_inter", f"received over {inter}"),
@@ -308,6 +592,41 @@ def report(result: dict) -> str:
         f"{topo.inter_node_gbps:g} GB/s, copy {topo.copy_gbps:g} GB/s",
     ]
     return "\n".join(lines)
+
+
+def _format_lines(result: dict) -> list[str]:
+    """In another destination format: what local copies write (they read the source's)."""
+    if result.get("dst_format", "bf16") == "bf16":
+        return []
+    ranks = result["ranks"]
+    return [(f"{'  written in ' + result['dst_format'] + ' (max)':<34}"
+             f"{max(f.local_write_bytes for f in ranks) / GIB:>10.2f}   (read as the source's)")]
+
+
+def summary(result: dict) -> dict:
+    """The dry run's key figures (--json): GiB per GPU, the largest over ranks; links in the
+    busiest direction."""
+    ranks = result["ranks"]
+    worst = max(ranks, key=lambda f: f.total_bytes)
+
+    def most(value) -> float:
+        return max(value(f) for f in ranks) / GIB
+    return {"fits": result["fits"], "floor_s": result["floor"]["seconds"],
+            "predicted_s": result["predicted"]["seconds"],
+            "predicted_term": result["predicted"]["term"],
+            "dst_format": result.get("dst_format", "bf16"),
+            "max_gpu_gib": worst.total_bytes / GIB,
+            "max_src_gib": most(lambda f: f.src_bytes), "max_dst_gib": most(lambda f: f.dst_bytes),
+            "max_staging_gib": most(lambda f: f.staging_bytes),
+            "alias": result.get("alias", False),
+            "max_aliased_gib": most(lambda f: f.aliased_bytes),
+            "max_local_gib": most(lambda f: f.local_bytes),
+            "max_local_written_gib": most(lambda f: f.local_write_bytes),
+            "max_nvlink_gib": most(lambda f: max(f.sent_intra, f.received_intra)),
+            "max_ipc_gib": most(lambda f: f.received_ipc),
+            "max_network_gib": most(lambda f: max(f.sent_inter, f.received_inter)),
+            "transport": result["transport"], "topology": asdict(result["topology"]),
+            **({"reason": result["reason"]} if "reason" in result else {})}
 
 
 def _aliased_lines(result: dict) -> list[str]:
@@ -363,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan(alias=True): destination tensors the plan fills byte for byte "
                              "from one source tensor of the same rank share its storage, counted "
                              "once and never copied (collocated only)")
+    parser.add_argument("--dst-format", default="bf16", choices=sorted(DST_FORMATS),
+                        help="the inference model's formats: " + "; ".join(
+                            f"{k}: {v}" for k, v in DST_FORMAT_HELP.items()) + " (default bf16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--per-rank", action="store_true",
                         help="also print every rank's memory and bytes moved")
@@ -394,24 +716,14 @@ def main(argv=None) -> int:
         parser.error(f"--transport: {exc} (--gpu {args.gpu})")
     try:
         result = dry_run(cfg, src, dst, topo, args.bucket_mib << 20, args.headroom,
-                         args.transport, args.alias)
+                         args.transport, args.alias, args.dst_format)
     except RefitError as exc:
         print(f"refused: {exc.reason}", file=sys.stderr)
         if args.json:
             print(json.dumps({"fits": False, "reason": exc.reason}))
         return 2
     if args.json:
-        worst = max(result["ranks"], key=lambda f: f.total_bytes)
-        ranks = result["ranks"]
-        print(json.dumps({"fits": result["fits"], "floor_s": result["floor"]["seconds"],
-                          "predicted_s": result["predicted"]["seconds"],
-                          "max_gpu_gib": worst.total_bytes / GIB,
-                          "max_staging_gib": max(f.staging_bytes for f in ranks) / GIB,
-                          "alias": args.alias,
-                          "max_aliased_gib": max(f.aliased_bytes for f in ranks) / GIB,
-                          "max_local_gib": max(f.local_bytes for f in ranks) / GIB,
-                          "transport": args.transport, "topology": asdict(topo),
-                          **({"reason": result["reason"]} if "reason" in result else {})}))
+        print(json.dumps(summary(result)))
     else:
         print(f"Kimi K2 ({cfg.num_layers} layers) source {args.src} -> destination {args.dst} "
               f"on {topo.describe(total)} "
