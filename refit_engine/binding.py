@@ -16,8 +16,9 @@ import numpy as np
 
 from refit_engine import arrays
 from refit_engine.errors import RefitError
-from refit_engine.layouts import Layout
+from refit_engine.layouts import BufferMeta, Layout
 from refit_engine.local import ShardedTensors, checked_info
+from refit_engine.transforms import SCALE_DTYPES, buffer_formats, scale_shape
 
 
 def _owner_state(owner) -> tuple:
@@ -69,6 +70,25 @@ def bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
         devices.setdefault(info.device, f"{side} '{rec.key}'")
         current[(side, index)] = rec
     return bound, addresses, devices, current
+
+
+def bind_scales(layout: Layout, local: ShardedTensors, formats: dict, rank: int) -> dict:
+    """{("scale", buffer index): record} of the scale tensors of this rank's quantized
+    destination local tensors (`ShardedTensors.scales`), checked like the tensors."""
+    view = ShardedTensors(tensors={f"{key} (scale)": t for key, t in local.scales.items()})
+    out = {}
+    for index, fmt in sorted(buffer_formats(layout, formats, rank).items()):
+        if not fmt.quantized:
+            continue
+        meta = layout.buffers[index]
+        if meta.key not in local.scales:
+            raise RefitError(f"{fmt.dst} destination local tensor '{meta.key}' has no scale "
+                             "tensor (ShardedTensors.add(..., format=...) gives it one)",
+                             tensor=meta.key, ranks=[rank])
+        scale = BufferMeta(rank, f"{meta.key} (scale)", scale_shape(meta.shape, fmt.dst),
+                           SCALE_DTYPES[fmt.dst])
+        out[("scale", index)] = record(scale, view, "destination")
+    return out
 
 
 def check_overlaps(rank: int, *currents: dict, same_ok=frozenset()) -> None:

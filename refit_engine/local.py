@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from refit_engine import arrays, dtypes
+from refit_engine import arrays, dtypes, transforms
 from refit_engine.errors import RefitError
 from refit_engine.layouts import (
     Layout,
@@ -45,6 +45,9 @@ class Entry:
     extent: tuple[int, ...]
     local_offset: int
     local_strides: tuple[int, ...]
+    # A quantized destination's format ("fp8_block128", "mxfp8"; see refit_engine.transforms);
+    # None: the dtype's own (a float dtype other than the source's is a cast).
+    format: str | None = None
 
 
 @dataclass
@@ -62,26 +65,39 @@ class ShardedTensors:
     # Problems found by add(): kept, not raised, so that plan() reports them on every rank
     # (raising here would leave the other ranks waiting in plan's collective).
     errors: list = field(default_factory=list)
+    # key -> the scale tensor of a quantized destination local tensor (add(format=...)).
+    scales: dict[str, object] = field(default_factory=dict)
 
     def add(self, name: str, tensor, global_shape: Sequence[int], split: Split | None = None,
             part: int = 0, key: str | None = None, offset: int = 0,
-            part_shape: Sequence[int] | None = None) -> None:
+            part_shape: Sequence[int] | None = None, format: str | None = None,
+            scale=None) -> None:
         """This rank holds part `part` of `name` (cut by `split`; whole if None) in `tensor`.
 
         key: the local tensor's name (default `name`); several global tensors may share one
             local tensor (grouped experts): pass the same tensor and key, and each one's element
             `offset` where its part starts (stored contiguously, shape `part_shape`).
+        format, scale: a destination quantized while it is refit (`refit_engine.transforms`):
+            format "fp8_block128" or "mxfp8", `tensor` float8_e4m3fn (or uint8) and `scale`
+            its scale tensor (`transforms.scale_shape` of the tensor's shape; None: allocated
+            here, then found in `scales[key]`). A destination whose float dtype differs from
+            its source's (float32, bfloat16, float16) is cast by plan(..., cast=True).
         A problem (a split that does not divide, an unsupported tensor) is recorded in
         `errors` and raised by `refit_engine.plan` on every rank.
         """
         try:
-            self._add(name, tensor, global_shape, split, part, key, offset, part_shape)
+            self._add(name, tensor, global_shape, split, part, key, offset, part_shape, format,
+                      scale)
         except RefitError as exc:
             self.errors.append(exc)
 
-    def _add(self, name, tensor, global_shape, split, part, key, offset, part_shape) -> None:
+    def _add(self, name, tensor, global_shape, split, part, key, offset, part_shape, format,
+             scale) -> None:
         _check_arguments(name, global_shape, split, part, key, offset, part_shape)
         key = key or name
+        if format is not None:
+            self.scales[key] = transforms.checked_scale(name, key, tensor, format, scale,
+                                                        self.scales.get(key))
         try:
             info = arrays.info(tensor)
         except (TypeError, ValueError) as exc:
@@ -98,7 +114,7 @@ class ShardedTensors:
         for start, extent, local_offset in part_pieces(name, global_shape, split, part, strides,
                                                        offset):
             self.entries.append(Entry(name, global_shape, info.dtype, key, info.shape, start,
-                                      extent, local_offset, strides))
+                                      extent, local_offset, strides, format))
 
 
 def _writable(array) -> bool:

@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from refit_engine import megatron_layout
 from refit_engine.aliasing import (aliasable_buffers, apply_aliases, choose_aliases,
                                    without_buffers)
-from refit_engine.binding import bind, check_overlaps, device_of, record, stale_reason
+from refit_engine.binding import (bind, bind_scales, check_overlaps, device_of, record,
+                                  stale_reason)
 from refit_engine.channel import Channel, group_ranks
 from refit_engine.compiler import DEFAULT_BUCKET_BYTES, Planner, RankPlan
 from refit_engine.errors import RefitError, raise_first, status_of
@@ -32,6 +34,7 @@ from refit_engine.executors.factory import build_executor, transport_of
 from refit_engine.layouts import Layout
 from refit_engine.local import ShardedTensors, build_layout, check_empty_tensors
 from refit_engine.peers import IPC_SYNCS, TRANSPORTS, PeerLinks, choose_transports, this_device
+from refit_engine.transforms import RankTransforms, carrier_entries, check_quantized_pieces
 from refit_engine.verify import verify_checksums
 
 # Seconds any wait of a refit may take before it raises (override per plan or with
@@ -73,6 +76,12 @@ class Plan:
     not_aliased: dict = field(repr=False, default_factory=dict)  # key -> why it is copied
     # What every bound tensor looked like when bound: see binding.bind / stale_reason.
     current: dict = field(repr=False, default_factory=dict)
+    # Destination tensors in another format than their source: {tensor name: TensorFormat}
+    # (every rank's), and this rank's transformed local tensors (see refit_engine.transforms).
+    formats: dict = field(repr=False, default_factory=dict)
+    transforms: RankTransforms | None = field(repr=False, default=None)
+    carrier_layout: Layout | None = field(repr=False, default=None)  # what the compiler planned
+    dst_scales: dict = field(repr=False, default_factory=dict)  # key -> scale tensor
     # One refit at a time: two threads running one plan would interleave its messages.
     lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
 
@@ -93,7 +102,10 @@ class Plan:
                 "bytes_received": rp.bytes_received, "per_peer": rp.bytes_per_peer(),
                 "buckets": rp.num_buckets, "bytes_ipc": self.executor.bytes_ipc,
                 "staging_bytes": self.executor.staging_bytes,
-                "bytes_aliased": sum(a.nbytes for a in self.aliases)}
+                "bytes_aliased": sum(a.nbytes for a in self.aliases),
+                "transformed": len(self.transforms.targets) if self.transforms else 0,
+                "assembled": len(self.transforms.assembled) if self.transforms else 0,
+                "carrier_bytes": self.transforms.carrier_bytes if self.transforms else 0}
 
     @property
     def peer_transports(self) -> dict[int, str]:
@@ -104,14 +116,15 @@ class Plan:
 
 
 def _check_same_options(options_of: dict) -> None:
-    """Every rank passed the same mode, timeout_s, threads, transport, ipc_sync and alias
+    """Every rank passed the same mode, timeout_s, threads, transport, ipc_sync, alias and cast
     (bucket_bytes and ranks_per_node are in the plan fingerprint)."""
     groups: dict = {}
     for rank, options in sorted(options_of.items()):
         groups.setdefault(options, []).append(rank)
     if len(groups) > 1:
         seen = "; ".join(f"ranks {ranks}: mode={o[0]!r}, timeout_s={o[1]}, threads={o[2]}, "
-                         f"transport={o[3]!r}, ipc_sync={o[4]!r}, alias={o[5]!r}"
+                         f"transport={o[3]!r}, ipc_sync={o[4]!r}, alias={o[5]!r}, "
+                         f"cast={o[6]!r}"
                          for o, ranks in groups.items())
         raise RefitError(f"ranks disagree on plan()'s options ({seen})",
                          ranks=list(options_of))
@@ -139,7 +152,8 @@ def _check_ranks(gathered, group, mode: str) -> None:
 def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
          timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None,
          mode: str = "auto", ranks_per_node: int | None = None, name: str = "plan",
-         transport: str = "auto", ipc_sync: str = "device", alias: bool = False) -> Plan:
+         transport: str = "auto", ipc_sync: str = "device", alias: bool = False,
+         cast: bool = False) -> Plan:
     """Gather every rank's layouts over `group`, validate, compile this rank's plan and bind it.
 
     mode: "collocated" (both models on the same ranks), "non-collocated" (disjoint ranks) or
@@ -157,7 +171,12 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
     filled byte for byte from one source tensor of the same rank (same box, dtype and layout:
     collocated, EP and expert TP unchanged) are rebound to the source's storage now, their own
     storage released, and no refit moves them (`plan.aliases`; `bytes_aliased` in the
-    statistics); the inference model then sees every training update at once. Raises RefitError on every
+    statistics); the inference model then sees every training update at once. cast=True: a
+    destination whose float dtype (float32, bfloat16, float16) differs from its source's is
+    cast while it is copied (IEEE round to nearest even; without it such a pair is refused as
+    a likely mistake). Destinations quantized to FP8 are declared where they are described
+    (`ShardedTensors.add(..., format="fp8_block128" | "mxfp8")`; see refit_engine.transforms):
+    their scale tensors are filled by every refit too. Raises RefitError on every
     rank, before any byte moves, if any rank's input is bad, and when ranks disagree on the plan.
     """
     if not dist.is_initialized():
@@ -167,13 +186,13 @@ def plan(src_model, dst_model, group=None, bucket_bytes: int = DEFAULT_BUCKET_BY
         raise RefitError(f"name must be a non-empty string, not {name!r}", ranks=[rank])
     problem = _option_problem(bucket_bytes=bucket_bytes, timeout_s=timeout_s, threads=threads,
                               mode=mode, ranks_per_node=ranks_per_node, transport=transport,
-                              ipc_sync=ipc_sync, alias=alias)
+                              ipc_sync=ipc_sync, alias=alias, cast=cast)
     # Every later wait of this plan, this first arrival included, is bounded by timeout_s
     # (the default when timeout_s itself is the problem: reported on every rank below).
     channel = Channel(group, DEFAULT_TIMEOUT_S if problem else timeout_s, what=name)
     try:
         return _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes,
-                     timeout_s, threads, mode, ranks_per_node, transport, ipc_sync, alias)
+                     timeout_s, threads, mode, ranks_per_node, transport, ipc_sync, alias, cast)
     except BaseException:
         channel.close()
         raise
@@ -203,13 +222,15 @@ def _option_problem(**options) -> RefitError | None:
         reason = f"ipc_sync must be one of {IPC_SYNCS}, not {options['ipc_sync']!r}"
     elif not isinstance(options["alias"], (bool, np.bool_)):
         reason = f"alias must be True or False, not {options['alias']!r}"
+    elif not isinstance(options["cast"], (bool, np.bool_)):
+        reason = f"cast must be True or False, not {options['cast']!r}"
     else:
         return None
     return RefitError(reason)
 
 
 def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, timeout_s, threads,
-          mode, ranks_per_node, transport, ipc_sync, alias) -> Plan:
+          mode, ranks_per_node, transport, ipc_sync, alias, cast) -> Plan:
     status = problem
     try:
         if status is None:
@@ -221,7 +242,7 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         status = status_of(exc)
     options = (mode, float(timeout_s) if problem is None else None, threads,
                transport if problem is None else None, ipc_sync if problem is None else None,
-               bool(alias) if problem is None else None)
+               bool(alias) if problem is None else None, bool(cast) if problem is None else None)
     gathered = channel.gather((rank, status, src_local.entries, dst_local.entries,
                                sorted(src_local.claimed_ranks | dst_local.claimed_ranks),
                                options), "layout exchange")
@@ -229,11 +250,17 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     _check_same_options({g[0]: g[5] for g in gathered})
     gathered = [g[:5] for g in gathered]
     _check_ranks(gathered, group, mode)
-    src_layout = build_layout([(r, s) for r, _, s, _, _ in gathered])
-    dst_layout = build_layout([(r, d) for r, _, _, d, _ in gathered])
+    src_per_rank = [(r, s) for r, _, s, _, _ in gathered]
+    dst_per_rank = [(r, d) for r, _, _, d, _ in gathered]
+    src_layout = build_layout(src_per_rank)
+    # A destination in another format is planned as its carrier: the source's dtype.
+    carrier_per_rank, formats = carrier_entries(src_per_rank, dst_per_rank, bool(cast))
+    carrier_layout = build_layout(carrier_per_rank)
+    dst_layout = build_layout(dst_per_rank) if formats else carrier_layout
+    check_quantized_pieces(carrier_layout, formats)
     if ranks_per_node is None:
         ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0))
-    planner = Planner(src_layout, dst_layout, bucket_bytes, ranks_per_node)
+    planner = Planner(src_layout, carrier_layout, bucket_bytes, ranks_per_node)
     rank_plan = planner.plan_rank(rank)
     # Pairs alias=True may share (plan-level; the tensors are checked once bound).
     candidates = aliasable_buffers(rank_plan, src_layout, dst_layout) if alias else {}
@@ -241,7 +268,8 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     # Bind tensors and check them; then check that every rank compiled the same plan: a cheap
     # fingerprint of the inputs and options every plan is derived from.
     digest = hashlib.blake2b(digest_size=8)
-    for layout in (src_layout, dst_layout):
+    digest.update(repr(sorted((n, str(f)) for n, f in formats.items())).encode())
+    for layout in (src_layout, carrier_layout):
         names, *tables = layout.tables()
         digest.update("\0".join(names).encode())
         for table in tables:  # every byte: a repr would elide the middle of large arrays
@@ -255,18 +283,24 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
                                                                 "destination")
         # A destination that already shares its aliasable source's memory (an earlier aliased
         # plan over the same models) is no conflict: alias=True copies nothing into it.
-        check_overlaps(rank, src_current, dst_current,
+        scale_current = bind_scales(dst_layout, dst_local, formats, rank)
+        check_overlaps(rank, src_current, dst_current, scale_current,
                        same_ok={(src_layout.buffers[s].key, dst_layout.buffers[d].key)
                                 for d, s in candidates.items()})
+        dst_current.update(scale_current)
         aliases, not_aliased = (choose_aliases(rank_plan, src_layout, dst_layout, src_tensors,
                                                dst_tensors) if alias else ([], {}))
         check_empty_tensors(src_layout, dst_layout)
         device = device_of(src_devices | dst_devices, rank)
         where = this_device(device)
+        transforms = None
+        if formats:
+            transforms = RankTransforms(rank_plan, dst_layout, formats, dst_tensors,
+                                        dst_local.scales, _carrier_maker(device))
         status = None
     except Exception as exc:  # reported on every rank below
         status = status_of(exc)
-        device, where = "cpu", None
+        device, where, transforms = "cpu", None, None
         aliases, not_aliased = [], {}
     checks = channel.gather((rank, status, layouts_digest, device.split(":")[0], where),
                             "binding check")
@@ -300,7 +334,8 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     try:
         rank_plan = without_buffers(rank_plan, {a.dst_buffer for a in aliases})
         executor = build_executor(transport_of(next(iter(kinds))), rank_plan, src_addr, dst_addr,
-                                  channel, device, threads, ranks_per_node, links=links)
+                                  channel, device, threads, ranks_per_node, links=links,
+                                  transforms=transforms)
     except Exception as exc:
         failure = status_of(exc)
     if channel.union(int(failure is not None), "executors ready"):
@@ -316,7 +351,13 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
                                                             dst_local, "destination")
     return Plan(rank, rank_plan, src_layout, dst_layout, group, float(timeout_s), channel,
                 executor, src_tensors, dst_tensors, current=current, aliases=aliases,
-                not_aliased=not_aliased)
+                not_aliased=not_aliased, formats=formats, transforms=transforms,
+                carrier_layout=carrier_layout, dst_scales=dst_local.scales)
+
+
+def _carrier_maker(device: str):
+    """Where assembled tensors' carriers are allocated: bytes on the destination's device."""
+    return lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 class _RefusedCall(RefitError):

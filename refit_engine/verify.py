@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from refit_engine import arrays, dtypes
+from refit_engine import arrays, dtypes, quantize, transforms
 from refit_engine.errors import RefitError
 from refit_engine.executors.reference import assemble, materialize
 from refit_engine.tables import SEG
@@ -33,20 +33,47 @@ def _as_bits(tensor, dtype: str) -> np.ndarray:
 
 def check_exact(plan) -> list[str]:
     """Names of this rank's destination tensors that differ from the source (empty: exact).
-    Collective over the plan's group."""
-    src, dst = plan.src_layout, plan.dst_layout
+    A transformed destination (refit_engine.transforms) must hold exactly what
+    refit_engine.quantize makes of the source, scales included. Collective over the plan's
+    group."""
+    src, dst = plan.src_layout, plan.carrier_layout or plan.dst_layout
     mine = {src.buffers[i].key: _as_bits(t, src.buffers[i].dtype)
             for i, t in plan.src_tensors.items()}
     gathered = plan.channel.gather((plan.rank, mine), "exact check")
     buffers = {(rank, key): array for rank, arrays in gathered for key, array in arrays.items()}
     globals_ = assemble(src, buffers)
     expected = materialize(dst, globals_, ranks={plan.rank})
+    targets = plan.transforms.targets if plan.transforms else {}
     wrong = []
     for index, tensor in plan.dst_tensors.items():
-        meta = dst.buffers[index]
-        if not np.array_equal(_as_bits(tensor, meta.dtype), expected[(meta.rank, meta.key)]):
+        meta = plan.dst_layout.buffers[index]
+        want = expected[(meta.rank, meta.key)]
+        if index in targets:
+            if not transformed_exact(targets[index].fmt, want, tensor,
+                                     plan.dst_scales.get(meta.key)):
+                wrong.append(meta.key)
+        elif not np.array_equal(_as_bits(tensor, meta.dtype), want):
             wrong.append(meta.key)
     return wrong
+
+
+def transformed_exact(fmt, carrier_bits: np.ndarray, tensor, scale) -> bool:
+    """Whether `tensor` (and its `scale`) hold exactly what quantize.transform makes of the
+    source bits `carrier_bits` of the same local tensor, matrix by matrix."""
+    got = _as_bits(tensor, "uint8" if fmt.quantized else transforms.dtype_of(fmt.dst))
+    if not fmt.quantized:
+        return np.array_equal(got, quantize.cast(carrier_bits, fmt.src, fmt.dst))
+    r, c = carrier_bits.shape[-2:]
+    data = carrier_bits.reshape(-1, r, c)
+    got = got.reshape(data.shape)
+    got_scale = np.ascontiguousarray(_as_bits(scale, transforms.SCALE_DTYPES[fmt.dst]))
+    got_scale = got_scale.view(np.uint8).reshape(data.shape[0], -1)
+    for m in range(data.shape[0]):
+        q, scales = quantize.transform(data[m], fmt.src, fmt.dst)
+        if not (np.array_equal(got[m], q) and np.array_equal(
+                got_scale[m], np.ascontiguousarray(scales).view(np.uint8).reshape(-1))):
+            return False
+    return True
 
 
 # -- verification mode: checksums of what was sent against what landed ----------------------

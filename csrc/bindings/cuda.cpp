@@ -72,17 +72,22 @@ void bind_cuda(py::module_& m) {
              }),
              py::arg("device"), py::arg("comm") = py::none())
         .def("set_local", &CudaExecutor::set_local, py::arg("table"))
+        .def("set_local_transform", &CudaExecutor::set_local_transform, py::arg("table"))
+        .def("set_finish", &CudaExecutor::set_finish, py::arg("table"))
         .def("set_ordering", &CudaExecutor::set_ordering, py::arg("ordering"))
         .def(
             "add_bucket",
             [](CudaExecutor& self, std::shared_ptr<SegmentTable> pack, const Int64Array& sends,
                const Int64Array& recvs, std::shared_ptr<SegmentTable> exchange,
-               std::shared_ptr<SegmentTable> unpack) {
+               std::shared_ptr<SegmentTable> unpack, std::shared_ptr<TransformTable> pack_transform,
+               std::shared_ptr<TransformTable> unpack_transform) {
                 self.add_bucket(Bucket{std::move(pack), as_messages(sends), as_messages(recvs),
-                                       std::move(exchange), std::move(unpack)});
+                                       std::move(exchange), std::move(unpack),
+                                       std::move(pack_transform), std::move(unpack_transform)});
             },
             py::arg("pack"), py::arg("sends"), py::arg("recvs"), py::arg("exchange"),
-            py::arg("unpack"))
+            py::arg("unpack"), py::arg("pack_transform") = nullptr,
+            py::arg("unpack_transform") = nullptr)
         .def("run", [](CudaExecutor& self, uintptr_t s) { self.run(as_stream(s)); },
              py::arg("stream"))
         .def("capture", [](CudaExecutor& self, uintptr_t s) { self.capture(as_stream(s)); },

@@ -46,10 +46,23 @@ void CudaExecutor::set_local(std::shared_ptr<SegmentTable> local) {
     if (local_ && ordering_) local_->skip_when(ordering_->failed_flag());
 }
 
+void CudaExecutor::set_local_transform(std::shared_ptr<TransformTable> local) {
+    if (graph_exec_) throw std::logic_error("cannot change the local copies after capturing a graph");
+    local_transform_ = std::move(local);
+    if (local_transform_ && ordering_) local_transform_->skip_when(ordering_->failed_flag());
+}
+
+void CudaExecutor::set_finish(std::shared_ptr<TransformTable> finish) {
+    if (graph_exec_) throw std::logic_error("cannot change the finish step after capturing a graph");
+    finish_ = std::move(finish);
+}
+
 void CudaExecutor::set_ordering(std::shared_ptr<StreamOrdering> ordering) {
     if (graph_exec_) throw std::logic_error("cannot change the ordering after capturing a graph");
     ordering_ = std::move(ordering);
+    // The local tables read peers' memory (CUDA IPC): never after a failed ordering wait.
     if (local_ && ordering_) local_->skip_when(ordering_->failed_flag());
+    if (local_transform_ && ordering_) local_transform_->skip_when(ordering_->failed_flag());
 }
 
 void CudaExecutor::add_bucket(Bucket bucket) {
@@ -127,6 +140,7 @@ void CudaExecutor::run(cudaStream_t stream) {
     }
     // Local copies first on the unpack stream: it idles until bucket 0 has arrived.
     if (local_) local_->launch(unpack_stream_);
+    if (local_transform_) local_transform_->launch(unpack_stream_);
     for (size_t b = 0; b < buckets_.size(); ++b) {
         const Bucket& bucket = buckets_[b];
         // NOTE: staging buffer b % 2 is shared with bucket b - 2: pack may overwrite the send
@@ -134,6 +148,7 @@ void CudaExecutor::run(cudaStream_t stream) {
         // receive side only after that bucket was unpacked.
         if (b >= 2) REFIT_CUDA_CHECK(cudaStreamWaitEvent(pack_stream_, exchanged_[b - 2], 0));
         if (bucket.pack) bucket.pack->launch(pack_stream_);
+        if (bucket.pack_transform) bucket.pack_transform->launch(pack_stream_);
         REFIT_CUDA_CHECK(cudaEventRecord(packed_[b], pack_stream_));
 
         REFIT_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, packed_[b], 0));
@@ -143,8 +158,11 @@ void CudaExecutor::run(cudaStream_t stream) {
 
         REFIT_CUDA_CHECK(cudaStreamWaitEvent(unpack_stream_, exchanged_[b], 0));
         if (bucket.unpack) bucket.unpack->launch(unpack_stream_);
+        if (bucket.unpack_transform) bucket.unpack_transform->launch(unpack_stream_);
         REFIT_CUDA_CHECK(cudaEventRecord(unpacked_[b], unpack_stream_));
     }
+    // Assembled destinations are complete once the unpack stream's copies are done.
+    if (finish_) finish_->launch(unpack_stream_);
     // The unpack stream's last work follows every exchange, which follows every pack: joining
     // it back into the caller's stream ends the refit.
     REFIT_CUDA_CHECK(cudaEventRecord(done_, unpack_stream_));

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/segment_table.h"
+#include "transform/transform_copy.h"
 #include "transport/ordering.h"
 #include "transport/transport.h"
 
@@ -28,6 +29,9 @@ struct Bucket {
     std::vector<DeviceMessage> sends, recvs;  // over the peers' transports
     std::shared_ptr<SegmentTable> exchange;  // loopback transport: send staging -> recv staging
     std::shared_ptr<SegmentTable> unpack;    // recv staging -> destinations
+    // The same steps into destinations of another format (casts, FP8): run beside the plain
+    // tables, in the same step (may be empty).
+    std::shared_ptr<TransformTable> pack_transform, unpack_transform;
 };
 
 class CudaExecutor {
@@ -40,6 +44,10 @@ class CudaExecutor {
 
     // Local copies, and direct reads of peer memory (CUDA IPC): one fused kernel.
     void set_local(std::shared_ptr<SegmentTable> local);
+    // Local copies and IPC reads into destinations of another format, beside set_local's.
+    void set_local_transform(std::shared_ptr<TransformTable> local);
+    // Runs after every copy of the refit: quantizes the destinations assembled in carriers.
+    void set_finish(std::shared_ptr<TransformTable> finish);
     // Cross-process ordering for peers that read this rank's memory or whose memory it reads:
     // enter() starts every refit, leave() ends it (both inside a captured graph); its failure
     // makes the local table skip its copies and wait() raise.
@@ -75,6 +83,7 @@ class CudaExecutor {
     PeerTransports transports_;
     std::shared_ptr<StreamOrdering> ordering_;
     std::shared_ptr<SegmentTable> local_;
+    std::shared_ptr<TransformTable> local_transform_, finish_;
     std::vector<Bucket> buckets_;
     std::vector<std::vector<Exchange>> exchanges_;  // per bucket, in transports_.distinct() order
     cudaStream_t pack_stream_ = nullptr, comm_stream_ = nullptr, unpack_stream_ = nullptr;

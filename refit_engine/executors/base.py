@@ -31,14 +31,16 @@ class Executor(abc.ABC):
     @classmethod
     def for_plan(cls, rank_plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
                  channel: Channel, device: str, threads: int | None,
-                 ranks_per_node: int, links=None) -> "Executor":
+                 ranks_per_node: int, links=None, transforms=None) -> "Executor":
         """This rank's executor of `rank_plan`, over the plan's `channel` (its gloo group: the
         peers, their order, the timeout). src_addresses / dst_addresses: address of each
         buffer of that side (0 where not this rank's); device: "cpu" or "cuda:N", where this
         rank's tensors are; threads: copy threads (None: the executor's default, which may
         depend on ranks_per_node). Collective over the channel when the transport needs setup
         (an NCCL communicator). links: a `peers.PeerLinks`, how a CUDA plan reaches each peer
-        (None: NCCL to every peer)."""
+        (None: NCCL to every peer). transforms: a `transforms.RankTransforms` (None: every
+        destination holds its source's format), whose table rows replace the plain copies
+        into transformed tensors."""
         raise NotImplementedError(f"{cls.__name__} is not built from one rank's plan")
 
     @abc.abstractmethod

@@ -16,6 +16,7 @@ from refit_engine import _core
 from refit_engine.compiler import RankPlan, bucket_messages, segments_in_bucket
 from refit_engine.errors import RefitError
 from refit_engine.executors.base import Executor
+from refit_engine.tables import SEG
 
 
 def default_threads(ranks_on_machine: int) -> int:
@@ -30,16 +31,17 @@ class GlooExecutor(Executor):
 
     @classmethod
     def for_plan(cls, rank_plan, src_addresses, dst_addresses, channel, device, threads,
-                 ranks_per_node, links=None) -> "GlooExecutor":
+                 ranks_per_node, links=None, transforms=None) -> "GlooExecutor":
         if threads is None:
             threads = default_threads(ranks_per_node or len(channel.ranks))
-        return cls(rank_plan, src_addresses, dst_addresses, channel, threads)
+        return cls(rank_plan, src_addresses, dst_addresses, channel, threads, transforms)
 
     def __init__(self, plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
-                 channel, threads: int = 1):
+                 channel, threads: int = 1, transforms=None):
         self.plan = plan
         self.src_addresses = src_addresses
-        self.dst_addresses = dst_addresses
+        # Assembled tensors' copies land in their carriers (transforms.RankTransforms.bases).
+        self.dst_addresses = transforms.bases(dst_addresses) if transforms else dst_addresses
         # The plan's own gloo group (refit_engine.channel): peers by their index in it.
         self.channel = channel
         self.threads = threads
@@ -47,8 +49,7 @@ class GlooExecutor(Executor):
         # Per bucket: the segments and (peer, offset, bytes) messages of each direction,
         # computed once.
         buckets = range(self.num_buckets)
-        self._send = [segments_in_bucket(plan.send, b) for b in buckets]
-        self._recv = [segments_in_bucket(plan.recv, b) for b in buckets]
+        self._send = [(segments_in_bucket(plan.send, b), None) for b in buckets]
         self._send_msgs = [bucket_messages(plan.send_messages, b) for b in buckets]
         self._recv_msgs = [bucket_messages(plan.recv_messages, b) for b in buckets]
         send_max = max(plan.send_staging_bytes, default=0)
@@ -56,11 +57,31 @@ class GlooExecutor(Executor):
         # Two staging buffers per direction: bucket k+1 fills one while bucket k uses the other.
         self._send_staging = [torch.empty(send_max, dtype=torch.uint8) for _ in range(2)]
         self._recv_staging = [torch.empty(recv_max, dtype=torch.uint8) for _ in range(2)]
+        # (plain segments, transform table or None) of the local copies and of each unpack;
+        # the transform rows carry absolute addresses (staging is fixed for the plan's life).
+        self._local = self._split(plan.local, self.src_addresses[plan.local[:, SEG["src_buffer"]]]
+                                  + plan.local[:, SEG["src_offset"]], transforms)
+        self._recv = []
+        for b in buckets:
+            recv = segments_in_bucket(plan.recv, b)
+            staging = self._recv_staging[b % 2].data_ptr() if recv_max else 0
+            self._recv.append(self._split(recv, staging + recv[:, SEG["src_offset"]], transforms))
+        self._finish = transforms.finish_table() if transforms else None
+        self._keep = transforms  # its carriers are where assembled tensors land
 
-    def _copy(self, segments, src_staging=0, dst_staging=0):
+    @staticmethod
+    def _split(segments, src, transforms):
+        if transforms is None or not len(segments):
+            return segments, None
+        return transforms.split_table(src, segments)
+
+    def _copy(self, part, src_staging=0, dst_staging=0):
+        segments, transform = part
         if len(segments):
             _core.cpu_copy_segments(segments, self.src_addresses, src_staging,
                                     self.dst_addresses, dst_staging, self.threads)
+        if transform is not None:
+            _core.transform_cpu(transform)
 
     def _post(self, bucket: int):
         """Starts every send and receive of `bucket`; returns [(work, peer, direction)]."""
@@ -98,7 +119,7 @@ class GlooExecutor(Executor):
         if self.num_buckets:
             self._copy(self._send[0], dst_staging=self._send_staging[0].data_ptr())
             in_flight = self._post(0)
-        self._copy(self.plan.local)  # overlaps bucket 0's transfer
+        self._copy(self._local)  # overlaps bucket 0's transfer
         for bucket in range(self.num_buckets):
             following = None
             if bucket + 1 < self.num_buckets:
@@ -108,3 +129,5 @@ class GlooExecutor(Executor):
             self._wait(in_flight, bucket)
             self._copy(self._recv[bucket], src_staging=self._recv_staging[bucket % 2].data_ptr())
             in_flight = following
+        if self._finish is not None:  # assembled tensors: quantized once every copy landed
+            _core.transform_cpu(self._finish)

@@ -53,6 +53,44 @@ def _part(segments, src_bases=None, dst_bases=None, src_staging=None, dst_stagin
             _addresses(segments, "dst_buffer", "dst_offset", dst_bases, dst_staging), segments)
 
 
+def _transformed(parts, transforms):
+    """(the plain copies of `parts`, one TransformTable or None): the segments of each part that
+    land in transformed destinations become transform rows (transforms.RankTransforms.split;
+    `transforms` may be one for every part, or a list with one per part, as loopback has)."""
+    if not transforms:
+        return list(parts), None
+    each = transforms if isinstance(transforms, list) else [transforms] * len(parts)
+    plain, rows = [], None
+    for (src, dst, segments), t in zip(parts, each):
+        if t is None or not len(segments):
+            plain.append((src, dst, segments))
+            continue
+        keep, mine = t.split(src, segments)
+        plain.append((src[keep], dst[keep], segments[keep]))
+        if rows is None:
+            rows = mine
+        else:
+            rows.extend(mine)
+    return plain, (_core.TransformTable(rows.table()) if rows is not None and len(rows) else None)
+
+
+def _finish(executor, transforms) -> None:
+    """The rows that quantize assembled destinations, after every copy of the refit."""
+    tables = [t.finish_table() for t in (transforms if isinstance(transforms, list)
+                                         else [transforms]) if t]
+    tables = [t for t in tables if t is not None]
+    if tables:
+        executor.set_finish(_core.TransformTable(
+            {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}))
+
+
+def _set_local(executor, parts, transforms) -> None:
+    plain, table = _transformed(parts, transforms)
+    executor.set_local(_concat_table(plain))
+    if table is not None:
+        executor.set_local_transform(table)
+
+
 def _contiguous(seg, side: str) -> bool:
     return seg[SEG["rows"]] == 1 or seg[SEG[f"{side}_pitch"]] == seg[SEG["row_bytes"]]
 
@@ -116,9 +154,12 @@ class CudaPlanExecutor(CudaRefitExecutor):
 
     @classmethod
     def for_plan(cls, rank_plan, src_addresses, dst_addresses, channel, device, threads,
-                 ranks_per_node, links: PeerLinks | None = None) -> "CudaPlanExecutor":
+                 ranks_per_node, links: PeerLinks | None = None,
+                 transforms=None) -> "CudaPlanExecutor":
         require_cuda("a refit of CUDA tensors")
         index = int(device.split(":")[1]) if ":" in device else 0
+        if transforms:  # assembled destinations: their copies land in carriers
+            dst_addresses = transforms.bases(dst_addresses)
         if links is None:
             links = PeerLinks({r: "nccl" for r in channel.ranks if r != channel.rank})
         ipc_peers = links.peers("ipc")
@@ -157,7 +198,8 @@ class CudaPlanExecutor(CudaRefitExecutor):
                 rank_plan.recv[rank_plan.recv[:, SEG["peer"]] == owner],
                 owner_addresses[owner], dst_addresses, owner, channel.rank))
         executor, staging = build_nccl_executor(nccl_plan, src_addresses, dst_addresses, comm,
-                                                group_rank_of, index, direct=direct)
+                                                group_rank_of, index, direct=direct,
+                                                transforms=transforms)
         host_ordering = None
         if isinstance(ordering, _core.IpcFlags):
             ordering.connect(side.owners, [peer_handles[o][0] for o in side.owners],
@@ -173,7 +215,7 @@ class CudaPlanExecutor(CudaRefitExecutor):
             # Host ordering barriers are collective: a rank with no IPC peer of its own still
             # takes part in them, or the others would wait for it.
             host_ordering = ipc.IpcOrdering(None, channel) if links.ipc_sync == "host" else None
-        out = cls(executor, staging, comm, index, host_ordering, [*mappings, ordering])
+        out = cls(executor, staging, comm, index, host_ordering, [*mappings, ordering, transforms])
         out.peer_transports = {p: links.transports[p] for p in rank_plan.bytes_per_peer()}
         out.bytes_ipc = sum(segment_bytes(d[2]) for d in direct)
         out.staging_bytes = 2 * (max(nccl_plan.send_staging_bytes, default=0)
@@ -202,17 +244,18 @@ def nccl_communicator(channel: Channel, device: int):
 
 def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.ndarray,
                         comm, group_rank_of: dict, device: int, zero_copy: bool = True,
-                        direct=()):
+                        direct=(), transforms=None):
     """One rank's executor over NCCL. `group_rank_of` maps global ranks to communicator ranks.
     direct: (source addresses, destination addresses, segments) parts copied in the local
-    kernel (IPC reads of peers' tensors)."""
+    kernel (IPC reads of peers' tensors). transforms: this rank's RankTransforms (dst_bases
+    already hold its carriers)."""
     alloc = StagingAllocator(device)
     send_size = max(plan.send_staging_bytes, default=0)
     recv_size = max(plan.recv_staging_bytes, default=0)
     send_staging = [alloc(send_size), alloc(send_size)]
     recv_staging = [alloc(recv_size), alloc(recv_size)]
     executor = _core.CudaExecutor(device, comm)
-    executor.set_local(_concat_table([_part(plan.local, src_bases, dst_bases), *direct]))
+    _set_local(executor, [_part(plan.local, src_bases, dst_bases), *direct], transforms)
     added = 0
     for bucket in range(plan.num_buckets):
         if not (np.any(plan.send[:, SEG["bucket"]] == bucket)
@@ -227,27 +270,39 @@ def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.nda
                                      send_staging[parity], group_rank_of, zero_copy)
         r_src, r_dst, recv = _part(segments_in_bucket(plan.recv, bucket), src_bases, dst_bases,
                                    src_staging=recv_staging[parity])
+        # Segments into transformed destinations are unpacked by the transform table, never
+        # received in place (the wire carries the source's format).
+        plain, unpack_transform = np.ones(len(recv), dtype=bool), None
+        if transforms:
+            plain, rows = transforms.split(r_src, recv)
+            unpack_transform = _core.TransformTable(rows.table()) if len(rows) else None
         recvs, keep_recv = _messages(plan.recv_messages, bucket, recv, r_dst, "dst",
-                                     recv_staging[parity], group_rank_of, zero_copy)
+                                     recv_staging[parity], group_rank_of, zero_copy,
+                                     eligible=plain)
+        keep_recv &= plain
         executor.add_bucket(_table(src[keep_send], dst[keep_send], send[keep_send]), sends, recvs,
-                            None, _table(r_src[keep_recv], r_dst[keep_recv], recv[keep_recv]))
+                            None, _table(r_src[keep_recv], r_dst[keep_recv], recv[keep_recv]),
+                            None, unpack_transform)
+    _finish(executor, transforms)
     return executor, alloc
 
 
 def _messages(messages, bucket, segments, tensor_addr, tensor_side, staging_base, group_rank_of,
-              zero_copy):
+              zero_copy, eligible=None):
     """(peer, address, bytes) rows of one bucket, and which segments still go through staging.
 
     A message that is one contiguous piece of one tensor goes zero-copy: sent from (or received
     into) the tensor itself, with no pack (or unpack). Each side decides alone: the bytes on the
-    wire are the same either way.
+    wire are the same either way. eligible: the segments that may go zero-copy (default all;
+    not those into transformed destinations).
     """
     keep = np.ones(len(segments), dtype=bool)
     rows = []
     for peer, offset, nbytes in bucket_messages(messages, bucket):
         address = staging_base + offset
         mine = np.flatnonzero(segments[:, SEG["peer"]] == peer)
-        if zero_copy and len(mine) == 1 and _contiguous(segments[mine[0]], tensor_side):
+        if (zero_copy and len(mine) == 1 and _contiguous(segments[mine[0]], tensor_side)
+                and (eligible is None or eligible[mine[0]])):
             address = int(tensor_addr[mine[0]])
             keep[mine[0]] = False
         rows.append((group_rank_of[peer], address, nbytes))
@@ -255,11 +310,13 @@ def _messages(messages, bucket, segments, tensor_addr, tensor_side, staging_base
 
 
 def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bases: dict,
-                            device: int):
+                            device: int, transforms: dict | None = None):
     """Every rank of a plan in one process on one GPU: the exchange is a device copy.
 
     src_bases / dst_bases: rank -> address array over that side's buffers (0 where absent).
+    transforms: rank -> its RankTransforms (dst_bases already hold their carriers).
     """
+    transforms = transforms or {}
     alloc = StagingAllocator(device)
     ranks = sorted(plans)
     # Each rank's staging lives at an offset inside two shared buffers per direction.
@@ -271,8 +328,8 @@ def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bas
     send_staging = [alloc(send_total), alloc(send_total)]
     recv_staging = [alloc(recv_total), alloc(recv_total)]
     executor = _core.CudaExecutor(device, None)
-    executor.set_local(_concat_table([_part(plans[r].local, src_bases[r], dst_bases[r])
-                                      for r in ranks]))
+    _set_local(executor, [_part(plans[r].local, src_bases[r], dst_bases[r]) for r in ranks],
+               [transforms.get(r) for r in ranks])
     num_buckets = max((plans[r].num_buckets for r in ranks), default=0)
     for bucket in range(num_buckets):
         p = bucket % 2
@@ -300,24 +357,31 @@ def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bas
                 src_pitch=nbytes, dst_pitch=nbytes, rows=np.ones(len(nbytes), dtype=np.int64),
                 row_bytes=nbytes)
         empty = np.zeros((0, 3), dtype=np.int64)
-        executor.add_bucket(_concat_table(packs), empty, empty, exchange, _concat_table(unpacks))
+        unpacks, unpack_transform = _transformed(unpacks, [transforms.get(r) for r in ranks])
+        executor.add_bucket(_concat_table(packs), empty, empty, exchange, _concat_table(unpacks),
+                            None, unpack_transform)
+    _finish(executor, [transforms.get(r) for r in ranks])
     return executor, alloc
 
 
 def build_direct_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bases: dict,
-                                   device: int):
+                                   device: int, transforms: dict | None = None):
     """Loopback with no staging: each sender's piece is copied straight into its receiver's
     tensor (both live in this process), all in one fused kernel. This is the floor-approaching
     path a single-address-space transport allows; the staged builder exercises the NCCL path."""
+    transforms = transforms or {}
     parts = [_part(p.local, src_bases[r], dst_bases[r]) for r, p in plans.items()]
+    owners = list(plans)  # whose transforms each part's destinations are
     for r, plan in plans.items():
         for s in np.unique(plan.recv[:, SEG["peer"]]).tolist():
             sender = plans[s].send
             parts.append(ipc.direct_part(sender[sender[:, SEG["peer"]] == r],
                                          plan.recv[plan.recv[:, SEG["peer"]] == s],
                                          src_bases[s], dst_bases[r], s, r))
+            owners.append(r)
     executor = _core.CudaExecutor(device, None)
-    executor.set_local(_concat_table(parts))
+    _set_local(executor, parts, [transforms.get(r) for r in owners])
+    _finish(executor, [transforms.get(r) for r in plans])
     return executor, StagingAllocator(device)
 
 

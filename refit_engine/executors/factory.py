@@ -16,7 +16,9 @@ def transport_of(device: str) -> str:
 
 
 def build_executor(transport: str, rank_plan, src_addresses, dst_addresses, channel, device: str,
-                   threads: int | None, ranks_per_node: int, links=None) -> Executor:
+                   threads: int | None, ranks_per_node: int, links=None,
+                   transforms=None) -> Executor:
     """This rank's executor of `rank_plan` for `transport` (see `Executor.for_plan`)."""
     return EXECUTORS[transport].for_plan(rank_plan, src_addresses, dst_addresses, channel, device,
-                                        threads, ranks_per_node, links=links)
+                                        threads, ranks_per_node, links=links,
+                                        transforms=transforms or None)
