@@ -84,3 +84,48 @@ def test_one_gpu_playing_every_rank_over_ipc_is_one_pass():
     # Processes sharing one GPU: NCCL refuses them, IPC reads each peer's tensor in place.
     assert predict_loopback(GB, GB, 1000.0, staged=False) == pytest.approx(0.004)
     assert predict_loopback(GB, GB, 1000.0, staged=True) == pytest.approx(0.008)
+
+
+# Destination formats (issue 16): bytes of a box under its format, and passes that read one
+# size and write another.
+
+def test_box_bytes_count_elements_and_the_blocks_they_touch():
+    import math
+
+    from refit_engine.harness.cost import box_bytes, format_size, tensor_bytes
+    from refit_engine.quantize import scale_shape
+    # Kimi K2's kv down projection: 576 rows, not a multiple of 128 (a partial block row).
+    shape = (576, 7168)
+    assert tensor_bytes(shape, "fp8_block128", 2) == 576 * 7168 + 4 * 5 * 56
+    assert tensor_bytes(shape, "fp8_block128", 2) == (
+        math.prod(shape) + 4 * math.prod(scale_shape(shape, "fp8_block128")))
+    assert tensor_bytes(shape, "bf16", 2) == 2 * 576 * 7168
+    assert tensor_bytes(shape, "keep", 4) == tensor_bytes(shape, "fp32", 2) == 4 * 576 * 7168
+    # A TP shard of whole blocks: elements + 4 x its blocks.
+    assert box_bytes((1024, 256), (512, 0), (256, 256), "fp8_block128", 2) == 256 * 256 + 4 * 4
+    # A box that cuts blocks touches each of them: rows 100-159 lie in block rows 0 and 1.
+    assert box_bytes((512, 512), (100, 0), (60, 256), "fp8_block128", 2) == 60 * 256 + 4 * 2 * 2
+    # MXFP8: one e8m0 byte per 32 consecutive elements of a row.
+    assert box_bytes((4, 100), (0, 0), (4, 100), "mxfp8", 2) == 400 + 4 * 4
+    assert format_size("bfloat16", 2) == (2, 0, (1, 1))
+    with pytest.raises(ValueError, match="needs a 2-D tensor"):
+        box_bytes((7168,), (0,), (7168,), "fp8_block128", 2)
+
+
+def test_passes_count_bytes_read_and_bytes_written():
+    topo = replace(_gpu(), inter_node_gbps=100.0)
+    # FP8 destination: packs read 2 GB of BF16 and write 1 GB of FP8, unpacks read and write
+    # 1 GB, local copies read 4 GB and write 2 GB, IPC reads 2 GB (BF16) and writes 1 GB.
+    f = RankFigures(0, local_bytes=4 * GB, sent_inter=GB, received_inter=GB, sent_intra=2 * GB,
+                    received_intra=2 * GB, sent_ipc=2 * GB, received_ipc=2 * GB,
+                    pack_read=2 * GB, unpack_written=GB, local_written=2 * GB, ipc_written=GB)
+    p = predict_rank(f, topo, buckets=1)
+    assert p["pack"] == pytest.approx(3e-3)
+    assert p["unpack + local + ipc"] == pytest.approx((2 + 6 + 3) * 1e-3)
+    assert floor([f], topo)["seconds"] == pytest.approx(max(6e-3, 2 / 100, 1 / 100))
+    # Left None, a pass writes what it reads: twice the bytes, as before formats.
+    plain = RankFigures(0, local_bytes=4 * GB, sent_inter=GB, received_inter=GB)
+    q = predict_rank(plain, topo, buckets=1)
+    assert (q["pack"], q["unpack + local"]) == (pytest.approx(2e-3), pytest.approx(10e-3))
+    assert (plain.local_write_bytes, plain.pack_read_bytes, plain.unpack_write_bytes,
+            plain.ipc_write_bytes) == (4 * GB, GB, GB, 0)

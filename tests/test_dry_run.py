@@ -431,3 +431,184 @@ def test_dry_run_cli_alias(capsys):
     assert on["predicted_s"] < off["predicted_s"]
     assert main(args + ["--alias", "--per-rank"]) == 0
     assert "aliased" in capsys.readouterr().out.splitlines()[-9]
+
+
+# Destination formats (issue 16): an FP8 inference model by Kimi K2's rule.
+
+# A toy Kimi K2 whose every 2-D tensor and every TP shard up to TP 4 is whole 128 x 128 blocks.
+ALIGNED = {"hidden": 256, "num_heads": 4, "q_lora_rank": 128, "kv_lora_rank": 128,
+           "qk_nope_head_dim": 128, "qk_rope_head_dim": 128, "v_head_dim": 128, "dense_ffn": 512,
+           "moe_ffn": 128, "shared_expert_ffn": 512, "vocab": 512}
+
+
+def _quantized_bf16_bytes(cfg, grid):
+    """BF16 bytes of the destination's local tensors that Kimi K2's rule quantizes."""
+    from refit_engine.harness.dry_run import buffer_tensors
+    from refit_engine.harness.models.kimi_k2 import kimi_k2_tables
+    from refit_engine.quantize import format_for
+    from refit_engine.tables import BUFFER
+    tables = kimi_k2_tables(cfg, grid)
+    owner = buffer_tensors(tables)
+    nbytes = tables.buffers[:, BUFFER["numel"]] * tables.buffers[:, BUFFER["itemsize"]]
+    return sum(int(n) for n, t in zip(nbytes, owner)
+               if format_for(tables.names[t]) == "fp8_block128")
+
+
+@pytest.mark.parametrize("bucket", [64 << 20, 1 << 12])  # 4 KiB: buckets cut rows and blocks
+def test_fp8_network_bytes_are_elements_plus_a_scale_per_block(bucket):
+    # Non-collocated across two nodes: every destination byte crosses the network. In FP8 the
+    # quantized tensors cross as 1 byte an element plus 4 per 128 x 128 block, exactly.
+    cfg = KimiK2Config.toy(**ALIGNED)
+    src, dst = ParallelGrid(8, tp=4, ep=4), ParallelGrid(8, tp=2, ep=8, offset=8)
+    topo = preset("h100", 16)
+    bf16, fp8 = (dry_run(cfg, src, dst, topo, bucket, dst_format=f) for f in ("bf16", "fp8"))
+    q = _quantized_bf16_bytes(cfg, dst)
+    elements = q // 2
+    assert elements % (128 * 128) == 0
+    net = {name: sum(f.received_inter for f in r["ranks"]) for name, r in (("bf16", bf16),
+                                                                           ("fp8", fp8))}
+    assert net["bf16"] == sum(f.dst_bytes for f in bf16["ranks"])
+    assert net["fp8"] == net["bf16"] - q + elements + 4 * (elements // (128 * 128))
+    assert net["fp8"] == sum(f.sent_inter for f in fp8["ranks"])
+    assert net["fp8"] == sum(f.dst_bytes for f in fp8["ranks"])  # the destination model
+    assert net["fp8"] < 0.6 * net["bf16"]
+    # Unpacks write what crossed (already quantized); packs read the BF16 source.
+    for a, b in zip(bf16["ranks"], fp8["ranks"]):
+        assert b.unpack_write_bytes == b.received_inter
+        assert b.pack_read_bytes == a.sent_inter
+        assert b.staging_bytes == a.staging_bytes  # the plan's, sized for BF16 messages
+    assert fp8["predicted"]["seconds"] < bf16["predicted"]["seconds"]
+
+
+def test_fp8_ipc_reads_stay_bf16_and_the_destination_shrinks():
+    # One node, transport auto: every peer over CUDA IPC, read as BF16 over NVLink and written
+    # in FP8 by the receiver; local copies read BF16 and write FP8.
+    cfg, topo = KimiK2Config.toy(**ALIGNED), preset("h100", 8)
+    src, dst = ParallelGrid(8, tp=4, ep=4), ParallelGrid(8, tp=2, ep=8)
+    bf16, fp8 = (dry_run(cfg, src, dst, topo, dst_format=f) for f in ("bf16", "fp8"))
+    for a, b in zip(bf16["ranks"], fp8["ranks"]):
+        assert _moved(a) == _moved(b) and b.received_ipc == b.received_intra > 0
+        assert b.src_bytes == a.src_bytes and b.dst_bytes < 0.6 * a.dst_bytes
+        assert b.total_bytes < a.total_bytes
+        assert b.local_write_bytes < b.local_bytes == a.local_bytes == a.local_write_bytes
+        assert b.ipc_write_bytes < b.received_ipc
+        # Everything the rank writes is its destination model (nothing aliased).
+        assert b.local_write_bytes + b.ipc_write_bytes + b.unpack_write_bytes == b.dst_bytes
+    assert fp8["predicted"]["seconds"] <= bf16["predicted"]["seconds"]
+    # Over NCCL on the same node the sender quantizes: the NVLink bytes shrink instead.
+    nccl = dry_run(cfg, src, dst, topo, transport="nccl", dst_format="fp8")
+    assert sum(f.received_intra for f in nccl["ranks"]) < 0.6 * sum(
+        f.received_intra for f in bf16["ranks"])
+
+
+@pytest.mark.parametrize("bucket", [64 << 20, 1 << 12])
+def test_fp8_blocks_cut_by_shards_cross_as_bf16(bucket):
+    # The default toy's shards cut 128 x 128 blocks (its dims are below 128): those tensors
+    # cross the network as BF16, quantized by the receiver, and a rank still writes exactly its
+    # destination model, each block's scale once however buckets cut it.
+    from refit_engine.harness.dry_run import TensorFormats, plan_tables
+    cfg, topo = KimiK2Config.toy(), preset("h100", 16)
+    src, dst = ParallelGrid(8, tp=4, ep=4), ParallelGrid(8, tp=2, ep=8, offset=8)
+    formats = plan_tables(cfg, src, dst, topo, bucket, dst_format="fp8")["formats"]
+    assert isinstance(formats, TensorFormats)
+    cut = formats.quantized & ~formats.wire_quantized
+    assert cut.any() and formats.wire_quantized.any()
+    assert all("linear_" in formats.dst.names[t] for t in cut.nonzero()[0])
+    fp8 = dry_run(cfg, src, dst, topo, bucket, dst_format="fp8")
+    for f in fp8["ranks"][8:]:
+        assert f.unpack_write_bytes == f.dst_bytes < f.received_inter
+    net = sum(f.received_inter for f in fp8["ranks"])
+    assert net == sum(f.sent_inter for f in fp8["ranks"])
+    assert sum(f.dst_bytes for f in fp8["ranks"]) < net < sum(
+        f.received_inter for f in dry_run(cfg, src, dst, topo, bucket)["ranks"])
+
+
+SEED_LAYOUTS = [  # the seed's five refits as the sweep lays them out on 128 H100s / H200s
+    ((8, 64), (4, 128)), ((8, 64), (2, 128)), ((8, 128), (1, 128)), ((4, 64), (2, 128)),
+    ((4, 128), (1, 128)), ((8, 32), (4, 128)), ((8, 32), (2, 128)), ((8, 32), (1, 128)),
+    ((4, 32), (2, 128)), ((4, 32), (1, 128))]
+
+
+def test_kimi_k2_shards_hold_whole_blocks_at_the_seeds_layouts():
+    # Full width (two layers: one dense, one MoE): at TP 1, 2, 4 and 8 every shard of every
+    # tensor the rule quantizes is whole 128 x 128 blocks on both sides (quantize.shard_cut), so
+    # every piece sent over NCCL crosses in FP8.
+    from refit_engine.harness.dry_run import TensorFormats
+    from refit_engine.harness.models.kimi_k2 import kimi_k2_tables
+    cfg = KimiK2Config(num_layers=2)
+    tables = {}
+    for s, d in SEED_LAYOUTS:
+        for tp, ep in (s, d):
+            if (tp, ep) not in tables:
+                tables[tp, ep] = kimi_k2_tables(cfg, ParallelGrid(128, tp=tp, ep=ep))
+        formats = TensorFormats(tables[s], tables[d], quantize_rules())
+        # Routed experts, shared expert, dense MLP, attention of both layers.
+        assert formats.quantized.sum() == 2 * 384 + 2 + 2 + 2 * 5
+        assert (formats.wire_quantized == formats.quantized).all(), (s, d)
+
+
+def quantize_rules():
+    from refit_engine.harness.dry_run import DST_FORMATS
+    return DST_FORMATS["fp8"]
+
+
+def test_bf16_figures_are_unchanged():
+    # The figures of the commit before destination formats (230c3fd), by the default format and
+    # by --dst-format bf16.
+    cfg = KimiK2Config.toy()
+    for gpus, transport, predicted, sums, total in (
+            (16, "auto", 5.0226417777777776e-05, [2002432, 779776, 1222656, 0, 1222656, 0], 236224),
+            (8, "nccl", 6.0363180193885154e-05, [1001216, 389888, 611328, 0, 0, 2445312], 643776)):
+        for extra in ({}, {"dst_format": "bf16"}):
+            r = dry_run(cfg, ParallelGrid(gpus, tp=4, ep=4), ParallelGrid(gpus, tp=2, ep=8),
+                        preset("h100", gpus), transport=transport, **extra)
+            assert r["predicted"]["seconds"] == predicted
+            assert r["floor"]["seconds"] == 2.2641777777777778e-07
+            assert [sum(getattr(f, k) for f in r["ranks"]) for k in (
+                "dst_bytes", "local_bytes", "sent_intra", "sent_inter", "received_ipc",
+                "staging_bytes")] == sums
+            assert max(f.total_bytes for f in r["ranks"]) == total
+            assert all(f.local_written is f.unpack_written is f.pack_read is None
+                       for f in r["ranks"])
+
+
+def test_fp8_memory_check_and_aliasing():
+    # The check before any plan counts the FP8 destination; quantized tensors never alias.
+    src, dst = ParallelGrid(128, tp=8, ep=64), ParallelGrid(128, tp=4, ep=64)
+    with pytest.raises(RefitError):
+        check_fits(KimiK2Config(), src, dst, preset("h100", 128), collocated=True)
+    s, d = check_fits(KimiK2Config(), src, dst, preset("h100", 128), collocated=True,
+                      dst_format="fp8")
+    assert s == pytest.approx(34.04, abs=0.01) and 18.0 < d < 0.55 * 36.51
+    cfg, topo = KimiK2Config.toy(**ALIGNED), preset("h100", 8)
+    same = ParallelGrid(8, tp=2, ep=4)
+    bf16, fp8 = (dry_run(cfg, same, same, topo, alias=True, dst_format=f) for f in ("bf16", "fp8"))
+    assert sum(f.aliased_bytes for f in bf16["ranks"]) == sum(f.dst_bytes for f in bf16["ranks"])
+    kept = sum(f.aliased_bytes for f in fp8["ranks"])
+    assert 0 < kept < sum(f.dst_bytes for f in fp8["ranks"])  # embeddings, norms, router only
+    for f in fp8["ranks"]:
+        assert f.local_write_bytes + f.aliased_bytes == f.dst_bytes
+
+
+def test_dry_run_cli_dst_format(capsys):
+    import json
+    args = ["--gpus", "16", "--src", "tp=4,ep=4", "--dst", "tp=2,ep=8", "--layers", "3",
+            "--non-collocated"]
+    figures = {}
+    for fmt in ("bf16", "fp8"):
+        assert main(args + ["--dst-format", fmt, "--json"]) == 0
+        figures[fmt] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    bf16, fp8 = figures["bf16"], figures["fp8"]
+    assert bf16["dst_format"] == "bf16" and fp8["dst_format"] == "fp8"
+    # The embedding and output layer stay BF16: above half.
+    assert bf16["max_network_gib"] / 2 < fp8["max_network_gib"] < bf16["max_network_gib"]
+    assert fp8["max_dst_gib"] == fp8["max_network_gib"] < bf16["max_dst_gib"]
+    assert fp8["predicted_s"] < bf16["predicted_s"]
+    assert main(args + ["--dst-format", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "destination format fp8 (Kimi K2's rule" in out
+    assert main(args) == 0
+    assert "destination format" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(args + ["--dst-format", "int4"])
+    assert "argument --dst-format: invalid choice" in capsys.readouterr().err

@@ -272,7 +272,7 @@ class TensorFormats:
       local copies and IPC reads read, and IPC carries over NVLink), what crosses NCCL (`wire`:
       quantized where `wire_quantized`, else the source's bytes) and what lands in the
       destination (`written`: its elements in the destination's format plus the scales whose
-      block starts in it, so that the segments of a block-aligned box count its blocks once).
+      block starts in it, so that however buckets cut a piece its blocks count once).
 
     `wire_quantized`: the tensor's format has scales and every piece of it on both sides holds
     whole blocks (`quantize.shard_cut` None), so every box sent can be quantized by its sender;
@@ -397,19 +397,25 @@ class TensorFormats:
         bad = ((at < 0) | (keys[np.maximum(at, 0)] // _OFFSETS != buffer) | (stride[:, 1] != 1)
                | (extent[:, 1] != width) | (offset % item != 0)
                | ((rows > 1) & ((j0 + n > width) | (pitch != width))))
-        r0, c0 = start[:, 0] + i0, start[:, 1] + j0
+        s0, s1 = start[:, 0], start[:, 1]
+        r0, c0 = s0 + i0, s1 + j0
         br, bc = self.block[t, 0], self.block[t, 1]
+
+        def first_rows(a, b):  # rows in [a, b) where a block of the piece starts
+            return _block_firsts(a, b, br, s0)
+
+        def first_cols(a, b):
+            return _block_firsts(a, b, bc, s1)
         # One run of n elements from local (i0, j0): the rest of row i0, whole rows, a tail.
         head = np.minimum(n, width - j0)
         whole, tail = np.divmod(n - head, np.maximum(width, 1))
-        one_run = ((r0 % br == 0) * _multiples(c0, c0 + head, bc)
-                   + _multiples(r0 + 1, r0 + 1 + whole, br) * _multiples(start[:, 1],
-                                                                         start[:, 1] + width, bc)
-                   + ((tail > 0) & ((r0 + 1 + whole) % br == 0))
-                   * _multiples(start[:, 1], start[:, 1] + tail, bc))
+        one_run = (first_rows(r0, r0 + 1) * first_cols(c0, c0 + head)
+                   + first_rows(r0 + 1, r0 + 1 + whole) * first_cols(s1, s1 + width)
+                   + (tail > 0) * first_rows(r0 + 1 + whole, r0 + 2 + whole)
+                   * first_cols(s1, s1 + tail))
         last = np.where(rows > 1, i0 + rows - 1, i0 + whole + (tail > 0))
         # Several runs, one local row each, one row apart.
-        runs = _multiples(r0, r0 + rows, br) * _multiples(c0, c0 + n, bc)
+        runs = first_rows(r0, r0 + rows) * first_cols(c0, c0 + n)
         bad |= last >= extent[:, 0]
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
@@ -423,9 +429,12 @@ class TensorFormats:
 _OFFSETS = 1 << 40  # (buffer, element offset) keys: offsets below 2^40 elements
 
 
-def _multiples(a, b, step):
-    """How many multiples of `step` lie in [a, b) (elementwise; 0 where b <= a)."""
-    return np.maximum(-(-b // step) - -(-a // step), 0)
+def _block_firsts(a, b, step, first):
+    """How many of [a, b) (elementwise) are where a block of a piece starting at `first` starts
+    along one dimension: multiples of `step`, and `first` itself (a block cut by the piece's
+    edge starts there for the piece)."""
+    multiples = np.maximum(-(-b // step) - -(-a // step), 0)
+    return multiples + ((first % step != 0) & (a <= first) & (first < b))
 
 
 def plan_tables(cfg: KimiK2Config, src: ParallelGrid, dst: ParallelGrid, topo: Topology,
