@@ -4,6 +4,8 @@ CUDA kernel where a GPU is present. Fresh random bit patterns (NaN, Inf, subnorm
 destinations and scales poisoned first, whole tensors and block-aligned sub-boxes with pitch.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -158,7 +160,7 @@ def test_cuda_kernel_equals_the_reference(src_fmt, dst_fmt):
         elif dst_fmt == "mxfp8":
             at = (box[0], box[2] // 32)
         table = _core.TransformTable(_columns(src, host_dst, box, src_fmt, dst_fmt, host_scale,
-                                              at, address=lambda a: views[id(a)]))
+                                              at, address=lambda a, v=views: v[id(a)]))
         table.launch(torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
         got = d_dst.cpu().numpy().reshape(300, -1)
@@ -179,3 +181,92 @@ def test_cuda_kernel_equals_the_reference(src_fmt, dst_fmt):
             else:
                 sub = (slice(r0, r0 + n), slice(c0 // 32, None))
                 assert np.array_equal(s[sub].view(np.uint8), scales[sub].view(np.uint8))
+
+
+def _every_bf16_pair(device):
+    """bf16 blocks [128 * B, 128] (a torch int16 tensor on `device`) for the division shortcut:
+    for every positive finite bf16 amax a (bits 0x0001 .. 0x7F7F), blocks whose element 0 is a
+    and whose other elements are every positive bf16 x <= a (bits 1 .. a), then +0, -0 and every
+    -x (|x| <= a) as padding. No Inf or NaN: those send a block to the exact path, not the
+    shortcut. 48,895 blocks (1.5 GiB)."""
+    import torch
+
+    per = 128 * 128 - 1
+    a = torch.arange(1, 0x7F80, dtype=torch.int32, device=device)
+    nblk = (a + per - 1) // per
+    block_a = torch.repeat_interleave(a, nblk)
+    block_k = (torch.arange(len(block_a), dtype=torch.int32, device=device)
+               - torch.repeat_interleave(torch.cumsum(nblk, 0, dtype=torch.int32) - nblk, nblk))
+    out = torch.empty((len(block_a), 128 * 128), dtype=torch.int16, device=device)
+    out[:, 0] = block_a.to(torch.int16)
+    j = torch.arange(per, dtype=torch.int32, device=device)
+    step = 4096
+    for b in range(0, len(block_a), step):
+        amax = block_a[b:b + step, None]
+        t = block_k[b:b + step, None] * per + j  # position in a's sequence
+        u = torch.remainder(t - amax, amax + 2)  # the padding's position: +0, -0, -1 .. -a
+        pad = torch.where(u == 0, 0, (u - 1) | 0x8000)
+        out[b:b + step, 1:] = torch.where(t < amax, t + 1, pad).to(torch.int16)
+    return out.view(-1, 128)
+
+
+def _run_cpu_threaded(src, dst_fmt, src_fmt):
+    """_run_cpu of a whole [R, C] tensor, its 128-row bands split among up to 16 threads (the
+    binding drops the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = min(16, os.cpu_count() or 1)
+    rows = src.shape[0]
+    dst = _poisoned(src.shape, OUT[dst_fmt])
+    scale = _poisoned(quantize.scale_shape(src.shape, dst_fmt), SCALE[dst_fmt])
+    bands = -(-rows // 128)
+    cuts = [128 * (bands * i // threads) for i in range(threads + 1)]
+
+    def run(i):
+        r0, r1 = cuts[i], min(cuts[i + 1], rows)
+        if r1 > r0:
+            _core.transform_cpu(_columns(src, dst, (r0, r1 - r0, 0, src.shape[1]), src_fmt,
+                                         dst_fmt, scale, (r0 // 128, 0)))
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, range(threads)))
+    return dst, scale
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_block_quotient_is_exact_for_every_bf16_pair():
+    """The kernel's fp8_block128 quotient (a per-block reciprocal with two FMA corrections,
+    formats.h block_quotient) against the IEEE division of the CPU path, exhaustively over bf16:
+    every positive finite x against the scale amax / 448 of every bf16 amax >= x, both signs,
+    the signed zeros; bit for bit, scales too. The CPU path is checked against quantize.py on a
+    sample of the same blocks (the other tests check it on random data)."""
+    import torch
+
+    d_src = _every_bf16_pair("cuda")
+    src = d_src.cpu().numpy().view(np.uint16)
+    rows = src.shape[0]
+    want, want_scale = _run_cpu_threaded(src, "fp8_block128", "bf16")
+    sample = np.random.default_rng(16).choice(rows // 128, 64, replace=False)
+    for b in sample:
+        data, scales = quantize.transform(src[128 * b:128 * b + 128], "bf16", "fp8_block128")
+        assert np.array_equal(want[128 * b:128 * b + 128], data.view(np.uint8)), b
+        assert want_scale[b, 0].view(np.uint32) == scales[0, 0].view(np.uint32), b
+
+    d_dst = torch.full((rows * 128,), POISON, dtype=torch.uint8, device="cuda")
+    d_scale = torch.full((rows // 128 * 4,), POISON, dtype=torch.uint8, device="cuda")
+    host_dst, host_scale = np.zeros((rows, 128), np.uint8), np.zeros((rows // 128, 1), np.float32)
+    views = {id(src): d_src.data_ptr(), id(host_dst): d_dst.data_ptr(),
+             id(host_scale): d_scale.data_ptr()}
+    table = _core.TransformTable(_columns(src, host_dst, (0, rows, 0, 128), "bf16",
+                                          "fp8_block128", host_scale,
+                                          address=lambda a: views[id(a)]))
+    table.launch(torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    got = d_dst.cpu().numpy().reshape(rows, 128)
+    got_scale = d_scale.cpu().numpy().view(np.float32).reshape(-1, 1)
+    assert np.array_equal(got_scale.view(np.uint32), want_scale.view(np.uint32))
+    bad = np.flatnonzero((got != want).any(axis=1))
+    assert bad.size == 0, (
+        f"{bad.size} rows differ; first block {bad[0] // 128} (amax bits "
+        f"{src[bad[0] // 128 * 128, 0]:#06x}), x bits {src[bad[0]][got[bad[0]] != want[bad[0]]][:8]}")
