@@ -10,12 +10,17 @@ import; the signature and the semantics are the same:
   ValueError, another type TypeError), but it selects nothing: see `REFIT_METHODS`.
 - `src_rank_offset` / `dst_rank_offset`, `num_dst_pools` / `dst_pool_index`,
   `prepare_swap_model_weights` and `clear_all_caches` / `clear_plan_cache` /
-  `clear_service_cache` behave as megatron-core's; a `transform` (MXFP8) is refused.
+  `clear_service_cache` behave as megatron-core's; a `transform` (MXFP8) is refused: ask for
+  FP8 with `formats=` instead (below).
 - Persistent buffers (the router's `expert_bias`) whose dtype differs between the models take
   the source's dtype on the destination before planning, as in megatron-core; parameters of
   different dtypes are refused, naming both dtypes.
 - Returns None; pass `stats={}` for execute's statistics. Our plan and execute options are
   keyword-only extras.
+- `formats=` (issue 16): per-parameter destination formats by rules on canonical names
+  ("kimi_k2": `quantize.KIMI_K2_FORMATS`). A parameter whose rule is a quantized format is
+  refit into FP8 outputs beside the model (`quantized_weights`), not into the parameter;
+  `cast=True` lets a destination dtype differ from its source's (`plan(cast=True)`).
 
 Plans are cached per (source, target, group, options, offsets, pool) and planned again, on
 every rank of the group at once, whenever any rank's inputs differ or a plan became unusable.
@@ -25,15 +30,17 @@ every rank of the group at once, whenever any rank's inputs differ or a plan bec
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import re
 import weakref
 
 import torch
 import torch.distributed as dist
 
 import refit_engine  # its plan and execute, looked up per call (tests count the plans)
-from refit_engine import refit
+from refit_engine import quantize, refit, transforms
 from refit_engine.binding import stale_reason
 from refit_engine.channel import Channel, group_ranks
 from refit_engine.compiler import DEFAULT_BUCKET_BYTES
@@ -48,9 +55,9 @@ from refit_engine.megatron_layout import (
     persistent_buffers,
 )
 
-__all__ = ["GROUPED_EXPERT", "REFIT_METHODS", "Naming", "cached_plan", "clear_all_caches",
-           "clear_caches", "clear_plan_cache", "clear_service_cache", "describe",
-           "prepare_swap_model_weights", "swap_model_weights"]
+__all__ = ["FORMAT_PRESETS", "GROUPED_EXPERT", "REFIT_METHODS", "Naming", "cached_plan",
+           "clear_all_caches", "clear_caches", "clear_plan_cache", "clear_service_cache",
+           "describe", "prepare_swap_model_weights", "quantized_weights", "swap_model_weights"]
 
 # megatron-core's backend names (`RefitBackendName`). Each is accepted for compatibility; none
 # selects anything: the executor is chosen by where the tensors are, on every rank alike.
@@ -101,7 +108,10 @@ def _check_call(transform, num_dst_pools, dst_pool_index, src_rank_offset, dst_r
     if transform is not None:
         raise UnsupportedTransformError(
             f"transform={type(transform).__name__}: refit_engine does not apply megatron-core "
-            "ReshardTransforms (MXFP8 conversion) yet; pass transform=None", ranks=me)
+            "ReshardTransforms; pass transform=None, and for FP8 destinations formats= (e.g. "
+            "formats='kimi_k2', or rules such as [(r'\\.linear_\\w+\\.weight$', 'mxfp8'), "
+            "...]): the refit then quantizes into FP8 outputs beside the model "
+            "(refit_engine.megatron.quantized_weights)", ranks=me)
 
     def integer(value):
         return isinstance(value, int) and not isinstance(value, bool)
@@ -296,6 +306,171 @@ def _harmonize_buffer_dtypes(target_model, dtypes: dict) -> None:
                 table[attr] = tensor.to(getattr(torch, want))
 
 
+# -- destination formats (formats=): FP8 outputs beside the model --------------------------------
+#
+# A parameter whose rule is a quantized format is refit into two tensors of this module's own:
+# float8_e4m3fn data of the parameter's (local) shape and its scales (transforms.scale_shape),
+# allocated on the parameter's device by the first plan that quantizes it and reused by every
+# later plan of the same format, so that a cached plan stays bound to them (stale_reason) and
+# `quantized_weights` keeps handing out the same tensors. The parameter itself is not written.
+
+FORMAT_PRESETS = {"kimi_k2": quantize.KIMI_K2_FORMATS}
+_FP8 = "float8_e4m3fn"
+
+
+def _format_rules(formats) -> tuple | None:
+    """`formats` as a tuple of (expression, canonical format) rules, or None (no formats).
+    A local check of the argument (each rank raises by itself, before any collective)."""
+    me = [dist.get_rank()] if dist.is_initialized() else []
+    if formats is None:
+        return None
+    if isinstance(formats, str):
+        if formats not in FORMAT_PRESETS:
+            raise RefitError(f"formats={formats!r}: presets are {sorted(FORMAT_PRESETS)}; else "
+                             "give a sequence of (regular expression, format) rules", ranks=me)
+        formats = FORMAT_PRESETS[formats]
+    try:
+        rules = [tuple(rule) for rule in formats]
+    except TypeError:
+        rules = None
+    if rules is None or not all(len(r) == 2 and all(isinstance(x, str) for x in r)
+                                for r in rules):
+        raise RefitError(f"formats must be None, a preset name ({sorted(FORMAT_PRESETS)}) or a "
+                         "sequence of (regular expression, format) string pairs, not "
+                         f"{formats!r}", ranks=me)
+    out = []
+    for pattern, fmt in rules:
+        try:
+            re.compile(pattern)
+            out.append((pattern, quantize.format_name(fmt)))
+        except (re.error, ValueError) as exc:
+            raise RefitError(f"formats rule ({pattern!r}, {fmt!r}): {exc} (formats: "
+                             f"{', '.join(quantize.FORMATS)})", ranks=me) from None
+    return tuple(out)
+
+
+class _Outputs:
+    """One parameter's FP8 outputs: its weak reference, format, data and scales."""
+
+    __slots__ = ("data", "fmt", "ref", "scale")
+
+    def __init__(self, param, fmt: str):
+        self.ref, self.fmt = weakref.ref(param), fmt
+        self.data = torch.empty(param.shape, dtype=torch.float8_e4m3fn, device=param.device)
+        self.scale = transforms.new_scale(self.data, fmt)
+
+
+# id(parameter) -> its outputs; an entry goes when its parameter is collected (the plans that
+# write the outputs hold them themselves).
+_OUTPUTS: dict[int, _Outputs] = {}
+
+
+def _drop_outputs(param_id: int, ref) -> None:
+    outputs = _OUTPUTS.get(param_id)
+    if outputs is not None and outputs.ref is ref:
+        del _OUTPUTS[param_id]
+
+
+def _outputs_of(param, fmt: str) -> _Outputs:
+    """The parameter's outputs in `fmt`: the earlier ones when they still fit, else new ones."""
+    earlier = _OUTPUTS.get(id(param))
+    mine = earlier is not None and earlier.ref() is param
+    if (mine and earlier.fmt == fmt and earlier.data.shape == param.shape
+            and earlier.data.device == param.device):
+        return earlier
+    outputs = _OUTPUTS[id(param)] = _Outputs(param, fmt)
+    if not mine:  # one finalizer per parameter (weakref.ref(param) is the same object)
+        weakref.finalize(param, _drop_outputs, id(param), outputs.ref)
+    return outputs
+
+
+class _QuantizedSlot:
+    """The owner of a parameter's FP8 outputs in a plan's ShardedTensors (`current`): holds the
+    outputs while the module still holds the parameter (same object, same shape) and the
+    parameter's outputs are still these; `binding.stale_reason` re-checks it before every
+    refit, so a replaced parameter or reallocated outputs make the cache plan again."""
+
+    __slots__ = ("outputs", "slot", "tensor")
+
+    def __init__(self, slot, outputs: _Outputs):
+        self.slot, self.outputs, self.tensor = slot, outputs, outputs.data
+
+    def held(self):
+        param = self.slot.tensor
+        if (self.slot.held() is param and _OUTPUTS.get(id(param)) is self.outputs
+                and param.shape == self.tensor.shape):
+            return self.tensor
+        return None
+
+
+def _apply_formats(local: ShardedTensors, rules: tuple) -> None:
+    """Rewrites a described target for `rules`: the local tensors of quantized parameters
+    become their FP8 outputs (entries in float8_e4m3fn with the format, scales given); plain
+    rules must be the tensor's own dtype. Problems go to `local.errors` (plan() raises the
+    first on every rank)."""
+    decided: dict[str, str | None] = {}  # key -> quantized format, or None (as described)
+    for e in local.entries:
+        if e.key in decided:
+            continue
+        decided[e.key] = None
+        try:
+            fmt = quantize.format_for(e.name, rules)
+        except ValueError:
+            local.errors.append(RefitError(
+                f"formats: no rule matches this destination tensor's canonical name ({len(rules)} "
+                "rules); add a rule for it in front, e.g. (r'<expression>', 'keep' or 'bf16')",
+                tensor=e.name, ranks=[dist.get_rank()]))
+            continue
+        if fmt == quantize.KEEP:
+            continue
+        if fmt in quantize.PLAIN:
+            if transforms.dtype_of(fmt) != e.dtype:
+                local.errors.append(RefitError(
+                    f"formats: the rule gives {fmt}, but this destination tensor is {e.dtype}: a "
+                    "plain format is the destination's own dtype (cast=True casts from the "
+                    "source's dtype into it); match the rule to the model, or use 'keep'",
+                    tensor=e.name, ranks=[dist.get_rank()]))
+            continue
+        slot = local.current.get(e.key)
+        param = getattr(slot, "tensor", None)
+        if not isinstance(param, torch.nn.Parameter):
+            local.errors.append(RefitError(
+                f"formats: the rule gives {fmt}, but this is a buffer; quantized formats apply "
+                "to parameters", tensor=e.name, ranks=[dist.get_rank()]))
+        elif len(e.global_shape) != 2:
+            local.errors.append(RefitError(
+                f"formats: {fmt} quantizes 2-D weights; this tensor has shape "
+                f"{tuple(e.global_shape)}", tensor=e.name, ranks=[dist.get_rank()]))
+        else:
+            outputs = _outputs_of(param, fmt)
+            local.tensors[e.key], local.scales[e.key] = outputs.data, outputs.scale
+            local.current[e.key] = _QuantizedSlot(slot, outputs)
+            decided[e.key] = fmt
+    local.entries[:] = [e if decided.get(e.key) is None else
+                        dataclasses.replace(e, dtype=_FP8, format=decided[e.key])
+                        for e in local.entries]
+
+
+def quantized_weights(target_model) -> dict:
+    """{parameter name: (float8_e4m3fn tensor, scale tensor)} of the target's parameters that
+    a swap (or prepare) with `formats=` quantizes: what an FP8 server takes. Names are the
+    module's `named_parameters()` names (a list of several chunks: "{chunk index}.{name}").
+    Each tensor is this rank's local shard (the parameter's shape) on the parameter's device;
+    scales are float32 [ceil(R/128), ceil(C/128)] (fp8_block128) or e8m0 bits uint8
+    [R, ceil(C/32)] (mxfp8). The same tensors every swap (the refit writes them in place)
+    until the parameter is replaced or quantized to another format; a swap without `formats=`
+    writes the parameters and leaves these as they were. Local, no collective."""
+    chunks = _chunks(target_model) if target_model is not None else []
+    out = {}
+    for index, chunk in enumerate(chunks):
+        for name, param in chunk.named_parameters():
+            outputs = _OUTPUTS.get(id(param))
+            if outputs is not None and outputs.ref() is param:
+                out[f"{index}.{name}" if len(chunks) > 1 else name] = (outputs.data,
+                                                                      outputs.scale)
+    return out
+
+
 def _mxfp8_target(target_model) -> bool:
     """A target megatron-core's prepare_swap_model_weights would quantize to MXFP8."""
     for chunk in _chunks(target_model) if target_model is not None else []:
@@ -306,9 +481,10 @@ def _mxfp8_target(target_model) -> bool:
     return False
 
 
-def _describe_side(model, rank_offset: int, group, problem: Exception | None = None):
+def _describe_side(model, rank_offset: int, group, problem: Exception | None = None,
+                   rules: tuple | None = None):
     """This rank's ShardedTensors of one side for plan(); a problem found here is kept in its
-    `errors`, so plan() raises it on every rank."""
+    `errors`, so plan() raises it on every rank. rules: the target's formats (None: none)."""
     if model is None and problem is None:
         return None
     local = ShardedTensors()
@@ -320,8 +496,14 @@ def _describe_side(model, rank_offset: int, group, problem: Exception | None = N
                 raise RefitError("rank offsets apply to megatron-core models, not to a "
                                  "ShardedTensors (whose claimed ranks are global ranks)",
                                  ranks=[dist.get_rank()])
+            if rules is not None:
+                raise RefitError("formats= applies to megatron-core models; a ShardedTensors "
+                                 "declares its formats itself (ShardedTensors.add(..., "
+                                 "format=))", ranks=[dist.get_rank()])
             return model
         local = describe(model, rank_offset=rank_offset, group=group)
+        if rules is not None and not local.errors:
+            _apply_formats(local, rules)
     except Exception as exc:  # noqa: BLE001 - raised by plan() on every rank
         local.errors.insert(0, exc)
     return local
@@ -329,18 +511,20 @@ def _describe_side(model, rank_offset: int, group, problem: Exception | None = N
 
 def cached_plan(src_model, target_model, group=None, *, src_rank_offset: int = 0,
                 dst_rank_offset: int = 0, pool_index: int = 0, num_pools: int = 1,
-                mxfp8_check: bool = False, **plan_kwargs):
+                mxfp8_check: bool = False, formats=None, **plan_kwargs):
     """The plan `swap_model_weights` executes: a cached one when every rank of `group` has it,
     else a new one (persistent-buffer dtypes harmonized, then planned on every rank).
     Collective over `group`; see the cache's notes. plan_kwargs: refit_engine.plan()'s
-    options. pool_index / num_pools: the destination-pool pass (keys the cache)."""
+    options. pool_index / num_pools: the destination-pool pass (keys the cache). formats: the
+    target's formats (see swap_model_weights; keys the cache)."""
+    rules = _format_rules(formats)
     if not dist.is_initialized():
         raise RefitError("torch.distributed is not initialized: call init_process_group first")
     options = _plan_options(plan_kwargs)
     src_chunks, src_key = _model_key(src_model)
     dst_chunks, dst_key = _model_key(target_model)
     key = (src_key, dst_key, _group_key(group), _options_key(options),
-           (int(src_rank_offset), int(dst_rank_offset)), int(pool_index))
+           (int(src_rank_offset), int(dst_rank_offset)), int(pool_index), rules)
     chunks = src_chunks + dst_chunks
     bucket = _PLANS.get(key, [])
     unusable = [c for c in bucket if not c.usable(chunks)]
@@ -359,18 +543,21 @@ def cached_plan(src_model, target_model, group=None, *, src_rank_offset: int = 0
     # takes part in the dtype exchange too. Local problems wait for plan() to raise them on
     # every rank.
     problem = None
-    if mxfp8_check and _mxfp8_target(target_model):
+    if mxfp8_check and rules is None and _mxfp8_target(target_model):
         problem = UnsupportedTransformError(
             "the target is an inference_optimized MXFP8 model, which megatron-core's "
-            "prepare_swap_model_weights quantizes through an MXFP8ReshardTransform: not "
-            "supported by refit_engine yet", ranks=[dist.get_rank()])
+            "prepare_swap_model_weights quantizes through an MXFP8ReshardTransform into the "
+            "model: refit_engine does not; pass formats= (e.g. [(r'\\.linear_\\w+\\.weight$', "
+            "'mxfp8'), ...] + the rest) to refit FP8 outputs beside the model instead "
+            "(refit_engine.megatron.quantized_weights)", ranks=[dist.get_rank()])
     dtypes = _source_buffer_dtypes(_agreement_channel(group, timeout_s), src_model)
     try:
         _harmonize_buffer_dtypes(target_model, dtypes)
     except Exception as exc:  # noqa: BLE001 - raised by plan() on every rank
         problem = problem or exc
     plan = refit_engine.plan(_describe_side(src_model, src_rank_offset, group),
-                             _describe_side(target_model, dst_rank_offset, group, problem),
+                             _describe_side(target_model, dst_rank_offset, group, problem,
+                                            rules),
                              group=group, **options)
     plan_id = plan.channel.number + 1  # the same on every rank: plans of a group are numbered
     if src_key is not None and dst_key is not None:
@@ -451,23 +638,27 @@ def prepare_swap_model_weights(src_model, target_model, group=None, src_rank_off
                                threads: int | None = None, mode: str = "auto",
                                ranks_per_node: int | None = None, name: str = "plan",
                                transport: str = "auto", ipc_sync: str = "device",
-                               alias: bool = False) -> None:
+                               alias: bool = False, formats=None, cast: bool = False) -> None:
     """megatron-core's `prepare_swap_model_weights`: plan and cache the refit ahead of the
     first `swap_model_weights`, moving no bytes. Collective over `group`.
 
-    The same arguments as that later call (offsets, and the keyword-only plan options) make
-    it reuse the plan. Extras: num_dst_pools / dst_pool_index plan every pool's pass
-    (megatron-core prepares pool 0 only). A target megatron-core would quantize to MXFP8
-    (inference_optimized, fp8_recipe "mxfp8") raises RefitError on every rank: not supported.
+    The same arguments as that later call (offsets, and the keyword-only plan options,
+    formats and cast included) make it reuse the plan; a first prepare with `formats=`
+    allocates the FP8 outputs (`quantized_weights`, unwritten until the swap). Extras:
+    num_dst_pools / dst_pool_index plan every pool's pass (megatron-core prepares pool 0
+    only). A target megatron-core would quantize to MXFP8 (inference_optimized, fp8_recipe
+    "mxfp8") raises RefitError on every rank unless `formats=` is given (we never write
+    megatron-core's own MXFP8 parameters: formats= refits FP8 outputs beside the model).
     """
     _check_call(None, num_dst_pools, dst_pool_index, src_rank_offset, dst_rank_offset, None)
+    _format_rules(formats)
     options = {"bucket_bytes": bucket_bytes, "timeout_s": timeout_s, "threads": threads,
                "mode": mode, "ranks_per_node": ranks_per_node, "name": name,
-               "transport": transport, "ipc_sync": ipc_sync, "alias": alias}
+               "transport": transport, "ipc_sync": ipc_sync, "alias": alias, "cast": cast}
     for pool, src, target in _passes(src_model, target_model, num_dst_pools, dst_pool_index):
         cached_plan(src, target, group, src_rank_offset=src_rank_offset,
                     dst_rank_offset=dst_rank_offset, pool_index=pool, num_pools=num_dst_pools,
-                    mxfp8_check=True, **options)
+                    mxfp8_check=True, formats=formats, **options)
 
 
 def swap_model_weights(src_model, target_model, refit_method, group=None,
@@ -477,8 +668,9 @@ def swap_model_weights(src_model, target_model, refit_method, group=None,
                        timeout_s: float = refit.DEFAULT_TIMEOUT_S, threads: int | None = None,
                        mode: str = "auto", ranks_per_node: int | None = None, name: str = "plan",
                        transport: str = "auto", ipc_sync: str = "device", alias: bool = False,
-                       graph: bool = False, stream=None, sync: bool = True, verify: bool = False,
-                       check: bool = True, stats: dict | None = None) -> None:
+                       formats=None, cast: bool = False, graph: bool = False, stream=None,
+                       sync: bool = True, verify: bool = False, check: bool = True,
+                       stats: dict | None = None) -> None:
     """Drop-in for megatron-core's `swap_model_weights` (0.19 / main): copy `src_model`'s
     weights into `target_model`, resharded. Every rank of `group` (default: the world) calls
     it, passing None for a model it lacks. Returns None.
@@ -490,7 +682,8 @@ def swap_model_weights(src_model, target_model, refit_method, group=None,
     - src_rank_offset / dst_rank_offset: each side's process-group ranks plus its offset are
       ranks of `group` (megatron-core's rule); 0: they are global ranks (`megatron_layout.
       _claimed`). A mismatch raises RefitError on every rank before any byte moves.
-    - transform: must be None (a ReshardTransform raises UnsupportedTransformError).
+    - transform: must be None (a ReshardTransform raises UnsupportedTransformError; FP8
+      destinations come with `formats=`).
     - num_dst_pools / dst_pool_index: one planned and executed pass per pool; the target is
       passed on its pool's pass only, the source on every pass. Every rank passes the same
       num_dst_pools (refused on every rank otherwise).
@@ -500,9 +693,29 @@ def swap_model_weights(src_model, target_model, refit_method, group=None,
     on every destination MegatronModule that has it (megatron-core main).
 
     Extras, keyword-only: refit_engine.plan()'s options (bucket_bytes, timeout_s, threads, mode,
-    ranks_per_node, name, transport, ipc_sync, alias) and execute()'s (graph, stream, sync, verify, check); `stats`: a dict
-    cleared and filled with execute()'s statistics (summed over the pool passes, each pass
-    under "passes").
+    ranks_per_node, name, transport, ipc_sync, alias, cast) and execute()'s (graph, stream,
+    sync, verify, check); `stats`: a dict cleared and filled with execute()'s statistics
+    (summed over the pool passes, each pass under "passes").
+
+    Destination formats (issue 16, refit_engine.transforms):
+    - cast=True: a destination whose float dtype (float32, bfloat16, float16) differs from its
+      source's is cast while it is copied (`plan(cast=True)`); refused otherwise.
+    - formats: None (every tensor as the target model holds it), "kimi_k2"
+      (`quantize.KIMI_K2_FORMATS`: linear weights fp8_block128; norms, embeddings, output
+      layer and router weight bf16; router expert_bias fp32) or a sequence of (regular
+      expression, format) rules, searched in each target tensor's canonical name
+      (`megatron_layout`: global layer and expert indices), the first match winning
+      (`quantize.format_for`). A tensor no rule matches is refused on every rank, naming it.
+      A quantized rule ("fp8_block128", "mxfp8") on a 2-D parameter: the refit writes this
+      rank's shard, quantized, into FP8 outputs (float8_e4m3fn data of the parameter's shape,
+      and its scales) that `quantized_weights(target_model)` returns: allocated once per
+      parameter on its device, reused by every later swap. The parameter itself is NOT
+      written: the BF16 inference model keeps what it held for those weights; the FP8
+      outputs are what an FP8 server takes. A destination shard that cuts a quantization
+      block (128 x 128, or 32 along a row) is refused on every rank by plan(). A plain rule
+      ("bf16", "fp16", "fp32") must be the target tensor's own dtype (refused otherwise,
+      cast=True or not: the rule says what the destination holds, cast only lets the source
+      differ from it); "keep": the tensor as it is. Formats key the plan cache.
 
     Caching: the first call of a (source, target) pair plans; later calls reuse the plan
     (`cached_plan`) unless any rank's models, group, options, offsets or pool differ from when
@@ -513,14 +726,15 @@ def swap_model_weights(src_model, target_model, refit_method, group=None,
     _check_refit_method(refit_method)
     _check_call(transform, num_dst_pools, dst_pool_index, src_rank_offset, dst_rank_offset,
                 stats)
+    _format_rules(formats)
     options = {"bucket_bytes": bucket_bytes, "timeout_s": timeout_s, "threads": threads,
                "mode": mode, "ranks_per_node": ranks_per_node, "name": name,
-               "transport": transport, "ipc_sync": ipc_sync, "alias": alias}
+               "transport": transport, "ipc_sync": ipc_sync, "alias": alias, "cast": cast}
     passes = []
     for pool, src, target in _passes(src_model, target_model, num_dst_pools, dst_pool_index):
         plan = cached_plan(src, target, group, src_rank_offset=src_rank_offset,
                            dst_rank_offset=dst_rank_offset, pool_index=pool,
-                           num_pools=num_dst_pools, **options)
+                           num_pools=num_dst_pools, formats=formats, **options)
         try:
             passes.append(refit_engine.execute(plan, graph=graph, stream=stream, sync=sync,
                                                verify=verify, check=check))
