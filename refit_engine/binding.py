@@ -72,10 +72,28 @@ def bind(layout: Layout, local: ShardedTensors, rank: int, side: str):
     return bound, addresses, devices, current
 
 
+class _ScaleView(dict):
+    """`ShardedTensors.scales` as `record` and `stale_reason` read a ShardedTensors' tensors:
+    key "<key> (scale)" is scales[key], looked up in the caller's dict each time (a scale tensor
+    replaced there after planning is seen)."""
+
+    _SUFFIX = " (scale)"
+
+    def __init__(self, scales: dict):
+        super().__init__()
+        self.scales = scales
+
+    def get(self, key, default=None):
+        return self.scales.get(key[:-len(self._SUFFIX)], default)
+
+    def __getitem__(self, key):
+        return self.scales[key[:-len(self._SUFFIX)]]
+
+
 def bind_scales(layout: Layout, local: ShardedTensors, formats: dict, rank: int) -> dict:
     """{("scale", buffer index): record} of the scale tensors of this rank's quantized
     destination local tensors (`ShardedTensors.scales`), checked like the tensors."""
-    view = ShardedTensors(tensors={f"{key} (scale)": t for key, t in local.scales.items()})
+    view = ShardedTensors(tensors=_ScaleView(local.scales))
     out = {}
     for index, fmt in sorted(buffer_formats(layout, formats, rank).items()):
         if not fmt.quantized:

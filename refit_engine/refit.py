@@ -36,6 +36,7 @@ from refit_engine.local import ShardedTensors, build_layout, check_empty_tensors
 from refit_engine.peers import IPC_SYNCS, TRANSPORTS, PeerLinks, choose_transports, this_device
 from refit_engine.transforms import RankTransforms, carrier_entries, check_quantized_pieces
 from refit_engine.verify import verify_checksums
+from refit_engine.wire import wire_targets
 
 # Seconds any wait of a refit may take before it raises (override per plan or with
 # REFIT_ENGINE_TIMEOUT_S): long enough for a multi-GiB bucket, short enough to not hang a job.
@@ -105,7 +106,8 @@ class Plan:
                 "bytes_aliased": sum(a.nbytes for a in self.aliases),
                 "transformed": len(self.transforms.targets) if self.transforms else 0,
                 "assembled": len(self.transforms.assembled) if self.transforms else 0,
-                "carrier_bytes": self.transforms.carrier_bytes if self.transforms else 0}
+                "carrier_bytes": self.transforms.carrier_bytes if self.transforms else 0,
+                "wire_bytes_saved": self.executor.wire_bytes_saved}
 
     @property
     def peer_transports(self) -> dict[int, str]:
@@ -302,10 +304,12 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
         status = status_of(exc)
         device, where, transforms = "cpu", None, None
         aliases, not_aliased = [], {}
-    checks = channel.gather((rank, status, layouts_digest, device.split(":")[0], where),
+    fused = sorted(transforms.fused) if transforms is not None else []
+    checks = channel.gather((rank, status, layouts_digest, device.split(":")[0], where, fused),
                             "binding check")
     raise_first([(r, s) for r, s, *_ in checks], "binding tensors")
-    devices = {r: w for r, *_, w in checks}
+    devices = {c[0]: c[4] for c in checks}
+    fused_by_rank = {c[0]: set(c[5]) for c in checks}
     checks = [c[:4] for c in checks]
     digests = {}
     for r, _, d, _ in checks:
@@ -327,6 +331,10 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     elif transport != "auto":
         raise RefitError(f"transport={transport!r} is for CUDA tensors; these are on the CPU "
                          "(gloo moves them)", ranks=[r for r, *_ in checks])
+
+    if transforms is not None:  # which pieces its senders transform, and how (refit_engine.wire)
+        transforms.connect(wire_targets(dst_layout, formats, fused_by_rank),
+                           functools.lru_cache(maxsize=None)(planner.plan_rank))
 
     # Building the executors can fail on one rank (no CUDA build, out of memory): every rank
     # learns it in one more small step, so no rank returns a plan its peers do not have.

@@ -56,7 +56,7 @@ _DTYPE_OF = {v: k for k, v in PLAIN_FORMATS.items()}
 _QUANTIZED_DTYPES = ("float8_e4m3fn", "uint8")  # e4m3 bits (NumPy and CuPy have no float8)
 SCALE_DTYPES = {"fp8_block128": "float32", "mxfp8": "uint8"}
 # Block side along (rows, columns) of the global tensor.
-_BLOCK = {"fp8_block128": (quantize.BLOCK, quantize.BLOCK), "mxfp8": (1, quantize.MX_GROUP)}
+BLOCK = {"fp8_block128": (quantize.BLOCK, quantize.BLOCK), "mxfp8": (1, quantize.MX_GROUP)}
 _CODE = dict(_core.TRANSFORM_FORMATS)
 _FIELDS = tuple(_core.TRANSFORM_FIELDS)
 
@@ -174,7 +174,7 @@ def carrier_entries(src_per_rank, dst_per_rank, cast: bool = False):
             if seen != fmt:
                 raise RefitError(f"ranks give this tensor different formats ({seen} and {fmt})",
                                  tensor=e.name, ranks=[rank])
-            mine.append(dataclasses.replace(e, dtype=_DTYPE_OF[fmt.src], format=None))
+            mine.append(dataclasses.replace(e, dtype=dtype_of(fmt.src), format=None))
         out.append((rank, mine))
     return out, formats
 
@@ -214,7 +214,7 @@ def _format_of(e, src_dtype: str | None, rank: int, cast: bool) -> TensorFormat 
     return TensorFormat(PLAIN_FORMATS[src_dtype], dst)
 
 
-def _matrix_of(shape) -> tuple[int, int]:
+def matrix_of(shape) -> tuple[int, int]:
     """(rows, columns) of the 2-D matrices a quantized local tensor of `shape` is made of."""
     return (int(shape[-2]), int(shape[-1])) if len(shape) >= 2 else (1, int(shape[0]))
 
@@ -243,10 +243,10 @@ def check_quantized_pieces(layout, formats: dict[str, TensorFormat]) -> None:
             raise RefitError(f"destination shard cuts a block, so its scales would depend on "
                              f"elements other ranks hold: {cut}", tensor=name, ranks=ranks)
         for b in buffers:
-            rows, cols = _matrix_of(b.shape)
+            rows, cols = matrix_of(b.shape)
             offset = int(row[PIECE["local_offset"]])
             r, c = (offset // cols) % rows, offset % cols
-            block_r, block_c = _BLOCK[fmt.dst]
+            block_r, block_c = BLOCK[fmt.dst]
             problem = None
             if len(b.shape) < 2:
                 problem = f"is {len(b.shape)}-D; a {fmt.dst} local tensor is [..., rows, cols]"
@@ -268,7 +268,7 @@ def check_quantized_pieces(layout, formats: dict[str, TensorFormat]) -> None:
 
 
 @dataclass
-class _Target:
+class Target:
     """One transformed destination local tensor of this rank."""
 
     buffer: int
@@ -281,7 +281,7 @@ class _Target:
 
     @property
     def matrix(self) -> tuple[int, int]:
-        return _matrix_of(self.shape)
+        return matrix_of(self.shape)
 
 
 class RankTransforms:
@@ -297,10 +297,11 @@ class RankTransforms:
         """plan: this rank's RankPlan (carrier offsets); dst_layout: the real destination
         layout; dst_tensors: buffer index -> bound tensor; scales: key -> scale tensor;
         make_carrier(nbytes) -> a tensor of that many bytes on the destination's device."""
-        self.targets: dict[int, _Target] = {}
+        self.targets: dict[int, Target] = {}
+        self.num_dst_buffers = len(dst_layout.buffers)
         for index, fmt in buffer_formats(dst_layout, formats, plan.rank).items():
             meta = dst_layout.buffers[index]
-            t = _Target(index, meta.key, fmt, tuple(meta.shape))
+            t = Target(index, meta.key, fmt, tuple(meta.shape))
             t.address = arrays.info(dst_tensors[index]).address
             if fmt.quantized:
                 t.scale = arrays.info(scales[meta.key]).address
@@ -310,11 +311,21 @@ class RankTransforms:
         for t in self.targets.values():
             if t.fmt.quantized and not self._all_whole(t, segments):
                 numel = math.prod(t.shape)
-                t.carrier = make_carrier(numel * dtypes.itemsize(_DTYPE_OF[t.fmt.src]))
+                t.carrier = make_carrier(numel * dtypes.itemsize(dtype_of(t.fmt.src)))
                 self.carriers.append(t.carrier)
 
-    def __bool__(self) -> bool:
-        return bool(self.targets)
+        self.wire_targets: dict = {}  # every rank's Target whose pieces travel transformed
+        self.plan_of = None           # rank -> its RankPlan (the senders' view of receivers)
+
+    @property
+    def fused(self) -> set[int]:
+        """This rank's transformed local tensors filled in the copies' own pass."""
+        return {b for b, t in self.targets.items() if t.carrier is None}
+
+    def connect(self, wire_targets: dict, plan_of) -> None:
+        """What the wire needs beyond this rank (refit.plan, after every rank's `fused` was
+        gathered): see refit_engine.wire."""
+        self.wire_targets, self.plan_of = wire_targets, plan_of
 
     @property
     def assembled(self) -> list[str]:
@@ -325,18 +336,26 @@ class RankTransforms:
         return sum(int(c.numel() * c.element_size()) for c in self.carriers)
 
     def bases(self, dst_addresses: np.ndarray) -> np.ndarray:
-        """The destination address table with each assembled tensor's carrier in its place
-        (plain copies land there)."""
+        """The destination address table the executors use: each assembled tensor's carrier
+        in its place (plain copies land there), then (refit_engine.wire.addresses) each
+        transformed tensor itself and its scale tensor, where copies of pieces transformed by
+        their sender land."""
         out = dst_addresses.copy()
         for t in self.targets.values():
             if t.carrier is not None:
                 out[t.buffer] = t.carrier.data_ptr()
-        return out
+        n = len(out)
+        table = np.zeros(3 * n, dtype=np.int64)
+        table[:n] = out
+        for t in self.targets.values():
+            table[n + t.buffer] = t.address
+            table[2 * n + t.buffer] = t.scale
+        return table
 
-    def _all_whole(self, t: _Target, segments: np.ndarray) -> bool:
+    def _all_whole(self, t: Target, segments: np.ndarray) -> bool:
         mine = segments[segments[:, SEG["dst_buffer"]] == t.buffer]
-        isz = dtypes.itemsize(_DTYPE_OF[t.fmt.src])
-        return all(_whole(t, rect) for seg in mine for rect in _rectangles(seg, t.matrix, isz))
+        isz = dtypes.itemsize(dtype_of(t.fmt.src))
+        return all(whole(t, rect) for seg in mine for rect in rectangles(seg, t.matrix, isz))
 
     def split(self, src: np.ndarray, segments: np.ndarray):
         """(plain: a boolean mask of `segments` still copied as they are, rows: transform table
@@ -372,7 +391,7 @@ class RankTransforms:
             if t.carrier is None:
                 continue
             r, c = t.matrix
-            isz = dtypes.itemsize(_DTYPE_OF[t.fmt.src])
+            isz = dtypes.itemsize(dtype_of(t.fmt.src))
             for b in range(math.prod(t.shape) // (r * c)):
                 rows.add(t, t.carrier.data_ptr() + b * r * c * isz, c * isz, (b, 0, 0, r, c))
         return rows
@@ -387,11 +406,11 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.columns["src"])
 
-    def add(self, t: _Target, src: int, src_pitch: int, rect) -> None:
+    def add(self, t: Target, src: int, src_pitch: int, rect) -> None:
         """Rectangle rect = (matrix, row, column, rows, columns) of `t`, read at `src`."""
         b, r0, c0, rows, cols = rect
         mr, mc = t.matrix
-        out_isz = 1 if t.fmt.quantized else dtypes.itemsize(_DTYPE_OF[t.fmt.dst])
+        out_isz = 1 if t.fmt.quantized else dtypes.itemsize(dtype_of(t.fmt.dst))
         col = self.columns
         col["src"].append(src)
         col["dst"].append(t.address + ((b * mr + r0) * mc + c0) * out_isz)
@@ -405,7 +424,7 @@ class _Rows:
         if t.fmt.quantized:
             sr, sc = quantize.scale_shape((mr, mc), t.fmt.dst)
             ssize = 4 if t.fmt.dst == "fp8_block128" else 1
-            br, bc = _BLOCK[t.fmt.dst]
+            br, bc = BLOCK[t.fmt.dst]
             scale = t.scale + ((b * sr + r0 // br) * sc + c0 // bc) * ssize
             pitch = sc * ssize
         col["scale"].append(scale)
@@ -419,12 +438,12 @@ class _Rows:
         return {k: np.array(v, dtype=np.int64) for k, v in self.columns.items()}
 
 
-def _add_rows(rows: _Rows, t: _Target, seg, src: int) -> None:
-    isz = dtypes.itemsize(_DTYPE_OF[t.fmt.src])
+def _add_rows(rows: _Rows, t: Target, seg, src: int) -> None:
+    isz = dtypes.itemsize(dtype_of(t.fmt.src))
     if not t.fmt.quantized:
         # A cast is element by element: each segment is one rectangle of its own rows, with
         # the destination's pitch in the destination's element size.
-        out_isz = dtypes.itemsize(_DTYPE_OF[t.fmt.dst])
+        out_isz = dtypes.itemsize(dtype_of(t.fmt.dst))
         e0, pitch = int(seg[SEG["dst_offset"]]) // isz, int(seg[SEG["dst_pitch"]]) // isz
         col = rows.columns
         col["src"].append(src)
@@ -438,20 +457,20 @@ def _add_rows(rows: _Rows, t: _Target, seg, src: int) -> None:
         col["scale"].append(0)
         col["scale_pitch"].append(0)
         return
-    for offset, src_pitch, rect in _rectangles(seg, t.matrix, isz):
+    for offset, src_pitch, rect in rectangles(seg, t.matrix, isz):
         rows.add(t, src + offset, src_pitch, rect)
 
 
-def _whole(t: _Target, rect) -> bool:
+def whole(t: Target, rect) -> bool:
     """Whether rectangle (offset, pitch, (matrix, row, col, rows, cols)) covers whole blocks."""
     _, _, (_, r0, c0, rows, cols) = rect
     mr, mc = t.matrix
-    br, bc = _BLOCK[t.fmt.dst]
+    br, bc = BLOCK[t.fmt.dst]
     return (r0 % br == 0 and c0 % bc == 0 and ((r0 + rows) % br == 0 or r0 + rows == mr)
             and ((c0 + cols) % bc == 0 or c0 + cols == mc))
 
 
-def _rectangles(seg, matrix: tuple[int, int], isz: int):
+def rectangles(seg, matrix: tuple[int, int], isz: int):
     """The rectangles of local matrices a segment's destination covers, as (source byte
     offset from the segment's start, source pitch, (matrix, row, col, rows, cols)), in
     order. A segment is `rows` rows of `row_bytes` contiguous bytes, `dst_pitch` apart."""

@@ -956,11 +956,7 @@ def test_control_case_plans(world):
 @pytest.mark.parametrize("how", [
     "data swapped",
     "freed",
-    pytest.param("replaced in scales", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG (issue 16): binding.bind_scales records the scale tensors through a new "
-        "ShardedTensors view built at plan time, so putting another tensor under "
-        "ShardedTensors.scales[key] after planning is not seen by stale_reason: execute "
-        "writes the old scale tensor and the new one keeps its poison"))),
+    "replaced in scales",
 ])
 def test_scale_changed_after_planning_is_refused(world, how):
     results = reports(world, f"stale scale {how}")

@@ -26,6 +26,9 @@ class Executor(abc.ABC):
     # peers' memory (CUDA IPC), device staging it allocated, and each peer's transport.
     bytes_ipc: int = 0
     staging_bytes: int = 0
+    # Bytes its messages no longer carry because their pieces travel transformed (sent plus
+    # received: refit_engine.wire).
+    wire_bytes_saved: int = 0
     peer_transports: dict = {}
 
     @classmethod

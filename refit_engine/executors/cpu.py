@@ -12,11 +12,13 @@ import os
 import numpy as np
 import torch
 
-from refit_engine import _core
+from refit_engine import _core, wire
 from refit_engine.compiler import RankPlan, bucket_messages, segments_in_bucket
 from refit_engine.errors import RefitError
 from refit_engine.executors.base import Executor
 from refit_engine.tables import SEG
+
+CODES = dict(_core.TRANSFORM_FORMATS)
 
 
 def default_threads(ranks_on_machine: int) -> int:
@@ -38,9 +40,14 @@ class GlooExecutor(Executor):
 
     def __init__(self, plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
                  channel, threads: int = 1, transforms=None):
+        # Pieces into transformed destinations travel transformed (refit_engine.wire); the
+        # receive copies of those land through the extended address table
+        # (transforms.RankTransforms.bases), as assembled tensors' copies land in carriers.
+        self.wire = wire.for_executor(transforms, plan, set(channel.ranks) - {plan.rank})
+        plan = self.wire.plan
         self.plan = plan
+        self.wire_bytes_saved = self.wire.bytes_saved
         self.src_addresses = src_addresses
-        # Assembled tensors' copies land in their carriers (transforms.RankTransforms.bases).
         self.dst_addresses = transforms.bases(dst_addresses) if transforms else dst_addresses
         # The plan's own gloo group (refit_engine.channel): peers by their index in it.
         self.channel = channel
@@ -49,7 +56,7 @@ class GlooExecutor(Executor):
         # Per bucket: the segments and (peer, offset, bytes) messages of each direction,
         # computed once.
         buckets = range(self.num_buckets)
-        self._send = [(segments_in_bucket(plan.send, b), None) for b in buckets]
+
         self._send_msgs = [bucket_messages(plan.send_messages, b) for b in buckets]
         self._recv_msgs = [bucket_messages(plan.recv_messages, b) for b in buckets]
         send_max = max(plan.send_staging_bytes, default=0)
@@ -61,6 +68,10 @@ class GlooExecutor(Executor):
         # the transform rows carry absolute addresses (staging is fixed for the plan's life).
         self._local = self._split(plan.local, self.src_addresses[plan.local[:, SEG["src_buffer"]]]
                                   + plan.local[:, SEG["src_offset"]], transforms)
+        self._send = [(segments_in_bucket(plan.send, b),
+                       wire.pack_table(self.wire, b, self.src_addresses,
+                                       self._send_staging[b % 2].data_ptr(), CODES))
+                      for b in buckets]
         self._recv = []
         for b in buckets:
             recv = segments_in_bucket(plan.recv, b)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from refit_engine import _core
+from refit_engine import _core, wire
 from refit_engine.channel import Channel
 from refit_engine.compiler import RankPlan, bucket_messages, segment_bytes, segments_in_bucket
 from refit_engine.errors import RefitError, raise_first, status_of
@@ -21,6 +21,7 @@ from refit_engine.peers import PeerLinks
 from refit_engine.tables import MSG, SEG
 
 _COLUMNS = ("src_pitch", "dst_pitch", "rows", "row_bytes")
+CODES = dict(_core.TRANSFORM_FORMATS)
 
 
 def require_cuda(what: str) -> None:
@@ -163,7 +164,10 @@ class CudaPlanExecutor(CudaRefitExecutor):
         if links is None:
             links = PeerLinks({r: "nccl" for r in channel.ranks if r != channel.rank})
         ipc_peers = links.peers("ipc")
-        nccl_plan = ipc.without_peers(rank_plan, ipc_peers)
+        # NCCL peers' pieces into transformed destinations travel transformed (refit_engine.wire).
+        wire_plan = wire.for_executor(transforms, ipc.without_peers(rank_plan, ipc_peers),
+                                      set(channel.ranks) - ipc_peers - {channel.rank})
+        nccl_plan = wire_plan.plan
         needs_nccl = len(nccl_plan.send_messages) + len(nccl_plan.recv_messages) > 0
         # One exchange tells every rank everyone's IPC exports and ordering handles, and any
         # rank's failure (a tensor IPC cannot share), so all raise together or none does.
@@ -199,7 +203,7 @@ class CudaPlanExecutor(CudaRefitExecutor):
                 owner_addresses[owner], dst_addresses, owner, channel.rank))
         executor, staging = build_nccl_executor(nccl_plan, src_addresses, dst_addresses, comm,
                                                 group_rank_of, index, direct=direct,
-                                                transforms=transforms)
+                                                transforms=transforms, wire_plan=wire_plan)
         host_ordering = None
         if isinstance(ordering, _core.IpcFlags):
             ordering.connect(side.owners, [peer_handles[o][0] for o in side.owners],
@@ -218,6 +222,7 @@ class CudaPlanExecutor(CudaRefitExecutor):
         out = cls(executor, staging, comm, index, host_ordering, [*mappings, ordering, transforms])
         out.peer_transports = {p: links.transports[p] for p in rank_plan.bytes_per_peer()}
         out.bytes_ipc = sum(segment_bytes(d[2]) for d in direct)
+        out.wire_bytes_saved = wire_plan.bytes_saved
         out.staging_bytes = 2 * (max(nccl_plan.send_staging_bytes, default=0)
                                  + max(nccl_plan.recv_staging_bytes, default=0))
         return out
@@ -244,11 +249,12 @@ def nccl_communicator(channel: Channel, device: int):
 
 def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.ndarray,
                         comm, group_rank_of: dict, device: int, zero_copy: bool = True,
-                        direct=(), transforms=None):
+                        direct=(), transforms=None, wire_plan=None):
     """One rank's executor over NCCL. `group_rank_of` maps global ranks to communicator ranks.
     direct: (source addresses, destination addresses, segments) parts copied in the local
     kernel (IPC reads of peers' tensors). transforms: this rank's RankTransforms (dst_bases
-    already hold its carriers)."""
+    already its extended table); wire_plan: the refit_engine.wire.WirePlan `plan` came from
+    (its pack transform rows)."""
     alloc = StagingAllocator(device)
     send_size = max(plan.send_staging_bytes, default=0)
     recv_size = max(plan.recv_staging_bytes, default=0)
@@ -266,8 +272,14 @@ def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.nda
         parity, added = added % 2, added + 1
         src, dst, send = _part(segments_in_bucket(plan.send, bucket), src_bases, dst_bases,
                                dst_staging=send_staging[parity])
+        pack_transform = None
+        if wire_plan is not None:
+            table = wire.pack_table(wire_plan, bucket, src_bases, send_staging[parity], CODES)
+            pack_transform = _core.TransformTable(table) if table is not None else None
+        packed = wire.packed_peers(wire_plan, bucket) if wire_plan is not None else set()
         sends, keep_send = _messages(plan.send_messages, bucket, send, src, "src",
-                                     send_staging[parity], group_rank_of, zero_copy)
+                                     send_staging[parity], group_rank_of, zero_copy,
+                                     staged_peers=packed)
         r_src, r_dst, recv = _part(segments_in_bucket(plan.recv, bucket), src_bases, dst_bases,
                                    src_staging=recv_staging[parity])
         # Segments into transformed destinations are unpacked by the transform table, never
@@ -282,19 +294,20 @@ def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.nda
         keep_recv &= plain
         executor.add_bucket(_table(src[keep_send], dst[keep_send], send[keep_send]), sends, recvs,
                             None, _table(r_src[keep_recv], r_dst[keep_recv], recv[keep_recv]),
-                            None, unpack_transform)
+                            pack_transform, unpack_transform)
     _finish(executor, transforms)
     return executor, alloc
 
 
 def _messages(messages, bucket, segments, tensor_addr, tensor_side, staging_base, group_rank_of,
-              zero_copy, eligible=None):
+              zero_copy, eligible=None, staged_peers=frozenset()):
     """(peer, address, bytes) rows of one bucket, and which segments still go through staging.
 
     A message that is one contiguous piece of one tensor goes zero-copy: sent from (or received
     into) the tensor itself, with no pack (or unpack). Each side decides alone: the bytes on the
     wire are the same either way. eligible: the segments that may go zero-copy (default all;
-    not those into transformed destinations).
+    not those into transformed destinations); staged_peers: peers whose message also holds
+    pieces the pack transforms (refit_engine.wire), never zero-copy.
     """
     keep = np.ones(len(segments), dtype=bool)
     rows = []
@@ -302,7 +315,7 @@ def _messages(messages, bucket, segments, tensor_addr, tensor_side, staging_base
         address = staging_base + offset
         mine = np.flatnonzero(segments[:, SEG["peer"]] == peer)
         if (zero_copy and len(mine) == 1 and _contiguous(segments[mine[0]], tensor_side)
-                and (eligible is None or eligible[mine[0]])):
+                and (eligible is None or eligible[mine[0]]) and peer not in staged_peers):
             address = int(tensor_addr[mine[0]])
             keep[mine[0]] = False
         rows.append((group_rank_of[peer], address, nbytes))
@@ -314,9 +327,13 @@ def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bas
     """Every rank of a plan in one process on one GPU: the exchange is a device copy.
 
     src_bases / dst_bases: rank -> address array over that side's buffers (0 where absent).
-    transforms: rank -> its RankTransforms (dst_bases already hold their carriers).
+    transforms: rank -> its RankTransforms (dst_bases already their extended tables); plans
+    are then rewritten for the wire (refit_engine.wire), every peer a wire peer.
     """
     transforms = transforms or {}
+    wires = {r: wire.for_executor(transforms.get(r), p, set(plans) - {r})
+             for r, p in plans.items()}
+    plans = {r: w.plan for r, w in wires.items()}
     alloc = StagingAllocator(device)
     ranks = sorted(plans)
     # Each rank's staging lives at an offset inside two shared buffers per direction.
@@ -333,11 +350,15 @@ def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bas
     num_buckets = max((plans[r].num_buckets for r in ranks), default=0)
     for bucket in range(num_buckets):
         p = bucket % 2
-        packs, unpacks, moves_from, moves_to, moves_bytes = [], [], [], [], []
+        packs, unpacks, moves_from, moves_to, moves_bytes, pack_rows = [], [], [], [], [], []
         for r in ranks:
             plan = plans[r]
             packs.append(_part(segments_in_bucket(plan.send, bucket), src_bases[r],
                                dst_staging=send_staging[p] + send_off[r]))
+            table = wire.pack_table(wires[r], bucket, src_bases[r], send_staging[p] + send_off[r],
+                                    CODES)
+            if table is not None:
+                pack_rows.append(table)
             unpacks.append(_part(segments_in_bucket(plan.recv, bucket), dst_bases=dst_bases[r],
                                  src_staging=recv_staging[p] + recv_off[r]))
             for peer, offset, nbytes in bucket_messages(plan.recv_messages, bucket):
@@ -358,8 +379,10 @@ def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bas
                 row_bytes=nbytes)
         empty = np.zeros((0, 3), dtype=np.int64)
         unpacks, unpack_transform = _transformed(unpacks, [transforms.get(r) for r in ranks])
+        pack_transform = (_core.TransformTable({k: np.concatenate([t[k] for t in pack_rows])
+                                                for k in pack_rows[0]}) if pack_rows else None)
         executor.add_bucket(_concat_table(packs), empty, empty, exchange, _concat_table(unpacks),
-                            None, unpack_transform)
+                            pack_transform, unpack_transform)
     _finish(executor, [transforms.get(r) for r in ranks])
     return executor, alloc
 

@@ -28,6 +28,7 @@ from refit_engine.layouts import Layout
 from refit_engine.local import checked_info
 from refit_engine.refit import DEFAULT_TIMEOUT_S
 from refit_engine.transforms import RankTransforms, buffer_formats, dtype_of
+from refit_engine.wire import wire_targets
 
 
 def _bases(layout: Layout, tensors: dict, side: str, device: str, real=None) -> dict:
@@ -77,9 +78,11 @@ class LoopbackRefit(Executor):
                 keyed = {key: t for (rank, key), t in scales.items() if rank == r}
                 rt = RankTransforms(plan, dst, formats, mine, keyed,
                                     lambda n: torch.empty(n, dtype=torch.uint8, device=where))
-                if rt:
-                    self.transforms[r] = rt
-                    dst_bases[r] = rt.bases(dst_bases[r])
+                self.transforms[r] = rt
+                dst_bases[r] = rt.bases(dst_bases.get(r, np.zeros(len(dst.buffers), np.int64)))
+            targets = wire_targets(dst, formats, {r: t.fused for r, t in self.transforms.items()})
+            for rt in self.transforms.values():
+                rt.connect(targets, self.plans.__getitem__)
         empty_src = np.zeros(len(src.buffers), dtype=np.int64)
         empty_dst = np.zeros(len(dst.buffers), dtype=np.int64)
         build = build_direct_loopback_executor if direct else build_loopback_executor

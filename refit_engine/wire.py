@@ -1,0 +1,252 @@
+"""Transforming on the sender: FP8 (or a narrower cast) on the wire, not the source's bytes.
+
+A segment a rank sends over a transport (NCCL, gloo) into a destination that is quantized
+with whole blocks (`transforms.RankTransforms`: fused) or cast to a narrower dtype is
+transformed by the sender's pack, so its message carries e4m3 bytes and scales (about half the
+BF16 bytes) and the receiver's unpack is a plain copy. Pieces into assembled destinations,
+widening casts and everything CUDA IPC reads stay receiver-side (an IPC read is already one
+pass over the source).
+
+Both sides derive the same message layout from the same facts: the receiver's receive segments
+(the sender compiles the receiver's plan: the planner's `plan_rank`) and which of its local
+tensors are fused (gathered at plan time). A quantized segment is its rectangles of the
+destination matrix (`transforms.rectangles`) in order, each as its e4m3 bytes (row-major, its
+own width) then its scales (row-major); a cast segment is its rows at the output width. Messages
+keep their segments' order and lie end to end in each bucket's staging.
+
+`rewrite` turns one rank's plan into the plan its executor runs (`WirePlan`): send segments of
+plain pieces, the pack's transform rows per bucket (source buffer + offset, staging offsets),
+receive segments in which the copies of transformed pieces address the destination's own
+tensor and its scale tensor through the extended address table of
+`transforms.RankTransforms.bases`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refit_engine import dtypes, quantize
+from refit_engine.compiler import RankPlan
+from refit_engine.errors import RefitError
+from refit_engine.tables import MSG, SEG
+from refit_engine.transforms import (BLOCK, Target, TensorFormat, buffer_formats, dtype_of,
+                                     rectangles)
+
+__all__ = ["WirePlan", "for_executor", "on_wire", "pack_table", "packed_peers",
+           "rewrite", "wire_targets"]
+
+
+def on_wire(fmt: TensorFormat) -> bool:
+    """Whether a piece into a fused destination of format `fmt` is transformed by its sender:
+    quantized, or cast to fewer bytes."""
+    if fmt.quantized:
+        return True
+    return dtypes.itemsize(dtype_of(fmt.dst)) < dtypes.itemsize(dtype_of(fmt.src))
+
+
+def wire_targets(dst_layout, formats: dict, fused_by_rank: dict) -> dict[int, Target]:
+    """{buffer index: Target} of every rank's destination local tensors whose pieces travel
+    transformed (fused, and `on_wire`): what every sender needs to know of its receivers."""
+    out = {}
+    for index, fmt in buffer_formats(dst_layout, formats).items():
+        meta = dst_layout.buffers[index]
+        if on_wire(fmt) and index in fused_by_rank.get(meta.rank, ()):
+            out[index] = Target(index, meta.key, fmt, tuple(meta.shape))
+    return out
+
+
+@dataclass
+class _Piece:
+    """One transformed rectangle of a segment on the wire (offsets within the message)."""
+
+    src_offset: int   # from the segment's source start, bytes
+    src_pitch: int
+    rows: int
+    cols: int
+    data: int         # its output bytes in the message, row-major at its own width
+    data_pitch: int
+    dst_offset: int   # where they land in the destination tensor, bytes
+    dst_pitch: int
+    scale: int = -1   # its scales in the message (-1: none)
+    scale_pitch: int = 0
+    scale_rows: int = 0
+    scale_dst: int = 0  # where they land in the scale tensor, bytes
+    scale_dst_pitch: int = 0
+
+
+def _layout(recv_seg, src_pitch: int, t: Target, start: int) -> tuple[list[_Piece], int]:
+    """The wire pieces of one transformed segment whose message bytes begin at `start`, and
+    where its bytes end. recv_seg: the receiver's segment (destination geometry); src_pitch:
+    the sender's source pitch."""
+    isz = dtypes.itemsize(dtype_of(t.fmt.src))
+    mr, mc = t.matrix
+    if not t.fmt.quantized:
+        out_isz = dtypes.itemsize(dtype_of(t.fmt.dst))
+        rows, cols = int(recv_seg[SEG["rows"]]), int(recv_seg[SEG["row_bytes"]]) // isz
+        e0, dp = int(recv_seg[SEG["dst_offset"]]) // isz, int(recv_seg[SEG["dst_pitch"]]) // isz
+        piece = _Piece(0, src_pitch, rows, cols, start, cols * out_isz, e0 * out_isz,
+                       dp * out_isz)
+        return [piece], start + rows * cols * out_isz
+    seg = np.array(recv_seg, copy=True)
+    seg[SEG["src_pitch"]] = src_pitch
+    br, bc = BLOCK[t.fmt.dst]
+    ssize = 4 if t.fmt.dst == "fp8_block128" else 1
+    sr_m, sc_m = quantize.scale_shape((mr, mc), t.fmt.dst)
+    pieces, at = [], start
+    for offset, pitch, (b, r0, c0, nr, nc) in rectangles(seg, (mr, mc), isz):
+        srows, scols = quantize.scale_shape((nr, nc), t.fmt.dst)
+        piece = _Piece(offset, pitch, nr, nc, at, nc, (b * mr + r0) * mc + c0, mc)
+        at += nr * nc
+        piece.scale, piece.scale_pitch, piece.scale_rows = at, scols * ssize, srows
+        piece.scale_dst = ((b * sr_m + r0 // br) * sc_m + c0 // bc) * ssize
+        piece.scale_dst_pitch = sc_m * ssize
+        at += srows * scols * ssize
+        pieces.append(piece)
+    return pieces, at
+
+
+@dataclass
+class WirePlan:
+    """A rank's plan with transformed pieces on the wire (see the module's notes)."""
+
+    plan: RankPlan
+    # bucket -> [(peer, source buffer, source byte offset, _Piece (staging offsets), format)]
+    pack: dict[int, list] = field(default_factory=dict)
+    bytes_saved: int = 0  # source bytes this rank no longer sends or receives as such
+
+
+def _rows_of(segments: np.ndarray, peer: int, bucket: int) -> np.ndarray:
+    return np.flatnonzero((segments[:, SEG["peer"]] == peer) & (segments[:, SEG["bucket"]] == bucket))
+
+
+def rewrite(plan: RankPlan, wire_peers, targets: dict[int, Target], receiver_segments,
+            num_dst_buffers: int) -> WirePlan:
+    """`plan` with every segment to or from `wire_peers` that lands in a `targets` tensor
+    transformed on the wire. receiver_segments(peer): that peer's receive segments (its own
+    plan's `recv`, compiled here). num_dst_buffers: the destination layout's buffer count
+    (the receive copies address destination tensors as num + buffer and scales as 2 num +
+    buffer: see `transforms.RankTransforms.bases`)."""
+    peers = set(wire_peers)
+    out = WirePlan(plan)
+    if not peers or not targets:
+        return out
+    # Sends: each message's segments in order, paired with the receiver's segments.
+    keep_send = np.ones(len(plan.send), dtype=bool)
+    send = plan.send.copy()
+    send_messages = plan.send_messages.copy()
+    send_staging = [0] * plan.num_buckets
+    recv_of = {}
+    for i in range(len(send_messages)):
+        peer, bucket = int(send_messages[i, MSG["peer"]]), int(send_messages[i, MSG["bucket"]])
+        mine = _rows_of(plan.send, peer, bucket)
+        base = send_staging[bucket]
+        at = base
+        if peer in peers:
+            if peer not in recv_of:
+                recv_of[peer] = receiver_segments(peer)
+            theirs = recv_of[peer]
+            theirs = theirs[_rows_of(theirs, plan.rank, bucket)]
+            shape = [SEG["rows"], SEG["row_bytes"]]
+            if len(theirs) != len(mine) or not np.array_equal(theirs[:, shape],
+                                                               plan.send[mine][:, shape]):
+                raise RefitError(f"bucket {bucket}: rank {plan.rank}'s sends to rank {peer} do "
+                                 f"not match rank {peer}'s receives", ranks=[plan.rank, peer])
+        for k, row in enumerate(mine):
+            seg = plan.send[row]
+            t = targets.get(int(theirs[k, SEG["dst_buffer"]])) if peer in peers else None
+            if t is None:
+                send[row, SEG["dst_offset"]] = at
+                at += int(seg[SEG["rows"]]) * int(seg[SEG["row_bytes"]])
+                continue
+            pieces, end = _layout(theirs[k], int(seg[SEG["src_pitch"]]), t, at)
+            out.pack.setdefault(bucket, []).extend(
+                (peer, int(seg[SEG["src_buffer"]]), int(seg[SEG["src_offset"]]), p, t.fmt)
+                for p in pieces)
+            out.bytes_saved += int(seg[SEG["rows"]]) * int(seg[SEG["row_bytes"]]) - (end - at)
+            keep_send[row] = False
+            at = end
+        send_messages[i, MSG["offset"]] = base
+        send_messages[i, MSG["bytes"]] = at - base
+        send_staging[bucket] = at
+    # Receives: the same layout from this rank's own segments and targets.
+    recv_rows, recv_messages = [], plan.recv_messages.copy()
+    recv_staging = [0] * plan.num_buckets
+    for i in range(len(recv_messages)):
+        peer, bucket = int(recv_messages[i, MSG["peer"]]), int(recv_messages[i, MSG["bucket"]])
+        base = recv_staging[bucket]
+        at = base
+        for row in _rows_of(plan.recv, peer, bucket):
+            seg = plan.recv[row].copy()
+            t = targets.get(int(seg[SEG["dst_buffer"]])) if peer in peers else None
+            if t is None:
+                seg[SEG["src_offset"]] = at
+                at += int(seg[SEG["rows"]]) * int(seg[SEG["row_bytes"]])
+                recv_rows.append(seg)
+                continue
+            pieces, end = _layout(seg, 0, t, at)
+            for p in pieces:
+                recv_rows.append(_copy(seg, p.data, p.data_pitch, num_dst_buffers + t.buffer,
+                                       p.dst_offset, p.dst_pitch, p.rows, p.data_pitch))
+                if p.scale >= 0:
+                    recv_rows.append(_copy(seg, p.scale, p.scale_pitch,
+                                           2 * num_dst_buffers + t.buffer, p.scale_dst,
+                                           p.scale_dst_pitch, p.scale_rows, p.scale_pitch))
+            out.bytes_saved += int(seg[SEG["rows"]]) * int(seg[SEG["row_bytes"]]) - (end - at)
+            at = end
+        recv_messages[i, MSG["offset"]] = base
+        recv_messages[i, MSG["bytes"]] = at - base
+        recv_staging[bucket] = at
+    recv = (np.array(recv_rows, dtype=np.int64).reshape(-1, plan.recv.shape[1])
+            if recv_rows else plan.recv[:0].copy())
+    out.plan = RankPlan(plan.rank, plan.local, np.ascontiguousarray(send[keep_send]), recv,
+                        send_messages, recv_messages, send_staging, recv_staging,
+                        plan.num_buckets)
+    return out
+
+
+def for_executor(transforms, plan: RankPlan, peers) -> WirePlan:
+    """The WirePlan an executor runs: `plan` rewritten for `peers` (the peers its transport
+    carries bytes to), or unchanged without transforms (`transforms` None)."""
+    if transforms is None or transforms.plan_of is None:
+        return WirePlan(plan)
+    return rewrite(plan, peers, transforms.wire_targets, lambda p: transforms.plan_of(p).recv,
+                   transforms.num_dst_buffers)
+
+
+def _copy(seg, src_offset, src_pitch, dst_buffer, dst_offset, dst_pitch, rows, row_bytes):
+    out = seg.copy()
+    out[SEG["src_buffer"]], out[SEG["src_offset"]], out[SEG["src_pitch"]] = -1, src_offset, src_pitch
+    out[SEG["dst_buffer"]], out[SEG["dst_offset"]], out[SEG["dst_pitch"]] = (dst_buffer, dst_offset,
+                                                                             dst_pitch)
+    out[SEG["rows"]], out[SEG["row_bytes"]] = rows, row_bytes
+    return out
+
+
+def packed_peers(wire: WirePlan, bucket: int) -> set[int]:
+    """Peers whose `bucket` message holds pieces the pack transforms (never zero-copy)."""
+    return {row[0] for row in wire.pack.get(bucket, ())}
+
+
+def pack_table(wire: WirePlan, bucket: int, src_addresses: np.ndarray, staging: int,
+               codes: dict) -> dict | None:
+    """The transform table (absolute addresses) packing `bucket`'s transformed pieces into
+    send staging at `staging`, or None."""
+    rows = wire.pack.get(bucket)
+    if not rows:
+        return None
+    cols = {k: [] for k in ("src", "dst", "src_pitch", "dst_pitch", "rows", "cols", "src_fmt",
+                            "dst_fmt", "scale", "scale_pitch")}
+    for _, buffer, offset, p, fmt in rows:
+        cols["src"].append(int(src_addresses[buffer]) + offset + p.src_offset)
+        cols["dst"].append(staging + p.data)
+        cols["src_pitch"].append(p.src_pitch)
+        cols["dst_pitch"].append(p.data_pitch)
+        cols["rows"].append(p.rows)
+        cols["cols"].append(p.cols)
+        cols["src_fmt"].append(codes[fmt.src])
+        cols["dst_fmt"].append(codes[fmt.dst])
+        cols["scale"].append(staging + p.scale if p.scale >= 0 else 0)
+        cols["scale_pitch"].append(p.scale_pitch)
+    return {k: np.array(v, dtype=np.int64) for k, v in cols.items()}
