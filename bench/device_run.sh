@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One device call: build, GPU tests, GPU benchmarks. Logs and JSON go to $OUT.
-# Usage (device tool): bash bench/device_run.sh [suite|suite-a|suite-b|tests|kernels|loopback|sweep|multi|ipc|alias|all]
+# Usage (device tool): bash bench/device_run.sh [suite|suite-a|suite-b|tests|kernels|loopback|sweep|multi|ipc|alias|transforms|all]
 #   suite: the whole test suite (megatron-core from .whl when carried), the README's main job
 #   and the fault catalogue; suite-a / suite-b: its two halves, one call each
 #   ipc: the CUDA IPC transport's tests (rank processes sharing the one GPU), then its benchmark
 #   alias: plan(alias=True) over CUDA IPC with EP unchanged: its GPU test, then bench/ipc.py --alias-compare
+#   transforms: casts and FP8 inside the refit (issue 16): the transform kernel and executor GPU
+#   tests (with the CUDA and IPC tests the executor changes touch), then the kernel benchmark and
+#   the BF16 -> FP8 loopback refit against its floor and the receiver-side baseline
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -103,5 +106,17 @@ if [[ $what == alias ]]; then
   fi
   timeout ${IPC_ALIAS_TIMEOUT_S:-240} python3 bench/ipc.py --alias-compare ${IPC_ALIAS_ARGS:-} 2>&1 \
     | tee "$OUT/alias.log" | grep -v -i warn | tail -25 || rc=1
+fi
+if [[ $what == transforms ]]; then
+  parallel=""
+  if python3 -c "import xdist" 2>/dev/null; then parallel="-n ${PYTEST_WORKERS:-4} --dist loadfile"; fi
+  timeout ${TRANSFORM_TESTS_TIMEOUT_S:-300} python3 -m pytest -v -rfEs -p no:cacheprovider \
+    --timeout=${TEST_TIMEOUT_S:-180} $parallel tests/test_transform_kernels.py \
+    tests/test_transforms_cuda.py tests/test_cuda.py tests/test_ipc.py 2>&1 \
+    | tee "$OUT/tests_transforms.log" | grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" | tail -30 || rc=1
+  timeout ${KERNEL_BENCH_TIMEOUT_S:-120} python3 bench/transform_kernels.py 2>&1 \
+    | tee "$OUT/transform_kernels.log" | tail -14 || rc=1
+  timeout ${FP8_BENCH_TIMEOUT_S:-180} python3 bench/loopback_fp8.py 2>&1 \
+    | tee "$OUT/loopback_fp8.log" | tail -16 || rc=1
 fi
 exit $rc
