@@ -61,8 +61,11 @@ def direct_part(send: np.ndarray, recv: np.ndarray, src_addresses: np.ndarray,
         raise RefitError(f"rank {sender}'s sends to rank {receiver} do not match rank "
                          f"{receiver}'s receives (plans compiled from different layouts?)",
                          ranks=[sender, receiver])
+    # The receiver's destination side (buffer, offset, pitch), so the row says where it
+    # lands: transformed destinations are recognized by it (transforms.RankTransforms.split).
     direct = send.copy()
-    direct[:, SEG["dst_pitch"]] = recv[:, SEG["dst_pitch"]]
+    for column in ("dst_buffer", "dst_offset", "dst_pitch"):
+        direct[:, SEG[column]] = recv[:, SEG[column]]
     src = src_addresses[send[:, SEG["src_buffer"]]] + send[:, SEG["src_offset"]]
     dst = dst_addresses[recv[:, SEG["dst_buffer"]]] + recv[:, SEG["dst_offset"]]
     return src.astype(np.int64), dst.astype(np.int64), direct
