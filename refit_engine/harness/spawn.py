@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import random
 import signal
 import socket
 import time
@@ -19,6 +20,20 @@ GLOO_ENV = {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def free_port() -> int:
+    """A local port free now, for a process group's store that binds it a moment later.
+
+    Drawn at random below the kernel's ephemeral range (Linux: 32768 and up), not from it: a
+    port handed out by bind(0) is an ephemeral one, which any process's next outgoing connection
+    may take before the store binds it (seen with 8 pytest-xdist workers on one machine)."""
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(15000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
