@@ -5,8 +5,9 @@ the CUDA executors, bit for bit as refit_engine.quantize defines them.
   NCCL executor's data path) and the direct path, plain and captured as a CUDA graph and
   replayed with new source values;
 - rank processes sharing cuda:0 through plan() / execute() (CUDA IPC: the transform rows
-  read the peers' sources in place), collocated and not, TP changes, fused and assembled
-  destinations, graph replays; every destination and scale poisoned before every run.
+  read the peers' sources in place), collocated and not, TP changes, experts and pipeline
+  layers changing ranks (EP / PP), fused and assembled destinations, graph replays; every
+  destination and scale poisoned before every run.
 """
 
 from __future__ import annotations
@@ -154,6 +155,21 @@ def test_loopback_transforms_graph_replays(direct):
 
 # -- rank processes sharing cuda:0 (CUDA IPC) -----------------------------------------------
 
+def _moving(src_tp, dst_tp, separate):
+    """(name, shape, format, source rank, destination rank) of whole tensors that change hands:
+    experts spread over the source ranks (EP) and gathered on fewer or other destination ranks,
+    and layers of a pipeline stage each (PP) ending on another rank."""
+    dst_first = src_tp if separate else 0
+    out = []
+    for e in range(4):  # EP: expert e on source rank e % src_tp, destination rank e % dst_tp
+        out.append((f"experts.{e}.fc1.weight", (256, 128), "fp8_block128", e % src_tp,
+                    dst_first + e % dst_tp))
+    for layer in range(2):  # PP: layer l on source rank l % src_tp, the last destination rank
+        out.append((f"layers.{layer}.proj.weight", (128, 200), "mxfp8", layer % src_tp,
+                    dst_first + dst_tp - 1 - layer % dst_tp))
+    return out
+
+
 def _ipc_worker(rank, world, src_tp, dst_tp, separate, ipc_sync):
     torch.cuda.set_device(0)
     src_ranks = range(src_tp)
@@ -171,6 +187,12 @@ def _ipc_worker(rank, world, src_tp, dst_tp, separate, ipc_sync):
             local[dim] //= dst_tp
             dst.add(name, _dst_tensor(tuple(local), fmt), shape, Split(dim, dst_tp), part,
                     format=fmt if fmt in quantize.QUANTIZED else None)
+    # EP and PP: whole tensors (experts, layers) held by one rank on each side, moving.
+    for name, shape, fmt, src_holder, dst_holder in _moving(src_tp, dst_tp, separate):
+        if rank == src_holder:
+            src.add(name, _global(name, shape, "bfloat16", 0).cuda(), shape)
+        if rank == dst_holder:
+            dst.add(name, _dst_tensor(shape, fmt), shape, format=fmt)
     plan = refit_engine.plan(src, dst, cast=True, ipc_sync=ipc_sync, timeout_s=60)
     out = {"assembled": plan.traffic["assembled"], "wrong": []}
     for seed, graph in ((0, False), (1, False), (2, True), (3, True)):
@@ -178,6 +200,9 @@ def _ipc_worker(rank, world, src_tp, dst_tp, separate, ipc_sync):
             for name, shape, dtype, dim, _ in TENSORS:
                 n = shape[dim] // src_tp
                 src.tensors[name].copy_(_global(name, shape, dtype, seed).narrow(dim, rank * n, n))
+            for name, shape, _, src_holder, _ in _moving(src_tp, dst_tp, separate):
+                if rank == src_holder:
+                    src.tensors[name].copy_(_global(name, shape, "bfloat16", seed))
         if rank in dst_ranks:
             _poison(dst)
         torch.cuda.synchronize()
@@ -186,6 +211,15 @@ def _ipc_worker(rank, world, src_tp, dst_tp, separate, ipc_sync):
         if rank in dst_ranks:
             out["wrong"] += [(seed, w) for w in _check(dst, dst_tp, list(dst_ranks).index(rank),
                                                        seed)]
+            for name, shape, fmt, _, dst_holder in _moving(src_tp, dst_tp, separate):
+                if rank != dst_holder:
+                    continue
+                q, scale = quantize.transform(_bits(_global(name, shape, "bfloat16", seed)),
+                                              "bf16", fmt)
+                if not (np.array_equal(_bits(dst.tensors[name]), q) and np.array_equal(
+                        _bits(dst.scales[name].view(torch.uint8)).reshape(-1),
+                        np.ascontiguousarray(scale).view(np.uint8).reshape(-1))):
+                    out["wrong"].append((seed, name))
     plan.close()
     return out
 
