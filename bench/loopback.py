@@ -24,8 +24,7 @@ import time
 import torch
 
 from refit_engine import LoopbackRefit, dtypes
-from refit_engine.harness.grid import ParallelGrid
-from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
+from refit_engine.harness.models.kimi_k2 import loopback_pair
 from refit_engine.harness.results import device_name, environment, results_dir, save_json
 from refit_engine.harness.timing import copy_ceiling, time_cuda
 from refit_engine.layouts import placement_box
@@ -40,9 +39,7 @@ def main(argv=None):
     parser.add_argument("--bucket-mib", type=int, default=256)
     args = parser.parse_args(argv)
 
-    cfg = KimiK2Config(num_layers=args.layers, num_experts=args.experts)
-    src = kimi_k2_layout(cfg, ParallelGrid(8, tp=8, ep=8))
-    dst = kimi_k2_layout(cfg, ParallelGrid(8, tp=4, ep=4))
+    src, dst = loopback_pair(args.layers, args.experts)
 
     def alloc(layout, fill):
         out = {}

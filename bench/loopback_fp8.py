@@ -27,26 +27,13 @@ import numpy as np
 import torch
 
 from refit_engine import LoopbackRefit, dtypes, quantize
-from refit_engine.harness.grid import ParallelGrid
-from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
+from refit_engine.harness.baselines.torch_quantize import block_quantize
+from refit_engine.harness.models.kimi_k2 import loopback_pair
 from refit_engine.harness.results import device_name, environment, results_dir, save_json
 from refit_engine.harness.timing import copy_ceiling, time_cuda
 from refit_engine.layouts import placement_box
 from refit_engine.tables import PLACEMENT
 from refit_engine.transforms import PLAIN_FORMATS, TensorFormat, scale_shape
-
-
-def torch_block_quantize(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
-    """The baseline's receiver-side block FP8 of one 2-D BF16 tensor, with torch ops."""
-    r, c = x.shape
-    pr, pc = -(-r // 128) * 128, -(-c // 128) * 128
-    padded = torch.nn.functional.pad(x.float(), (0, pc - c, 0, pr - r))
-    blocks = padded.view(pr // 128, 128, pc // 128, 128)
-    amax = blocks.abs().amax(dim=(1, 3))
-    s = torch.where(amax == 0, torch.ones_like(amax), amax / 448.0)
-    q = (blocks / s[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    out.copy_(q.view(pr, pc)[:r, :c])
-    scale.copy_(s)
 
 
 def main(argv=None):
@@ -57,9 +44,7 @@ def main(argv=None):
     parser.add_argument("--bucket-mib", type=int, default=256)
     args = parser.parse_args(argv)
 
-    cfg = KimiK2Config(num_layers=args.layers, num_experts=args.experts)
-    src = kimi_k2_layout(cfg, ParallelGrid(8, tp=8, ep=8))
-    dst = kimi_k2_layout(cfg, ParallelGrid(8, tp=4, ep=4))
+    src, dst = loopback_pair(args.layers, args.experts)
     formats = {}
     for meta in dst.tensors:
         fmt = quantize.format_for(meta.name)
@@ -127,7 +112,7 @@ def main(argv=None):
             x = plain_dst[k]
             for m in range(x.numel() // (x.shape[-2] * x.shape[-1])):
                 xm = x.view(-1, *x.shape[-2:])[m]
-                torch_block_quantize(xm, base_out[k].view(-1, *x.shape[-2:])[m],
+                block_quantize(xm, base_out[k].view(-1, *x.shape[-2:])[m],
                                      base_scale[k].view(-1, *base_scale[k].shape[-2:])[m])
 
     def receiver_side():

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from refit_engine import _core, dtypes, quantize
+from refit_engine.harness.baselines.torch_quantize import block_quantize
 from refit_engine.harness.grid import ParallelGrid
 from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
 from refit_engine.harness.results import device_name, environment, results_dir, save_json
@@ -46,18 +47,6 @@ def _table(tensors, outputs, scales, dst_fmt):
         rows["scale_pitch"].append(
             0 if scale is None else quantize.scale_shape(shape, dst_fmt)[1] * scale.element_size())
     return _core.TransformTable({k: np.array(v, dtype=np.int64) for k, v in rows.items()})
-
-
-def _torch_block_quantize(x: torch.Tensor):
-    """Receiver-side block FP8 with torch ops (the baseline; not bit-identical at edges)."""
-    r, c = x.shape
-    pr, pc = -(-r // 128) * 128, -(-c // 128) * 128
-    padded = torch.nn.functional.pad(x.float(), (0, pc - c, 0, pr - r))
-    blocks = padded.view(pr // 128, 128, pc // 128, 128)
-    amax = blocks.abs().amax(dim=(1, 3))
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 448.0)
-    q = (blocks / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return q.view(pr, pc)[:r, :c], scale
 
 
 def main(argv=None):
@@ -116,7 +105,7 @@ def main(argv=None):
               f"({gbps / ceiling['gbps_rw']:.0%} of the {ceiling['gbps_rw']:.0f} GB/s copy "
               "ceiling)", flush=True)
         del outs, scales, table
-    t = time_cuda(lambda: [_torch_block_quantize(x) for x, _ in tensors], iters=max(3, args.iters // 4))
+    t = time_cuda(lambda: [block_quantize(x) for x, _ in tensors], iters=max(3, args.iters // 4))
     result["torch_block128"] = {"ms": t["median_ms"]}
     ours = result["fp8_block128"]["ms"]
     print(f"[transform] torch ops block quantization: {t['median_ms']:.3f} ms "

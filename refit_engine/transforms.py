@@ -100,7 +100,7 @@ def new_scale(tensor, fmt: str):
         return torch.empty(shape, dtype=dtype, device=tensor.device)
     if arrays.kind_of(tensor) == "numpy":
         return np.empty(shape, dtype=SCALE_DTYPES[fmt])
-    import cupy  # noqa: PLC0415 - optional: only a CuPy array's owner has it
+    import cupy  # optional: only a CuPy array's owner has it
     return cupy.empty(shape, dtype=SCALE_DTYPES[fmt])
 
 

@@ -34,25 +34,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import gpu_check
 from multiproc import run_world
 
 import refit_engine
-from refit_engine import _core
 
 POISON = 0xA5
 DEAD_TIMEOUT_S = 15.0  # the plans' timeout_s in the dead-peer tests
 
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
-    if not _core.HAS_CUDA:
-        return "refit_engine was built without CUDA (refit_engine._core.HAS_CUDA is False)"
-    return None
-
-
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
+pytestmark = gpu_check.MARKS
 
 
 # -- helpers (run in the rank processes) ------------------------------------------------------

@@ -17,27 +17,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import gpu_check
 from multiproc import run_world
 
 import refit_engine
-from refit_engine import _core, quantize
+from refit_engine import quantize
 from refit_engine.layouts import Layout, Split
 from refit_engine.local import ShardedTensors
 from refit_engine.transforms import TensorFormat, scale_shape
 
 POISON = 0xA5
 
-
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
-    if not _core.HAS_CUDA:
-        return "refit_engine was built without CUDA (refit_engine._core.HAS_CUDA is False)"
-    return None
-
-
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
+pytestmark = gpu_check.MARKS
 
 # (name, global shape, source dtype, split dim, destination format): row splits of 384 rows
 # give 128-row shards at TP3 and 192-row source shards at TP2 (a 128-row block cut between

@@ -147,6 +147,15 @@ def kimi_k2_layout(cfg: KimiK2Config, grid: ParallelGrid, grouped_experts: bool 
     return layout
 
 
+def loopback_pair(layers: int, experts: int) -> tuple[Layout, Layout]:
+    """The loopback benchmarks' refit (bench/loopback.py, bench/loopback_fp8.py): Kimi K2 at
+    full width and expert size with `layers` layers and `experts` experts, TP8/EP8 -> TP4/EP4
+    on the same 8 ranks."""
+    cfg = KimiK2Config(num_layers=layers, num_experts=experts)
+    return (kimi_k2_layout(cfg, ParallelGrid(8, tp=8, ep=8)),
+            kimi_k2_layout(cfg, ParallelGrid(8, tp=4, ep=4)))
+
+
 def kimi_k2_tables(cfg: KimiK2Config, grid: ParallelGrid):
     """The plan compiler's tables (a `tables.LayoutTables`: names, tensors, buffers, pieces,
     holders, columns by their names in refit_engine.tables) of
