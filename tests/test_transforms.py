@@ -868,6 +868,12 @@ def test_tp_changes_bit_exact(world, case):
         stats = r["stats"]
         assert stats["transformed"] == (quantized if rank in holders else 0), (rank, stats)
         assert stats["assembled"] == 0 and stats["carrier_bytes"] == 0, (rank, stats)  # fused
+    # Fused pieces crossing between ranks travel transformed (refit_engine.wire): every rank
+    # that sends or receives some saves bytes on the wire, and what it saves is accounted.
+    # (TP1 -> TP2 on 4 ranks reads every shard from a local DP replica: nothing moves.)
+    moving = [r["stats"] for r in results if r["stats"]["bytes_sent"] or r["stats"]["bytes_received"]]
+    assert all(s["wire_bytes_saved"] > 0 for s in moving), moving
+    assert moving or case == "tp1->tp2", case
 
 
 def test_check_exact_catches_a_corrupted_fp8_byte_and_scale(world):
