@@ -12,6 +12,13 @@ formats (MXFP8 experts) and a replaced parameter plan again; cast=True fills a f
 from the bf16 source. Rules that leave a parameter without a format, plain rules unlike the
 model's dtype and a destination shard that cuts a block are refused on every rank, naming the
 tensor.
+
+The same worker on ONE GPU (`device="cuda:0"`): both rank processes build their models on
+cuda:0 (as tests/test_ipc.py's megatron worker), so transport="auto" joins them with CUDA IPC
+only; the prepared swap, check_exact, the second swap (plan reused, new values), two swaps
+with graph=True (captured, then replayed with new source values) and the MXFP8 experts swap
+are checked the same way, the FP8 outputs copied to the host for the comparison. Skipped
+without a CUDA GPU or a CUDA build of refit_engine.
 """
 
 import pytest
@@ -22,7 +29,19 @@ from megatron_check import POISON, count_plans, poison
 from multiproc import run_world
 
 SRC_SEED, NEW_SEED = 11, 33
+GRAPH_SEEDS = (44, 55)  # the GPU run's graph=True swaps: captured, then replayed
 EXPERTS = 4
+
+
+def _gpu_skip_reason() -> str | None:
+    import torch
+
+    from refit_engine import _core
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    if not _core.HAS_CUDA:
+        return "refit_engine was built without CUDA (refit_engine._core.HAS_CUDA is False)"
+    return None
 
 
 def _canonical(name: str, rank: int, ep: int) -> str:
@@ -38,7 +57,7 @@ def _canonical(name: str, rank: int, ep: int) -> str:
 def _bits(tensor):
     import numpy as np
     import torch
-    t = tensor.detach().contiguous()
+    t = tensor.detach().cpu().contiguous()  # a CUDA tensor compared on the host
     view = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32),
             torch.float8_e4m3fn: (torch.uint8, np.uint8), torch.uint8: (torch.uint8, np.uint8)}
     as_torch, as_numpy = view[t.dtype]
@@ -103,13 +122,17 @@ def _refused(call):
     return None
 
 
-def _worker(rank, world):
+def _worker(rank, world, device="cpu"):
+    """The drop-in's formats on this rank, models on `device`: "cpu" (gloo) or "cuda:0" (every
+    rank process on the one GPU: CUDA IPC; the GPU run stops after the MXFP8 swap)."""
     import dataclasses
 
     import torch
+    import torch.distributed as dist
 
     from refit_engine import quantize
     from refit_engine.harness.grid import ParallelGrid
+    from refit_engine.harness.main_job import place_on
     from refit_engine.harness.models.kimi_k2 import KimiK2Config
     from refit_engine.harness.models.megatron_builder import (
         _canonical_init,
@@ -118,18 +141,37 @@ def _worker(rank, world):
     )
     from refit_engine.megatron import (
         cached_plan,
+        clear_all_caches,
         prepare_swap_model_weights,
         quantized_weights,
         swap_model_weights,
     )
     from refit_engine.verify import check_exact
     _, planned = count_plans()
+    gpu = device != "cpu"
+    method = "nccl" if gpu else "gloo"  # megatron-core's name; the tensors choose the executor
+    if gpu:
+        torch.cuda.set_device(0)
+
+    def build(config, grid, pgs, seed):
+        if not gpu:
+            return build_kimi_k2(config, grid, pgs, seed=seed)
+        # the local spec (this file's naming), as on the GPU machines (no Transformer Engine)
+        chunks = build_kimi_k2(config, grid, pgs, device=device, seed=seed,
+                               use_transformer_engine=False)
+        place_on(chunks, device)  # megatron leaves some buffers elsewhere: all on cuda:0
+        return chunks
+
+    def settle():  # values and poison written on this rank's stream, done before a swap
+        if gpu:
+            torch.cuda.synchronize()
+
     kimi = quantize.KIMI_K2_FORMATS
     cfg = KimiK2Config.toy(num_layers=2, num_experts=EXPERTS)
     s, d = ParallelGrid(world, tp=2), ParallelGrid(world, tp=1, ep=2)
     spg, dpg = build_process_groups(s), build_process_groups(d)
-    src = build_kimi_k2(cfg, s, spg, seed=SRC_SEED)
-    dst = build_kimi_k2(cfg, d, dpg, seed=22)
+    src = build(cfg, s, spg, SRC_SEED)
+    dst = build(cfg, d, dpg, 22)
     out = {}
 
     # prepare allocates the outputs (unwritten); the swap reuses its plan and fills them
@@ -137,34 +179,56 @@ def _worker(rank, world):
     outputs = quantized_weights(dst)
     poison(dst)
     _poison_outputs(outputs)
-    swap_model_weights(src, dst, "gloo", formats="kimi_k2", timeout_s=60)
+    settle()
+    swap_model_weights(src, dst, method, formats="kimi_k2", timeout_s=60)
     out["first"] = _check(dst, rank, SRC_SEED, kimi, outputs)
     out["names"] = sorted(outputs) == sorted(quantized_weights(dst))
     out["plans first"] = len(planned)
-    out["check_exact"] = check_exact(cached_plan(src, dst, formats="kimi_k2", timeout_s=60))
+    plan = cached_plan(src, dst, formats="kimi_k2", timeout_s=60)
+    out["check_exact"] = check_exact(plan)
     out["plans exact"] = len(planned)
+    if gpu:
+        out["transports"] = sorted(set(plan.peer_transports.values()))
+        out["bytes_ipc"] = plan.traffic.get("bytes_ipc") or 0
 
     # new source values: the cached plan, the same output tensors, the new values
     _canonical_init(src, NEW_SEED)
+    seed = NEW_SEED
     poison(dst)
     _poison_outputs(outputs)
-    swap_model_weights(src, dst, "gloo", formats=list(kimi), timeout_s=60)  # the same rules
-    out["second"] = _check(dst, rank, NEW_SEED, kimi, outputs)
+    settle()
+    swap_model_weights(src, dst, method, formats=list(kimi), timeout_s=60)  # the same rules
+    out["second"] = _check(dst, rank, seed, kimi, outputs)
     again = quantized_weights(dst)
     out["same tensors"] = all(again[n][0] is outputs[n][0] and again[n][1] is outputs[n][1]
                               for n in outputs) and len(again) == len(outputs)
     out["plans second"] = len(planned)
+
+    if gpu:  # the cached plan as a CUDA graph: captured, then replayed with new source values
+        for step, seed in zip(("graph", "graph replay"), GRAPH_SEEDS):
+            _canonical_init(src, seed)
+            poison(dst)
+            _poison_outputs(outputs)
+            settle()
+            swap_model_weights(src, dst, method, formats="kimi_k2", graph=True, timeout_s=60)
+            out[step] = _check(dst, rank, seed, kimi, outputs)
+        out["plans graph"] = len(planned)
 
     # other formats: routed experts in MXFP8 (new outputs for them), a new plan
     mx = ((r"\.experts\.\d+\.linear_fc\d\.weight$", "mxfp8"),) + kimi
     mine = quantized_weights(dst)
     poison(dst)
     _poison_outputs(mine)
-    swap_model_weights(src, dst, "gloo", formats=mx, timeout_s=60)
+    settle()
+    swap_model_weights(src, dst, method, formats=mx, timeout_s=60)
     mine = quantized_weights(dst)
-    out["mxfp8"] = _check(dst, rank, NEW_SEED, mx, mine)
+    out["mxfp8"] = _check(dst, rank, seed, mx, mine)
     out["mxfp8 scales"] = sorted({str(scale.dtype) for _, scale in mine.values()})
     out["plans mxfp8"] = len(planned)
+    if gpu:  # as tests/test_ipc.py: the plans (their IPC mappings) closed, then a barrier
+        clear_all_caches()
+        dist.barrier()
+        return out
 
     # a quantized parameter replaced on its module: planned again, new outputs for it
     attention = dst[0].decoder.layers[0].self_attention.linear_proj
@@ -232,3 +296,25 @@ def test_formats_through_the_drop_in():
         assert "presets" in out["bad formats"][2], out["bad formats"]
     for name in ("unmatched", "plain dtype", "cut"):  # the same error on every rank
         assert per_rank[0][name] == per_rank[1][name], name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_skip_reason() is not None, reason=_gpu_skip_reason() or "")
+def test_formats_through_the_drop_in_on_one_gpu():
+    """The drop-in's formats with megatron-core models on cuda:0 in both rank processes (CUDA
+    IPC): prepared swap, reused plan with new values, graph capture and replay, MXFP8 experts;
+    every FP8 output bit-exact against refit_engine.quantize, the rest the source's bits."""
+    per_rank = run_world(_worker, 2, "cuda:0", timeout=300)
+    for rank, out in enumerate(per_rank):
+        for step in ("first", "second", "graph", "graph replay", "mxfp8"):
+            wrong, quantized, plain = out[step]
+            assert wrong == [], (rank, step, wrong[:5])
+            assert quantized and plain, (rank, step)
+        assert out["names"] and out["same tensors"], rank
+        assert out["check_exact"] == [], (rank, out["check_exact"][:5])
+        assert set(out["transports"]) <= {"ipc"}, (rank, out["transports"])
+        assert out["plans first"] == 1 and out["plans exact"] == 1, out  # prepare's plan
+        assert out["plans second"] == 1 and out["plans graph"] == 1, out  # reused
+        assert out["plans mxfp8"] == 2, out  # formats key the cache
+        assert out["mxfp8 scales"] == ["torch.float32", "torch.uint8"], out
+    assert sum(out["bytes_ipc"] for out in per_rank) > 0, "nothing moved over CUDA IPC"
