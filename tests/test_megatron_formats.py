@@ -25,23 +25,13 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
+import gpu_check
 from megatron_check import POISON, count_plans, poison
 from multiproc import run_world
 
 SRC_SEED, NEW_SEED = 11, 33
 GRAPH_SEEDS = (44, 55)  # the GPU run's graph=True swaps: captured, then replayed
 EXPERTS = 4
-
-
-def _gpu_skip_reason() -> str | None:
-    import torch
-
-    from refit_engine import _core
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
-    if not _core.HAS_CUDA:
-        return "refit_engine was built without CUDA (refit_engine._core.HAS_CUDA is False)"
-    return None
 
 
 def _canonical(name: str, rank: int, ep: int) -> str:
@@ -299,7 +289,8 @@ def test_formats_through_the_drop_in():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_gpu_skip_reason() is not None, reason=_gpu_skip_reason() or "")
+@pytest.mark.skipif(gpu_check.skip_reason() is not None,
+                    reason=gpu_check.skip_reason() or "")
 def test_formats_through_the_drop_in_on_one_gpu():
     """The drop-in's formats with megatron-core models on cuda:0 in both rank processes (CUDA
     IPC): prepared swap, reused plan with new values, graph capture and replay, MXFP8 experts;
