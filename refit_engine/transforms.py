@@ -180,20 +180,30 @@ def carrier_entries(src_per_rank, dst_per_rank, cast: bool = False):
 
 
 def buffer_formats(layout, formats: dict[str, TensorFormat], rank: int | None = None):
-    """{buffer index: TensorFormat} of the transformed local tensors (of `rank`, or all)."""
+    """{buffer index: TensorFormat} of the transformed local tensors (of `rank`, or all).
+    Vectorized over the pieces: a cluster-scale layout has hundreds of thousands."""
     if not formats:
         return {}
     tables = layout.tables()
-    out = {}
-    for row in tables.pieces:
-        fmt = formats.get(tables.names[int(row[PIECE["tensor"]])])
-        if fmt is None:
-            continue
-        first, count = int(row[PIECE["holders_first"]]), int(row[PIECE["holders_count"]])
-        for b in tables.holders[first:first + count].tolist():
-            if rank is None or layout.buffers[b].rank == rank:
-                out[b] = fmt
-    return out
+    kinds = sorted(set(formats.values()), key=str)
+    kind_of = {f: i for i, f in enumerate(kinds)}
+    per_tensor = np.array([kind_of.get(formats.get(n), -1) for n in tables.names], dtype=np.int64)
+    pieces = tables.pieces
+    kind = per_tensor[pieces[:, PIECE["tensor"]]] if len(pieces) else np.zeros(0, np.int64)
+    counts = pieces[:, PIECE["holders_count"]] if len(pieces) else np.zeros(0, np.int64)
+    firsts = pieces[:, PIECE["holders_first"]] if len(pieces) else np.zeros(0, np.int64)
+    mine = kind >= 0
+    kind, counts, firsts = kind[mine], counts[mine], firsts[mine]
+    # Every holder of every transformed piece: its buffer and the piece's format.
+    owner = np.repeat(np.arange(len(kind)), counts)
+    within = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    buffers = tables.holders[firsts[owner] + within] if len(owner) else np.zeros(0, np.int64)
+    kinds_of_buffer = kind[owner]
+    if rank is not None and len(buffers):
+        ranks = np.array([b.rank for b in layout.buffers], dtype=np.int64)
+        keep = ranks[buffers] == rank
+        buffers, kinds_of_buffer = buffers[keep], kinds_of_buffer[keep]
+    return {int(b): kinds[int(k)] for b, k in zip(buffers.tolist(), kinds_of_buffer.tolist())}
 
 
 def _format_of(e, src_dtype: str | None, rank: int, cast: bool) -> TensorFormat | None:
