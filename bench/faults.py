@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -185,11 +186,14 @@ def _same_bits(a, b) -> bool:
 
 
 def _tensors_of(model) -> dict:
-    """key -> array of a ShardedTensors, or of megatron model chunks (parameters, buffers)."""
+    """key -> array of a ShardedTensors (its quantized destinations' scale tensors as
+    "<key> (scale)"), or of megatron model chunks (parameters, buffers)."""
     if model is None:
         return {}
     if hasattr(model, "tensors"):
-        return dict(model.tensors)
+        out = dict(model.tensors)
+        out.update({f"{k} (scale)": v for k, v in getattr(model, "scales", {}).items()})
+        return out
     out = {}
     for i, chunk in enumerate(model if isinstance(model, (list, tuple)) else [model]):
         for name, t in list(chunk.named_parameters()) + list(chunk.named_buffers()):
@@ -518,6 +522,10 @@ def _disagree(option):
             plan_kw["alias"] = rank == 1
         elif option == "transport":
             plan_kw["transport"] = "nccl"  # CPU tensors: gloo carries them, on every rank
+        elif option == "cast":  # a float32 destination (a cast) and an fp8_block128 one
+            plan_kw["cast"] = rank != 1
+            build = functools.partial(_formats_pair, with_cast=True)
+            return _transform_case(build, plan_kw)(rank, world, case)
         out = run_refit(lambda: _pair(rank, world), plan_kw, exec_kw)
         if option == "check" and "untouched" in out:
             # the rank that opted out of the check copies its local pieces at once: the
@@ -937,6 +945,101 @@ def _no_tensors(rank, world):
     return ShardedTensors(), ShardedTensors(), {}
 
 
+# -- destinations in another format (issue 16: refit_engine/transforms.py) ---------------------
+
+QSHAPE = (256, 128)  # "qw": two 128 x 128 blocks of fp8_block128, scales (2, 1)
+
+
+def _poisoned(shape, dtype):
+    torch = _torch()
+    t = torch.empty(shape, dtype=dtype)
+    t.view(torch.uint8).fill_(POISON)
+    return t
+
+
+def _formats_pair(rank, world, q_src=None, q_parts=1, scale_of=None, with_cast=False):
+    """_pair (plain tensors, destination TP=1) plus "qw" QSHAPE: source q_src (default bf16,
+    TP=world on dim 0), destination fp8_block128 in q_parts parts on dim 0; with_cast: also
+    "cw" (32, 16), bf16 source, float32 destination (a cast). Destination and scales
+    poisoned; scale_of(rank, local shape) gives the scale tensor to pass (None: add()
+    allocates one). Expected values: the plain tensors only (a refused case never gets to
+    "qw" / "cw"); under "__watch__" arrays to check untouched that the destination may not
+    hold (a tensor and scale add() refused)."""
+    torch = _torch()
+    from refit_engine import Split
+    src, dst, want = _pair(rank, world)
+    full = torch.randn(QSHAPE, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    if q_src is not None:  # a dtype name
+        dtype = getattr(torch, q_src)
+        full = full.to(dtype) if dtype.is_floating_point else \
+            torch.arange(full.numel(), dtype=dtype).view(QSHAPE)
+    src.add("qw", full.chunk(world, 0)[rank].clone(), QSHAPE, Split(0, world), rank)
+    split = Split(0, q_parts) if q_parts > 1 else None
+    local = split.local_shape("qw", QSHAPE) if split else QSHAPE
+    t = _poisoned(local, torch.float8_e4m3fn)
+    scale = scale_of(rank, local) if scale_of else None
+    dst.add("qw", t, QSHAPE, split, rank % q_parts, format="fp8_block128", scale=scale)
+    for s in dst.scales.values():
+        s.view(torch.uint8).fill_(POISON)
+    want["__watch__"] = {"qw (as given)": t, "qw (scale, as given)": scale}
+    if with_cast:
+        cw = torch.randn(32, 16, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+        src.add("cw", cw.chunk(world, 0)[rank].clone(), (32, 16), Split(0, world), rank)
+        dst.add("cw", _poisoned((32, 16), torch.float32), (32, 16))
+    return src, dst, want
+
+
+def _wrong_scale_shape(rank, local):
+    """Rank 1's scale tensor of shape (2, 2) instead of (2, 1); the others right."""
+    rows, cols = -(-local[0] // 128), -(-local[1] // 128)
+    return _poisoned((rows, cols + (rank == 1)), _torch().float32)
+
+
+def _transform_case(build, plan_kw=None, after_plan=None, watch_later=None):
+    """run_refit over build(rank, world), the destination's scale tensors checked untouched
+    too (snapshot includes them); also every array under want["__watch__"] (and those
+    watch_later(src, dst) returns after plan()), and, when nothing raised, whether the bad
+    input went through and changed the destination (silent_wrong) or not (accepted)."""
+    def fn(rank, world, case):
+        held = {}
+
+        def make():
+            src, dst, want = build(rank, world)
+            held["watch"] = {k: v for k, v in want.pop("__watch__", {}).items()
+                             if v is not None}
+            held["dst"] = dst
+            held["snap"] = snapshot(dst)
+            held["watch_snap"] = {k: _bits(v) for k, v in held["watch"].items()}
+            return src, dst, want
+
+        def mutate(plan, src, dst, want):
+            if watch_later is not None:
+                for k, v in watch_later(src, dst).items():
+                    held["watch"][k], held["watch_snap"][k] = v, _bits(v)
+            return after_plan(plan, src, dst, want) if after_plan else want
+        out = run_refit(make, plan_kw, after_plan=mutate)
+        watched = all(_same_bits(_bits(v), held["watch_snap"][k])
+                      for k, v in held.get("watch", {}).items())
+        if "error_type" in out and out.get("untouched") is not None:
+            out["untouched"] = out["untouched"] and watched
+        elif "error_type" not in out and "dst" in held:
+            out["untouched"] = untouched(held["dst"], held["snap"]) and watched
+        return out
+    return fn
+
+
+def _replace_scale(plan, src, dst, want):
+    """Rank 1 puts a new (poisoned) scale tensor in dst.scales after plan()."""
+    if plan.rank == 1:
+        dst.scales["qw"] = _poisoned(tuple(dst.scales["qw"].shape), _torch().float32)
+    return want
+
+
+def _old_scale(src, dst):
+    """The scale tensor the plan bound, checked untouched after it was replaced."""
+    return {"qw (scale bound by the plan)": dst.scales["qw"]}
+
+
 # -- megatron-core models ----------------------------------------------------------------------
 
 def _megatron_models(rank, world, dst_dtype="bfloat16", seeds=(11,)):
@@ -1138,6 +1241,8 @@ def cases() -> list[Case]:
           timed=TIMEOUT_S, deadline=15),
         C("alias=True on one rank only", _disagree("alias"), deadline=15),
         C("transport='nccl' with CPU tensors", _disagree("transport"), deadline=15),
+        C("cast=True on one rank only (cast and fp8 destinations)", _disagree("cast"),
+          words="disagree", ranks=[0, 1], deadline=15),
         C("two threads execute one plan at once", _two_threads, expect="either",
           same_error=False, deadline=15),
         # A plan owns its channel (refit_engine/channel.py): the caller's group may go.
@@ -1235,6 +1340,27 @@ def cases() -> list[Case]:
     for name, kw in kwargs:
         word = next(iter(kw))
         out.append(C(name, I(lambda r, w: _pair(r, w), plan_kw=kw), words=word, share="kwargs"))
+
+    # Destinations in another format (issue 16): refused on every rank before any byte
+    # moves, the destination and its scale tensors still poisoned.
+    T, F = _transform_case, functools.partial
+    out += [
+        C("fp8_block128 shard cuts a block (256 rows TP4, 64-row shards)",
+          T(F(_formats_pair, q_parts=4)), world=4, tensor="qw", ranks=[0],
+          words="cuts a block", share="formats"),
+        C("int32 source into an fp8_block128 destination", T(F(_formats_pair, q_src="int32")),
+          tensor="qw", ranks=[0], words="needs a float32, bfloat16 or float16 source, not int32",
+          share="formats"),
+        C("bf16 source, float32 destination, no cast=True", T(F(_formats_pair, with_cast=True)),
+          tensor="cw", ranks=[0, 1], words="dtype differs", share="formats"),
+        C("fp8_block128 scale tensor of the wrong shape (one rank)",
+          T(F(_formats_pair, scale_of=_wrong_scale_shape)), tensor="qw", ranks=[1],
+          words="scale tensor must be float32 of shape (2, 1)", share="formats"),
+        # a world of its own, like the other tensors replaced under a plan
+        C("scale tensor replaced in dst.scales after plan",
+          T(_formats_pair, after_plan=_replace_scale, watch_later=_old_scale),
+          tensor="qw (scale)", ranks=[1], words="replaced after planning", deadline=15),
+    ]
 
     out.append(C("world of 1", I(_world_of_one), expect="ok", world=1))
     out += [
