@@ -34,7 +34,8 @@ from refit_engine.executors.factory import build_executor, transport_of
 from refit_engine.layouts import Layout
 from refit_engine.local import ShardedTensors, build_layout, check_empty_tensors
 from refit_engine.peers import IPC_SYNCS, TRANSPORTS, PeerLinks, choose_transports, this_device
-from refit_engine.transforms import RankTransforms, carrier_entries, check_quantized_pieces
+from refit_engine.transforms import (RankTransforms, carrier_entries, check_quantized_pieces,
+                                     with_fp8_dtype)
 from refit_engine.verify import verify_checksums
 from refit_engine.wire import wire_targets
 
@@ -253,7 +254,7 @@ def _plan(channel, rank, problem, src_model, dst_model, group, bucket_bytes, tim
     gathered = [g[:5] for g in gathered]
     _check_ranks(gathered, group, mode)
     src_per_rank = [(r, s) for r, _, s, _, _ in gathered]
-    dst_per_rank = [(r, d) for r, _, _, d, _ in gathered]
+    dst_per_rank = with_fp8_dtype([(r, d) for r, _, _, d, _ in gathered])
     src_layout = build_layout(src_per_rank)
     # A destination in another format is planned as its carrier: the source's dtype.
     carrier_per_rank, formats = carrier_entries(src_per_rank, dst_per_rank, bool(cast))

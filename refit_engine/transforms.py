@@ -47,6 +47,7 @@ from refit_engine.tables import PIECE, SEG, span
 
 __all__ = ["PLAIN_FORMATS", "QUANTIZED_FORMATS", "RankTransforms", "TensorFormat",
            "buffer_formats", "carrier_entries", "check_quantized_pieces", "checked_scale", "dtype_of", "new_scale",
+           "with_fp8_dtype",
            "scale_shape"]
 
 # The plain formats of dtypes a transform reads or writes.
@@ -149,8 +150,12 @@ def carrier_entries(src_per_rank, dst_per_rank, cast: bool = False):
     RefitError (tensor, ranks) for a pair of formats no transform makes. cast=False: float
     dtypes that differ are not a cast (the plan compiler refuses them)."""
     src_dtype = {}
-    for _, entries in src_per_rank:
+    for rank, entries in src_per_rank:
         for e in entries:
+            if e.format is not None:
+                raise RefitError(f"format={e.format!r} describes a destination; this is a source "
+                                 "tensor, read in its own dtype (a source held in FP8 is not a "
+                                 "transform refit_engine makes)", tensor=e.name, ranks=[rank])
             src_dtype.setdefault(e.name, e.dtype)
     formats: dict[str, TensorFormat] = {}
     # (rank, key) -> (format or None, a tensor): a local tensor holds tensors of one transform.
@@ -177,6 +182,14 @@ def carrier_entries(src_per_rank, dst_per_rank, cast: bool = False):
             mine.append(dataclasses.replace(e, dtype=dtype_of(fmt.src), format=None))
         out.append((rank, mine))
     return out, formats
+
+
+def with_fp8_dtype(per_rank):
+    """Entries of quantized destinations held as uint8 given the float8_e4m3fn dtype they hold
+    (NumPy and CuPy have no float8), so ranks holding either describe the same tensor."""
+    return [(rank, [dataclasses.replace(e, dtype="float8_e4m3fn")
+                    if e.format in QUANTIZED_FORMATS and e.dtype == "uint8" else e
+                    for e in entries]) for rank, entries in per_rank]
 
 
 def buffer_formats(layout, formats: dict[str, TensorFormat], rank: int | None = None):
@@ -225,8 +238,11 @@ def _format_of(e, src_dtype: str | None, rank: int, cast: bool) -> TensorFormat 
 
 
 def matrix_of(shape) -> tuple[int, int]:
-    """(rows, columns) of the 2-D matrices a quantized local tensor of `shape` is made of."""
-    return (int(shape[-2]), int(shape[-1])) if len(shape) >= 2 else (1, int(shape[0]))
+    """(rows, columns) of the 2-D matrices a local tensor of `shape` is made of (a 1-D one is
+    one row, a 0-D one element)."""
+    if len(shape) >= 2:
+        return int(shape[-2]), int(shape[-1])
+    return 1, int(shape[0]) if len(shape) else 1
 
 
 def check_quantized_pieces(layout, formats: dict[str, TensorFormat]) -> None:
@@ -319,7 +335,7 @@ class RankTransforms:
         self.carriers = []
         segments = np.concatenate([plan.local, plan.recv]) if len(plan.recv) else plan.local
         for t in self.targets.values():
-            if t.fmt.quantized and not self._all_whole(t, segments):
+            if not self._fusable(t, segments):
                 numel = math.prod(t.shape)
                 t.carrier = make_carrier(numel * dtypes.itemsize(dtype_of(t.fmt.src)))
                 self.carriers.append(t.carrier)
@@ -362,9 +378,20 @@ class RankTransforms:
             table[2 * n + t.buffer] = t.scale
         return table
 
-    def _all_whole(self, t: Target, segments: np.ndarray) -> bool:
+    @staticmethod
+    def _fusable(t: Target, segments: np.ndarray) -> bool:
+        """Whether every segment into `t` can be transformed on its own: it holds whole
+        elements (a bucket may end inside one: the plan compiler cuts bytes) and, quantized,
+        whole blocks."""
         mine = segments[segments[:, SEG["dst_buffer"]] == t.buffer]
         isz = dtypes.itemsize(dtype_of(t.fmt.src))
+        if len(mine) and (np.any(mine[:, SEG["dst_offset"]] % isz)
+                          or np.any(mine[:, SEG["row_bytes"]] % isz)
+                          or np.any((mine[:, SEG["dst_pitch"]] % isz) & (mine[:, SEG["rows"]] > 1))
+                          or np.any(mine[:, SEG["src_offset"]] % isz)):
+            return False
+        if not t.fmt.quantized:
+            return True
         return all(whole(t, rect) for seg in mine for rect in rectangles(seg, t.matrix, isz))
 
     def split(self, src: np.ndarray, segments: np.ndarray):
@@ -395,7 +422,7 @@ class RankTransforms:
         return rows.table() if len(rows) else None
 
     def finish_rows(self) -> "_Rows":
-        """Rows quantizing every assembled tensor from its carrier, one per matrix."""
+        """Rows transforming every assembled tensor from its carrier, one per matrix."""
         rows = _Rows()
         for t in self.targets.values():
             if t.carrier is None:

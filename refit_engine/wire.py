@@ -12,7 +12,8 @@ Both sides derive the same message layout from the same facts: the receiver's re
 tensors are fused (gathered at plan time). A quantized segment is its rectangles of the
 destination matrix (`transforms.rectangles`) in order, each as its e4m3 bytes (row-major, its
 own width) then its scales (row-major); a cast segment is its rows at the output width. Messages
-keep their segments' order and lie end to end in each bucket's staging.
+keep their segments' order, each piece starting on 16 bytes (`ALIGN`), and lie one after the
+other in each bucket's staging.
 
 `rewrite` turns one rank's plan into the plan its executor runs (`WirePlan`): send segments of
 plain pieces, the pack's transform rows per bucket (source buffer + offset, staging offsets),
@@ -130,7 +131,7 @@ def rewrite(plan: RankPlan, wire_peers, targets: dict[int, Target], receiver_seg
     buffer: see `transforms.RankTransforms.bases`)."""
     peers = set(wire_peers)
     out = WirePlan(plan)
-    if not peers or not targets:
+    if not peers:
         return out
     # Sends: each message's segments in order, paired with the receiver's segments.
     keep_send = np.ones(len(plan.send), dtype=bool)
@@ -155,6 +156,7 @@ def rewrite(plan: RankPlan, wire_peers, targets: dict[int, Target], receiver_seg
                                  f"not match rank {peer}'s receives", ranks=[plan.rank, peer])
         for k, row in enumerate(mine):
             seg = plan.send[row]
+            at = _aligned(at)
             t = targets.get(int(theirs[k, SEG["dst_buffer"]])) if peer in peers else None
             if t is None:
                 send[row, SEG["dst_offset"]] = at
@@ -169,7 +171,7 @@ def rewrite(plan: RankPlan, wire_peers, targets: dict[int, Target], receiver_seg
             at = end
         send_messages[i, MSG["offset"]] = base
         send_messages[i, MSG["bytes"]] = at - base
-        send_staging[bucket] = at
+        send_staging[bucket] = _aligned(at)
     # Receives: the same layout from this rank's own segments and targets.
     recv_rows, recv_messages = [], plan.recv_messages.copy()
     recv_staging = [0] * plan.num_buckets
@@ -179,6 +181,7 @@ def rewrite(plan: RankPlan, wire_peers, targets: dict[int, Target], receiver_seg
         at = base
         for row in _rows_of(plan.recv, peer, bucket):
             seg = plan.recv[row].copy()
+            at = _aligned(at)
             t = targets.get(int(seg[SEG["dst_buffer"]])) if peer in peers else None
             if t is None:
                 seg[SEG["src_offset"]] = at
@@ -197,7 +200,7 @@ def rewrite(plan: RankPlan, wire_peers, targets: dict[int, Target], receiver_seg
             at = end
         recv_messages[i, MSG["offset"]] = base
         recv_messages[i, MSG["bytes"]] = at - base
-        recv_staging[bucket] = at
+        recv_staging[bucket] = _aligned(at)
     recv = (np.array(recv_rows, dtype=np.int64).reshape(-1, plan.recv.shape[1])
             if recv_rows else plan.recv[:0].copy())
     out.plan = RankPlan(plan.rank, plan.local, np.ascontiguousarray(send[keep_send]), recv,
@@ -213,6 +216,16 @@ def for_executor(transforms, plan: RankPlan, peers) -> WirePlan:
         return WirePlan(plan)
     return rewrite(plan, peers, transforms.wire_targets, lambda p: transforms.plan_of(p).recv,
                    transforms.num_dst_buffers)
+
+
+# Every piece starts on 16 bytes in its message: a transform reads its source elements where
+# they lie (the kernels load whole elements, 16 bytes at a time where aligned), and the pieces
+# before it may end anywhere (e4m3 rectangles, uint8 scales).
+ALIGN = 16
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
 
 
 def _copy(seg, src_offset, src_pitch, dst_buffer, dst_offset, dst_pitch, rows, row_bytes):

@@ -472,6 +472,15 @@ def _int_source(rank):
     return _src(rank, "ints", (128, 128), dtype=torch.int32), dst
 
 
+def _format_on_source(rank):
+    src = ShardedTensors()
+    if rank == 0:
+        src.add("q", _fp8((128, 128), torch.uint8), (128, 128), format="fp8_block128")
+    dst = ShardedTensors()
+    dst.add("q", torch.empty(128, 128, dtype=torch.uint8), (128, 128))
+    return src, dst
+
+
 def _one_dim(rank):
     dst = ShardedTensors()
     if rank == 2:
@@ -544,6 +553,7 @@ REFUSALS = {
     "cuts a block": (_cut_fp8, None),
     "cuts a group": (_cut_mx, None),
     "int32 source": (_int_source, None),
+    "format on a source": (_format_on_source, None),
     "1-D format": (_one_dim, None),
     "3-D format": (_three_dim, None),
     "bogus format": (_bogus, None),
@@ -602,6 +612,23 @@ CASES.update({
     "small buckets": lambda rank: refit_case(
         rank, tp_tensors(G(2, tp=2), G(2, tp=1, offset=2)), seed=8, cast=True,
         bucket_bytes=1000),
+    # The plan compiler cuts buckets at bytes, so a bucket may end inside an element: those
+    # tensors are assembled (their bytes land in a carrier), never transformed in pieces.
+    "buckets cut elements (7 bytes)": lambda rank: refit_case(
+        rank, [T("widen", (3, 7), "bf16", "fp32", whole(0), whole(1)),
+               T("same size", (3, 7), "bf16", "fp16", whole(0), whole(1)),
+               T("narrow", (3, 7), "fp32", "bf16", whole(0), whole(1))],
+        seed=9, cast=True, bucket_bytes=7, mode="non-collocated"),
+    "buckets cut elements (65 bytes)": lambda rank: refit_case(
+        rank, [T("mx", (1, 33), "bf16", "mxfp8", whole(0), whole(1))], seed=10,
+        bucket_bytes=65, mode="non-collocated"),
+    "buckets cut elements (257 bytes)": lambda rank: refit_case(
+        rank, [T("fp8", (1, 129), "bf16", "fp8_block128", whole(0), whole(1))], seed=11,
+        bucket_bytes=257, mode="non-collocated"),
+    "odd tensor before a cast (64 bytes)": lambda rank: refit_case(
+        rank, [T("odd", (1, 3), "bf16", "bf16", whole(0), whole(1)),
+               T("narrow", (3, 7), "fp32", "bf16", whole(0), whole(1))],
+        seed=12, cast=True, bucket_bytes=64, mode="non-collocated"),
 })
 for _name, (_build, _kw) in REFUSALS.items():
     CASES[f"refuse {_name}"] = functools.partial(refused_case, build=_build, plan_kw=_kw)
@@ -876,6 +903,15 @@ def test_tp_changes_bit_exact(world, case):
     assert moving or case == "tp1->tp2", case
 
 
+@pytest.mark.parametrize("case", ["buckets cut elements (7 bytes)",
+                                  "buckets cut elements (65 bytes)",
+                                  "buckets cut elements (257 bytes)",
+                                  "odd tensor before a cast (64 bytes)"])
+def test_buckets_that_cut_elements(world, case):
+    results = assert_exact(world, case)
+    assert any(r["stats"]["assembled"] for r in results), [r["stats"] for r in results]
+
+
 def test_check_exact_catches_a_corrupted_fp8_byte_and_scale(world):
     results = reports(world, "tp2->tp4")
     for rank, r in enumerate(results):
@@ -936,6 +972,7 @@ def refusal(world, name):
     ("cuts a block", "cut.fp8", [0], ["cuts", "256 x 128", "rows [0, 64)", "row 64", "128 x 128"]),
     ("cuts a group", "cut.mx", [0], ["cuts", "64 x 96", "cols [0, 48)", "col 48", "32-element"]),
     ("int32 source", "ints", [0], ["float32, bfloat16 or float16 source", "int32"]),
+    ("format on a source", "q", [0], ["describes a destination", "source tensor"]),
     ("1-D format", "bias", [2], ["2-D"]),
     ("3-D format", "w3", [0], ["2-D", "(2, 128, 128)"]),
     ("bogus format", "w", [1], ["'bogus'", "fp8_block128"]),
