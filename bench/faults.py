@@ -38,7 +38,6 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import signal
-import socket
 import sys
 import threading
 import time
@@ -607,6 +606,9 @@ def _destroyed_group(which):
         snap = snapshot(dst)
         if which == "plan on destroyed":
             g = dist.new_group(list(range(world)))
+            # Every rank has finished connecting the group before any destroys it (a rank
+            # still in new_group's handshake would see its peer close the connection).
+            dist.barrier()
             dist.destroy_process_group(g)
             _, err = attempt("plan", refit_engine.plan, src, dst, group=g, timeout_s=TIMEOUT_S)
             return {**(err or {"exact": False, "note": "plan() on a destroyed group worked"}),
@@ -1445,11 +1447,11 @@ _PORTS_USED: set = set()
 
 
 def _free_port() -> int:
+    """A port no world of this run used yet (spawn.free_port: below the ephemeral range)."""
+    from refit_engine.harness.spawn import free_port
     with _PORT_LOCK:
         while True:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             if port not in _PORTS_USED:
                 _PORTS_USED.add(port)
                 return port
