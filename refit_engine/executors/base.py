@@ -10,6 +10,8 @@ A new transport is a new `Executor` subclass in its own module and one line in t
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 
@@ -29,7 +31,7 @@ class Executor(abc.ABC):
     # Bytes its messages no longer carry because their pieces travel transformed (sent plus
     # received: refit_engine.wire).
     wire_bytes_saved: int = 0
-    peer_transports: dict = {}
+    peer_transports: Mapping = MappingProxyType({})  # read-only: instances set their own
 
     @classmethod
     def for_plan(cls, rank_plan: RankPlan, src_addresses: np.ndarray, dst_addresses: np.ndarray,
