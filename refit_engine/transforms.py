@@ -45,7 +45,7 @@ from refit_engine import _core, arrays, dtypes, quantize
 from refit_engine.errors import RefitError
 from refit_engine.tables import PIECE, SEG, span
 
-__all__ = ["PLAIN_FORMATS", "QUANTIZED_FORMATS", "RankTransforms", "TensorFormat",
+__all__ = ["PLAIN_FORMATS", "QUANTIZED_FORMATS", "RankTransforms", "TensorFormat", "TransformRows",
            "buffer_formats", "carrier_entries", "check_quantized_pieces", "checked_scale", "dtype_of", "new_scale",
            "with_fp8_dtype",
            "scale_shape"]
@@ -309,6 +309,25 @@ class Target:
     def matrix(self) -> tuple[int, int]:
         return matrix_of(self.shape)
 
+    @property
+    def in_size(self) -> int:
+        """Bytes of a source element."""
+        return dtypes.itemsize(dtype_of(self.fmt.src))
+
+    @property
+    def out_size(self) -> int:
+        """Bytes of a destination element (e4m3: one)."""
+        return 1 if self.fmt.quantized else dtypes.itemsize(dtype_of(self.fmt.dst))
+
+    def scale_at(self, b: int, r0: int, c0: int) -> tuple[int, int]:
+        """(byte offset in the scale tensor of the block or group holding element (r0, c0) of
+        matrix b, bytes between scale rows)."""
+        mr, mc = self.matrix
+        sr, sc = quantize.scale_shape((mr, mc), self.fmt.dst)
+        br, bc = BLOCK[self.fmt.dst]
+        ssize = dtypes.itemsize(SCALE_DTYPES[self.fmt.dst])
+        return ((b * sr + r0 // br) * sc + c0 // bc) * ssize, sc * ssize
+
 
 class RankTransforms:
     """This rank's transformed destination local tensors, and the table rows that fill them.
@@ -336,8 +355,7 @@ class RankTransforms:
         segments = np.concatenate([plan.local, plan.recv]) if len(plan.recv) else plan.local
         for t in self.targets.values():
             if not self._fusable(t, segments):
-                numel = math.prod(t.shape)
-                t.carrier = make_carrier(numel * dtypes.itemsize(dtype_of(t.fmt.src)))
+                t.carrier = make_carrier(math.prod(t.shape) * t.in_size)
                 self.carriers.append(t.carrier)
 
         self.wire_targets: dict = {}  # every rank's Target whose pieces travel transformed
@@ -363,17 +381,15 @@ class RankTransforms:
 
     def bases(self, dst_addresses: np.ndarray) -> np.ndarray:
         """The destination address table the executors use: each assembled tensor's carrier
-        in its place (plain copies land there), then (refit_engine.wire.addresses) each
+        in its place (plain copies land there), then each
         transformed tensor itself and its scale tensor, where copies of pieces transformed by
         their sender land."""
-        out = dst_addresses.copy()
+        n = len(dst_addresses)
+        table = np.zeros(3 * n, dtype=np.int64)
+        table[:n] = dst_addresses
         for t in self.targets.values():
             if t.carrier is not None:
-                out[t.buffer] = t.carrier.data_ptr()
-        n = len(out)
-        table = np.zeros(3 * n, dtype=np.int64)
-        table[:n] = out
-        for t in self.targets.values():
+                table[t.buffer] = t.carrier.data_ptr()
             table[n + t.buffer] = t.address
             table[2 * n + t.buffer] = t.scale
         return table
@@ -384,7 +400,7 @@ class RankTransforms:
         elements (a bucket may end inside one: the plan compiler cuts bytes) and, quantized,
         whole blocks."""
         mine = segments[segments[:, SEG["dst_buffer"]] == t.buffer]
-        isz = dtypes.itemsize(dtype_of(t.fmt.src))
+        isz = t.in_size
         if len(mine) and (np.any(mine[:, SEG["dst_offset"]] % isz)
                           or np.any(mine[:, SEG["row_bytes"]] % isz)
                           or np.any((mine[:, SEG["dst_pitch"]] % isz) & (mine[:, SEG["rows"]] > 1))
@@ -399,7 +415,7 @@ class RankTransforms:
         columns) for one copy part; src: each segment's absolute source address. Segments into
         assembled tensors stay plain (they land in the carrier: see `bases`)."""
         plain = np.ones(len(segments), dtype=bool)
-        rows = _Rows()
+        rows = TransformRows()
         if not self.targets or not len(segments):
             return plain, rows
         for i in np.flatnonzero(np.isin(segments[:, SEG["dst_buffer"]],
@@ -421,21 +437,21 @@ class RankTransforms:
         rows = self.finish_rows()
         return rows.table() if len(rows) else None
 
-    def finish_rows(self) -> "_Rows":
+    def finish_rows(self) -> "TransformRows":
         """Rows transforming every assembled tensor from its carrier, one per matrix."""
-        rows = _Rows()
+        rows = TransformRows()
         for t in self.targets.values():
             if t.carrier is None:
                 continue
             r, c = t.matrix
-            isz = dtypes.itemsize(dtype_of(t.fmt.src))
             for b in range(math.prod(t.shape) // (r * c)):
-                rows.add(t, t.carrier.data_ptr() + b * r * c * isz, c * isz, (b, 0, 0, r, c))
+                rows.add(t, t.carrier.data_ptr() + b * r * c * t.in_size, c * t.in_size,
+                         (b, 0, 0, r, c))
         return rows
 
 
-class _Rows:
-    """Transform table columns being built (`_core.TRANSFORM_FIELDS`)."""
+class TransformRows:
+    """Transform table columns being built (`_core.TRANSFORM_FIELDS`), row by row."""
 
     def __init__(self):
         self.columns = {name: [] for name in _FIELDS}
@@ -443,31 +459,25 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.columns["src"])
 
+    def append(self, fmt: TensorFormat, src: int, dst: int, src_pitch: int, dst_pitch: int,
+               rows: int, cols: int, scale: int = 0, scale_pitch: int = 0) -> None:
+        """One rectangle (absolute addresses; pitches in bytes)."""
+        for name, value in (("src", src), ("dst", dst), ("src_pitch", src_pitch),
+                            ("dst_pitch", dst_pitch), ("rows", rows), ("cols", cols),
+                            ("src_fmt", _CODE[fmt.src]), ("dst_fmt", _CODE[fmt.dst]),
+                            ("scale", scale), ("scale_pitch", scale_pitch)):
+            self.columns[name].append(value)
+
     def add(self, t: Target, src: int, src_pitch: int, rect) -> None:
         """Rectangle rect = (matrix, row, column, rows, columns) of `t`, read at `src`."""
         b, r0, c0, rows, cols = rect
         mr, mc = t.matrix
-        out_isz = 1 if t.fmt.quantized else dtypes.itemsize(dtype_of(t.fmt.dst))
-        col = self.columns
-        col["src"].append(src)
-        col["dst"].append(t.address + ((b * mr + r0) * mc + c0) * out_isz)
-        col["src_pitch"].append(src_pitch)
-        col["dst_pitch"].append(mc * out_isz)
-        col["rows"].append(rows)
-        col["cols"].append(cols)
-        col["src_fmt"].append(_CODE[t.fmt.src])
-        col["dst_fmt"].append(_CODE[t.fmt.dst])
-        scale = pitch = 0
-        if t.fmt.quantized:
-            sr, sc = quantize.scale_shape((mr, mc), t.fmt.dst)
-            ssize = 4 if t.fmt.dst == "fp8_block128" else 1
-            br, bc = BLOCK[t.fmt.dst]
-            scale = t.scale + ((b * sr + r0 // br) * sc + c0 // bc) * ssize
-            pitch = sc * ssize
-        col["scale"].append(scale)
-        col["scale_pitch"].append(pitch)
+        scale, pitch = t.scale_at(b, r0, c0) if t.fmt.quantized else (0, 0)
+        self.append(t.fmt, src, t.address + ((b * mr + r0) * mc + c0) * t.out_size, src_pitch,
+                    mc * t.out_size, rows, cols, t.scale + scale if t.fmt.quantized else 0,
+                    pitch)
 
-    def extend(self, other: "_Rows") -> None:
+    def extend(self, other: "TransformRows") -> None:
         for name in _FIELDS:
             self.columns[name].extend(other.columns[name])
 
@@ -475,27 +485,17 @@ class _Rows:
         return {k: np.array(v, dtype=np.int64) for k, v in self.columns.items()}
 
 
-def _add_rows(rows: _Rows, t: Target, seg, src: int) -> None:
-    isz = dtypes.itemsize(dtype_of(t.fmt.src))
-    if not t.fmt.quantized:
-        # A cast is element by element: each segment is one rectangle of its own rows, with
-        # the destination's pitch in the destination's element size.
-        out_isz = dtypes.itemsize(dtype_of(t.fmt.dst))
-        e0, pitch = int(seg[SEG["dst_offset"]]) // isz, int(seg[SEG["dst_pitch"]]) // isz
-        col = rows.columns
-        col["src"].append(src)
-        col["dst"].append(t.address + e0 * out_isz)
-        col["src_pitch"].append(int(seg[SEG["src_pitch"]]))
-        col["dst_pitch"].append(pitch * out_isz)
-        col["rows"].append(int(seg[SEG["rows"]]))
-        col["cols"].append(int(seg[SEG["row_bytes"]]) // isz)
-        col["src_fmt"].append(_CODE[t.fmt.src])
-        col["dst_fmt"].append(_CODE[t.fmt.dst])
-        col["scale"].append(0)
-        col["scale_pitch"].append(0)
+def _add_rows(rows: TransformRows, t: Target, seg, src: int) -> None:
+    if t.fmt.quantized:
+        for offset, src_pitch, rect in rectangles(seg, t.matrix, t.in_size):
+            rows.add(t, src + offset, src_pitch, rect)
         return
-    for offset, src_pitch, rect in rectangles(seg, t.matrix, isz):
-        rows.add(t, src + offset, src_pitch, rect)
+    # A cast is element by element: each segment is one rectangle of its own rows, with the
+    # destination's pitch in the destination's element size.
+    isz, out = t.in_size, t.out_size
+    rows.append(t.fmt, src, t.address + int(seg[SEG["dst_offset"]]) // isz * out,
+                int(seg[SEG["src_pitch"]]), int(seg[SEG["dst_pitch"]]) // isz * out,
+                int(seg[SEG["rows"]]), int(seg[SEG["row_bytes"]]) // isz)
 
 
 def whole(t: Target, rect) -> bool:

@@ -32,8 +32,8 @@ from refit_engine import dtypes, quantize
 from refit_engine.compiler import RankPlan
 from refit_engine.errors import RefitError
 from refit_engine.tables import MSG, SEG
-from refit_engine.transforms import (BLOCK, Target, TensorFormat, buffer_formats, dtype_of,
-                                     rectangles)
+from refit_engine.transforms import (SCALE_DTYPES, Target, TensorFormat, TransformRows,
+                                     buffer_formats, dtype_of, rectangles)
 
 __all__ = ["WirePlan", "for_executor", "on_wire", "pack_table", "packed_peers",
            "rewrite", "wire_targets"]
@@ -81,28 +81,24 @@ def _layout(recv_seg, src_pitch: int, t: Target, start: int) -> tuple[list[_Piec
     """The wire pieces of one transformed segment whose message bytes begin at `start`, and
     where its bytes end. recv_seg: the receiver's segment (destination geometry); src_pitch:
     the sender's source pitch."""
-    isz = dtypes.itemsize(dtype_of(t.fmt.src))
-    mr, mc = t.matrix
+    isz, out = t.in_size, t.out_size
     if not t.fmt.quantized:
-        out_isz = dtypes.itemsize(dtype_of(t.fmt.dst))
         rows, cols = int(recv_seg[SEG["rows"]]), int(recv_seg[SEG["row_bytes"]]) // isz
-        e0, dp = int(recv_seg[SEG["dst_offset"]]) // isz, int(recv_seg[SEG["dst_pitch"]]) // isz
-        piece = _Piece(0, src_pitch, rows, cols, start, cols * out_isz, e0 * out_isz,
-                       dp * out_isz)
-        return [piece], start + rows * cols * out_isz
+        piece = _Piece(0, src_pitch, rows, cols, start, cols * out,
+                       int(recv_seg[SEG["dst_offset"]]) // isz * out,
+                       int(recv_seg[SEG["dst_pitch"]]) // isz * out)
+        return [piece], start + rows * cols * out
     seg = np.array(recv_seg, copy=True)
     seg[SEG["src_pitch"]] = src_pitch
-    br, bc = BLOCK[t.fmt.dst]
-    ssize = 4 if t.fmt.dst == "fp8_block128" else 1
-    sr_m, sc_m = quantize.scale_shape((mr, mc), t.fmt.dst)
+    mr, mc = t.matrix
+    ssize = dtypes.itemsize(SCALE_DTYPES[t.fmt.dst])
     pieces, at = [], start
     for offset, pitch, (b, r0, c0, nr, nc) in rectangles(seg, (mr, mc), isz):
         srows, scols = quantize.scale_shape((nr, nc), t.fmt.dst)
         piece = _Piece(offset, pitch, nr, nc, at, nc, (b * mr + r0) * mc + c0, mc)
         at += nr * nc
         piece.scale, piece.scale_pitch, piece.scale_rows = at, scols * ssize, srows
-        piece.scale_dst = ((b * sr_m + r0 // br) * sc_m + c0 // bc) * ssize
-        piece.scale_dst_pitch = sc_m * ssize
+        piece.scale_dst, piece.scale_dst_pitch = t.scale_at(b, r0, c0)
         at += srows * scols * ssize
         pieces.append(piece)
     return pieces, at
@@ -242,24 +238,16 @@ def packed_peers(wire: WirePlan, bucket: int) -> set[int]:
     return {row[0] for row in wire.pack.get(bucket, ())}
 
 
-def pack_table(wire: WirePlan, bucket: int, src_addresses: np.ndarray, staging: int,
-               codes: dict) -> dict | None:
+def pack_table(wire: WirePlan, bucket: int, src_addresses: np.ndarray,
+               staging: int) -> dict | None:
     """The transform table (absolute addresses) packing `bucket`'s transformed pieces into
     send staging at `staging`, or None."""
-    rows = wire.pack.get(bucket)
-    if not rows:
+    pieces = wire.pack.get(bucket)
+    if not pieces:
         return None
-    cols = {k: [] for k in ("src", "dst", "src_pitch", "dst_pitch", "rows", "cols", "src_fmt",
-                            "dst_fmt", "scale", "scale_pitch")}
-    for _, buffer, offset, p, fmt in rows:
-        cols["src"].append(int(src_addresses[buffer]) + offset + p.src_offset)
-        cols["dst"].append(staging + p.data)
-        cols["src_pitch"].append(p.src_pitch)
-        cols["dst_pitch"].append(p.data_pitch)
-        cols["rows"].append(p.rows)
-        cols["cols"].append(p.cols)
-        cols["src_fmt"].append(codes[fmt.src])
-        cols["dst_fmt"].append(codes[fmt.dst])
-        cols["scale"].append(staging + p.scale if p.scale >= 0 else 0)
-        cols["scale_pitch"].append(p.scale_pitch)
-    return {k: np.array(v, dtype=np.int64) for k, v in cols.items()}
+    rows = TransformRows()
+    for _, buffer, offset, p, fmt in pieces:
+        rows.append(fmt, int(src_addresses[buffer]) + offset + p.src_offset, staging + p.data,
+                    p.src_pitch, p.data_pitch, p.rows, p.cols,
+                    staging + p.scale if p.scale >= 0 else 0, p.scale_pitch)
+    return rows.table()

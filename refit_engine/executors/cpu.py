@@ -18,7 +18,6 @@ from refit_engine.errors import RefitError
 from refit_engine.executors.base import Executor
 from refit_engine.tables import SEG
 
-CODES = dict(_core.TRANSFORM_FORMATS)
 
 
 def default_threads(ranks_on_machine: int) -> int:
@@ -70,7 +69,7 @@ class GlooExecutor(Executor):
                                   + plan.local[:, SEG["src_offset"]], transforms)
         self._send = [(segments_in_bucket(plan.send, b),
                        wire.pack_table(self.wire, b, self.src_addresses,
-                                       self._send_staging[b % 2].data_ptr(), CODES))
+                                       self._send_staging[b % 2].data_ptr()))
                       for b in buckets]
         self._recv = []
         for b in buckets:

@@ -21,7 +21,6 @@ from refit_engine.peers import PeerLinks
 from refit_engine.tables import MSG, SEG
 
 _COLUMNS = ("src_pitch", "dst_pitch", "rows", "row_bytes")
-CODES = dict(_core.TRANSFORM_FORMATS)
 
 
 def require_cuda(what: str) -> None:
@@ -274,7 +273,7 @@ def build_nccl_executor(plan: RankPlan, src_bases: np.ndarray, dst_bases: np.nda
                                dst_staging=send_staging[parity])
         pack_transform = None
         if wire_plan is not None:
-            table = wire.pack_table(wire_plan, bucket, src_bases, send_staging[parity], CODES)
+            table = wire.pack_table(wire_plan, bucket, src_bases, send_staging[parity])
             pack_transform = _core.TransformTable(table) if table is not None else None
         packed = wire.packed_peers(wire_plan, bucket) if wire_plan is not None else set()
         sends, keep_send = _messages(plan.send_messages, bucket, send, src, "src",
@@ -355,8 +354,7 @@ def build_loopback_executor(plans: dict[int, RankPlan], src_bases: dict, dst_bas
             plan = plans[r]
             packs.append(_part(segments_in_bucket(plan.send, bucket), src_bases[r],
                                dst_staging=send_staging[p] + send_off[r]))
-            table = wire.pack_table(wires[r], bucket, src_bases[r], send_staging[p] + send_off[r],
-                                    CODES)
+            table = wire.pack_table(wires[r], bucket, src_bases[r], send_staging[p] + send_off[r])
             if table is not None:
                 pack_rows.append(table)
             unpacks.append(_part(segments_in_bucket(plan.recv, bucket), dst_bases=dst_bases[r],
