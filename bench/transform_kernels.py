@@ -26,27 +26,19 @@ from refit_engine.harness.grid import ParallelGrid
 from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
 from refit_engine.harness.results import device_name, environment, results_dir, save_json
 from refit_engine.harness.timing import copy_ceiling, time_cuda
-
-FMT = dict(_core.TRANSFORM_FORMATS)
-
+from refit_engine.transforms import TensorFormat, TransformRows
 
 def _table(tensors, outputs, scales, dst_fmt):
-    rows = {name: [] for name in _core.TRANSFORM_FIELDS}
+    """One row per whole local tensor, BF16 in."""
+    rows = TransformRows()
+    fmt = TensorFormat("bf16", dst_fmt)
     for (src, shape), out, scale in zip(tensors, outputs, scales):
         r, c = shape
-        out_bytes = 2 if dst_fmt == "bf16" else 1
-        rows["src"].append(src.data_ptr())
-        rows["dst"].append(out.data_ptr())
-        rows["src_pitch"].append(c * 2)
-        rows["dst_pitch"].append(c * out_bytes)
-        rows["rows"].append(r)
-        rows["cols"].append(c)
-        rows["src_fmt"].append(FMT["bf16"])
-        rows["dst_fmt"].append(FMT[dst_fmt])
-        rows["scale"].append(scale.data_ptr() if scale is not None else 0)
-        rows["scale_pitch"].append(
-            0 if scale is None else quantize.scale_shape(shape, dst_fmt)[1] * scale.element_size())
-    return _core.TransformTable({k: np.array(v, dtype=np.int64) for k, v in rows.items()})
+        pitch = 0 if scale is None else (quantize.scale_shape(shape, dst_fmt)[1]
+                                         * scale.element_size())
+        rows.append(fmt, src.data_ptr(), out.data_ptr(), c * 2, c * out.element_size(), r, c,
+                    scale.data_ptr() if scale is not None else 0, pitch)
+    return _core.TransformTable(rows.table())
 
 
 def main(argv=None):
