@@ -20,7 +20,7 @@ import json
 import numpy as np
 import torch
 
-from refit_engine import _core, dtypes, quantize
+from refit_engine import _core, quantize
 from refit_engine.harness.baselines.torch_quantize import block_quantize
 from refit_engine.harness.grid import ParallelGrid
 from refit_engine.harness.models.kimi_k2 import KimiK2Config, kimi_k2_layout
