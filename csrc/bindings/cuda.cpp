@@ -88,9 +88,18 @@ void bind_cuda(py::module_& m) {
             py::arg("pack"), py::arg("sends"), py::arg("recvs"), py::arg("exchange"),
             py::arg("unpack"), py::arg("pack_transform") = nullptr,
             py::arg("unpack_transform") = nullptr)
-        .def("run", [](CudaExecutor& self, uintptr_t s) { self.run(as_stream(s)); },
+        // NOTE: without the GIL: an NCCL group's end may wait (bounded) for peers to connect.
+        .def("run",
+             [](CudaExecutor& self, uintptr_t s) {
+                 py::gil_scoped_release release;
+                 self.run(as_stream(s));
+             },
              py::arg("stream"))
-        .def("capture", [](CudaExecutor& self, uintptr_t s) { self.capture(as_stream(s)); },
+        .def("capture",
+             [](CudaExecutor& self, uintptr_t s) {
+                 py::gil_scoped_release release;
+                 self.capture(as_stream(s));
+             },
              py::arg("stream"))
         .def("replay", [](CudaExecutor& self, uintptr_t s) { self.replay(as_stream(s)); },
              py::arg("stream"))

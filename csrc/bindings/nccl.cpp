@@ -23,16 +23,20 @@ void bind_nccl(py::module_& m) {
     }, py::arg("path") = "", "(version code, library path) of the NCCL in use");
     py::class_<NcclTransport, std::shared_ptr<NcclTransport>>(m, "NcclCommunicator")
         .def_static("unique_id", []() { return py::bytes(NcclTransport::unique_id()); })
-        .def(py::init([](py::bytes id, int nranks, int rank, int device) {
+        .def(py::init([](py::bytes id, int nranks, int rank, int device, double timeout_s) {
                  std::string raw = id;
                  py::gil_scoped_release release;
-                 return std::make_shared<NcclTransport>(raw, nranks, rank, device);
+                 return std::make_shared<NcclTransport>(raw, nranks, rank, device, timeout_s);
              }),
-             py::arg("unique_id"), py::arg("nranks"), py::arg("rank"), py::arg("device"))
+             py::arg("unique_id"), py::arg("nranks"), py::arg("rank"), py::arg("device"),
+             py::arg("timeout_s"),
+             "A non-blocking NCCL communicator; waits up to timeout_s for every rank to join "
+             "(then aborts it and raises)")
         .def("abort", &NcclTransport::abort)
         .def_property_readonly("aborted", &NcclTransport::aborted)
         .def_property_readonly("rank", &NcclTransport::rank)
         .def_property_readonly("size", &NcclTransport::size)
+        .def_property_readonly("timeout_s", &NcclTransport::timeout_s)
         .def("async_error", [](const NcclTransport& c) { return int(c.async_result()); });
 }
 

@@ -8,6 +8,8 @@ module imports in a build without CUDA; what needs CUDA raises `require_cuda`'s 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -229,7 +231,8 @@ class CudaPlanExecutor(CudaRefitExecutor):
 
 def nccl_communicator(channel: Channel, device: int):
     """An NCCL communicator over the channel's ranks, its id sent over the channel; and the
-    map of global ranks to communicator ranks."""
+    map of global ranks to communicator ranks. Every rank raises the same RefitError, naming
+    the ranks that failed, if any rank could not create it."""
     uid, problem = None, None
     if channel.index == 0:
         try:
@@ -240,9 +243,27 @@ def nccl_communicator(channel: Channel, device: int):
     if problem:
         raise RefitError(f"rank {channel.ranks[0]} could not create an NCCL unique id: {problem}",
                          ranks=channel.ranks)
-    # NOTE: ncclCommInitRank blocks until every rank joins; a rank that fails before it leaves
-    # the others waiting inside NCCL (no deadline yet: non-blocking init is future work).
-    comm = _core.NcclCommunicator(uid, len(channel.ranks), channel.index, device)
+    # NOTE: NCCL gets half the timeout to create the communicator (it waits for every rank to
+    # join, non-blocking, then aborts): a rank that failed at once waits in the gather below
+    # for those still inside NCCL, and must hear from them before its own deadline.
+    comm, problem, deadline_s = None, None, channel.timeout_s / 2
+    started = time.monotonic()
+    try:
+        comm = _core.NcclCommunicator(uid, len(channel.ranks), channel.index, device, deadline_s)
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    reports = channel.gather((problem, time.monotonic() - started), "NCCL communicator")
+    failed = {r: (p, t) for r, (p, t) in zip(channel.ranks, reports) if p}
+    if failed:
+        if comm is not None:
+            comm.abort()
+        # The causes: ranks that failed before NCCL's deadline (the others then waited for
+        # them until it passed).
+        causes = {r: p for r, (p, t) in failed.items() if t < 0.9 * deadline_s}
+        causes = causes or {r: p for r, (p, _) in failed.items()}
+        detail = "; ".join(f"rank {r}: {p}" for r, p in causes.items())
+        raise RefitError(f"creating the NCCL communicator of ranks {channel.ranks} failed on "
+                         f"ranks {sorted(failed)}: {detail}", ranks=sorted(causes))
     return comm, dict(channel.index_of)
 
 

@@ -37,7 +37,7 @@ const NcclApi& nccl(const std::string& path) {
         }
         try {
             load(handle, "ncclGetUniqueId", api.get_unique_id);
-            load(handle, "ncclCommInitRank", api.comm_init_rank);
+            load(handle, "ncclCommInitRankConfig", api.comm_init_rank_config);
             load(handle, "ncclCommDestroy", api.comm_destroy);
             load(handle, "ncclCommAbort", api.comm_abort);
             load(handle, "ncclCommGetAsyncError", api.comm_get_async_error);

@@ -13,7 +13,7 @@ namespace refit {
 
 struct NcclApi {
     decltype(&ncclGetUniqueId) get_unique_id = nullptr;
-    decltype(&ncclCommInitRank) comm_init_rank = nullptr;
+    decltype(&ncclCommInitRankConfig) comm_init_rank_config = nullptr;
     decltype(&ncclCommDestroy) comm_destroy = nullptr;
     decltype(&ncclCommAbort) comm_abort = nullptr;
     decltype(&ncclCommGetAsyncError) comm_get_async_error = nullptr;

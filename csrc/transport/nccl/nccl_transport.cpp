@@ -2,8 +2,11 @@
 
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstring>
+#include <sstream>
 #include <stdexcept>
+#include <thread>
 
 #include "common/check.h"
 #include "transport/nccl/nccl_api.h"
@@ -16,8 +19,10 @@ std::string NcclTransport::unique_id() {
     return std::string(id.internal, sizeof(id.internal));
 }
 
-NcclTransport::NcclTransport(const std::string& id, int nranks, int rank, int device)
-    : rank_(rank), nranks_(nranks) {
+NcclTransport::NcclTransport(const std::string& id, int nranks, int rank, int device,
+                             double timeout_s)
+    : rank_(rank), nranks_(nranks), timeout_s_(timeout_s) {
+    if (!(timeout_s > 0)) throw std::invalid_argument("timeout_s must be positive");
     if (id.size() != sizeof(ncclUniqueId)) {
         throw std::invalid_argument("NCCL unique id must be " +
                                     std::to_string(sizeof(ncclUniqueId)) + " bytes");
@@ -25,7 +30,42 @@ NcclTransport::NcclTransport(const std::string& id, int nranks, int rank, int de
     ncclUniqueId uid;
     std::memcpy(uid.internal, id.data(), sizeof(uid.internal));
     REFIT_CUDA_CHECK(cudaSetDevice(device));
-    REFIT_NCCL_CHECK(nccl().comm_init_rank(&comm_, nranks, uid, rank));
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    const ncclResult_t started = nccl().comm_init_rank_config(&comm_, nranks, uid, rank, &config);
+    if (started != ncclSuccess && started != ncclInProgress) {
+        abort();  // a half-made communicator, if NCCL returned one
+        REFIT_NCCL_CHECK(started);
+    }
+    wait_ready("creating the communicator (rank " + std::to_string(rank) + " of " +
+               std::to_string(nranks) + ")");
+}
+
+void NcclTransport::wait_ready(const std::string& what) {
+    const auto start = std::chrono::steady_clock::now();
+    while (true) {
+        ncclResult_t state = ncclSuccess;
+        const ncclResult_t asked = nccl().comm_get_async_error(comm_, &state);
+        if (asked != ncclSuccess) state = asked;
+        if (state == ncclSuccess) return;
+        const double waited =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (state != ncclInProgress) {
+            const std::string reason = nccl().error_string(state);
+            abort();
+            throw std::runtime_error("NCCL failed " + what + ": " + reason +
+                                     "; NCCL communicator aborted");
+        }
+        if (waited > timeout_s_) {
+            abort();
+            std::ostringstream seconds;
+            seconds << timeout_s_;
+            throw std::runtime_error("NCCL did not finish " + what + " within " + seconds.str() +
+                                     " s: a peer never joined or stopped responding; NCCL "
+                                     "communicator aborted");
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(waited < 0.01 ? 20 : 1000));
+    }
 }
 
 NcclTransport::~NcclTransport() {
@@ -50,7 +90,16 @@ void NcclTransport::begin_exchange() {
     REFIT_NCCL_CHECK(nccl().group_start());
 }
 
-void NcclTransport::end_exchange() { REFIT_NCCL_CHECK(nccl().group_end()); }
+void NcclTransport::end_exchange() {
+    // A non-blocking communicator's group ends in progress while NCCL connects peers (first
+    // use of a pair) on its own thread; the operations are enqueued once it is ready.
+    const ncclResult_t ended = nccl().group_end();
+    if (ended == ncclInProgress) {
+        wait_ready("a send/recv group (connecting peers)");
+        return;
+    }
+    REFIT_NCCL_CHECK(ended);
+}
 
 void NcclTransport::post_recv(int64_t peer, void* dst, size_t bytes, cudaStream_t stream) {
     REFIT_NCCL_CHECK(nccl().recv(dst, bytes, ncclUint8, int(peer), comm_, stream));

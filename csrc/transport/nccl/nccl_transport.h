@@ -1,6 +1,12 @@
 // The NCCL transport: a communicator created from a unique id the caller exchanged (over its
 // torch.distributed group), through the dlopen'ed NCCL of nccl_api.h. One bucket's messages
 // are one NCCL group of send/recv, so their order within the bucket cannot deadlock.
+//
+// The communicator is non-blocking (ncclConfig_t::blocking = 0) so that no host wait inside
+// NCCL is unbounded: its creation and each group's end (where NCCL connects peers on first
+// use) return at once and are polled here up to `timeout_s`; past it the communicator is
+// aborted and the call throws. A blocking communicator would leave a rank whose peer never
+// joins (it failed before ncclCommInitRank, or hangs) inside NCCL for ever.
 #pragma once
 
 #include <nccl.h>
@@ -15,7 +21,9 @@ namespace refit {
 class NcclTransport final : public Transport {
    public:
     static std::string unique_id();  // NCCL_UNIQUE_ID_BYTES bytes
-    NcclTransport(const std::string& id, int nranks, int rank, int device);
+    // Waits up to timeout_s for every rank to join; throws (the communicator aborted) if one
+    // does not, or if NCCL fails.
+    NcclTransport(const std::string& id, int nranks, int rank, int device, double timeout_s);
     ~NcclTransport() override;
     NcclTransport(const NcclTransport&) = delete;
     NcclTransport& operator=(const NcclTransport&) = delete;
@@ -23,6 +31,7 @@ class NcclTransport final : public Transport {
     ncclComm_t get() const { return comm_; }
     int rank() const { return rank_; }
     int size() const { return nranks_; }
+    double timeout_s() const { return timeout_s_; }
     // ncclSuccess, or the asynchronous error NCCL recorded (a peer died, a network error);
     // ncclInvalidUsage once aborted.
     ncclResult_t async_result() const;
@@ -37,9 +46,14 @@ class NcclTransport final : public Transport {
     bool aborted() const override { return comm_ == nullptr; }
 
    private:
+    // Polls the communicator until NCCL's work in progress (`what`) ends: returns on success,
+    // aborts and throws on an error or after timeout_s.
+    void wait_ready(const std::string& what);
+
     ncclComm_t comm_ = nullptr;
     int rank_;
     int nranks_;
+    double timeout_s_;
 };
 
 }  // namespace refit
