@@ -278,7 +278,8 @@ def refit_case(rank: int, tensors, seed: int = 0, corrupt=None, **kw) -> dict:
         if step:
             m.fill(seed + 1000)
             m.poison(poison)
-        stats.append(refit_engine.execute(plan))
+        # verify=True checks every piece as sent and landed, transformed ones included.
+        stats.append(refit_engine.execute(plan, verify=True))
         problems += m.problems()
     out = {"problems": problems, "stats": stats[-1], "exact": check_exact(plan)}
     if corrupt is not None:
@@ -296,6 +297,36 @@ def refit_case(rank: int, tensors, seed: int = 0, corrupt=None, **kw) -> dict:
         out["caught"] = caught
     plan.close()
     return out
+
+
+def verify_case(rank: int, tensors, corrupt, seed: int = 0, **kw):
+    """execute(verify=True) passes on a clean refit, then must fail on every rank, naming the
+    tensor, when corrupt = (rank, tensor, "data" | "scale" | "carrier") has one byte of that
+    rank's destination (its scale, its assembled carrier) flipped after the copies ran."""
+    m = Model(rank, tensors, seed)
+    plan = _plan(m, **kw)
+    refit_engine.execute(plan, verify=True)
+    who, name, what = corrupt
+    if rank == who:
+        data, scale = m.view("dst", name)
+        if what == "carrier":
+            key = m.slots[("dst", name)][1]
+            data = next(t for t in plan.transforms.targets.values() if t.key == key).carrier
+        flat = (scale if what == "scale" else data).view(torch.uint8).reshape(-1)
+        real = plan.executor.run
+
+        def run(*a, **k):
+            result = real(*a, **k)
+            flat[flat.numel() // 2] ^= 0x01
+            return result
+        plan.executor.run = run
+    try:
+        refit_engine.execute(plan, verify=True)
+        error = None
+    except RefitError as exc:
+        error = (exc.tensor, exc.ranks, exc.reason)
+    plan.close()
+    return {"error": error}
 
 
 def refused_case(rank: int, build, plan_kw=None) -> dict:
@@ -630,6 +661,20 @@ CASES.update({
                T("narrow", (3, 7), "fp32", "bf16", whole(0), whole(1))],
         seed=12, cast=True, bucket_bytes=64, mode="non-collocated"),
 })
+VERIFY_CASES = {
+    "fused fp8 data": (1, "fp8.rows", "data"),
+    "fused fp8 scale": (1, "fp8.rows", "scale"),
+    "fused mxfp8 scale": (2, "mx.cols", "scale"),
+    "fused cast": (3, "cast.fp32.bf16", "data"),
+    "assembled fp8 data": (0, "asm.fp8", "data"),
+    "assembled fp8 carrier": (0, "asm.fp8", "carrier"),
+    "assembled mxfp8 scale": (2, "asm.mx", "scale"),
+}
+for _name, _corrupt in VERIFY_CASES.items():
+    _tensors = (assembled_tensors if _name.startswith("assembled")
+                else functools.partial(tp_tensors, G(4, tp=2), G(4, tp=4)))
+    CASES[f"verify {_name}"] = functools.partial(verify_case, tensors=_tensors(),
+                                                 corrupt=_corrupt, seed=13, cast=True)
 for _name, (_build, _kw) in REFUSALS.items():
     CASES[f"refuse {_name}"] = functools.partial(refused_case, build=_build, plan_kw=_kw)
 for _how in ("replaced in scales", "data swapped", "freed"):
@@ -919,6 +964,19 @@ def test_check_exact_catches_a_corrupted_fp8_byte_and_scale(world):
         assert data == (["fp8.rows"] if rank == 1 else []), (rank, data)
         assert scale == (["fp8.rows"] if rank == 1 else []), (rank, scale)
         assert restored == []
+
+
+@pytest.mark.parametrize("case", list(VERIFY_CASES))
+def test_verify_catches_a_corrupted_transformed_destination(world, case):
+    """execute(verify=True) checks transformed destinations too: a fused one in its own
+    format against its senders' transform of what they sent, an assembled one as the plain
+    bytes in its carrier and then its transform of the carrier."""
+    who, name, _ = VERIFY_CASES[case]
+    errors = [r["error"] for r in reports(world, f"verify {case}")]
+    assert errors[0] is not None, f"{case}: verify=True did not notice"
+    assert all(e == errors[0] for e in errors), f"ranks raised different errors: {errors}"
+    tensor, ranks, reason = errors[0]
+    assert tensor == name and who in ranks and "verification failed" in reason, errors[0]
 
 
 def test_ep_change_into_grouped_quantized_experts(world):

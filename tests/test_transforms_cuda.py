@@ -197,7 +197,8 @@ def _ipc_worker(rank, world, src_tp, dst_tp, separate, ipc_sync):
         if rank in dst_ranks:
             _poison(dst)
         torch.cuda.synchronize()
-        refit_engine.execute(plan, graph=graph)
+        # One refit with verify=True: transformed pieces checked as sent and landed too.
+        refit_engine.execute(plan, graph=graph, verify=seed == 1)
         torch.cuda.synchronize()
         if rank in dst_ranks:
             out["wrong"] += [(seed, w) for w in _check(dst, dst_tp, list(dst_ranks).index(rank),
