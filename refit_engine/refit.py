@@ -88,12 +88,21 @@ class Plan:
     lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
 
     def close(self) -> None:
-        """Releases the plan's channel and communicators now (also done when it is dropped)."""
-        self.broken = self.broken or "closed"
-        if self.executor is not None:
-            self.executor.close()
-        if self.channel is not None:
-            self.channel.close()
+        """Releases the plan's channel and communicators now (also done when it is dropped).
+        Waits for a refit another thread is running on it (its waits are bounded)."""
+        # NOTE: closing unmaps peers' memory and frees staging: never under a running refit,
+        # whose copies would then read freed memory.
+        if not self.lock.acquire(timeout=2 * self.timeout_s + 10):
+            raise RefitError("cannot close the plan: another thread's refit on it has not "
+                             f"ended within {2 * self.timeout_s + 10:g} s", ranks=[self.rank])
+        try:
+            self.broken = self.broken or "closed"
+            if self.executor is not None:
+                self.executor.close()
+            if self.channel is not None:
+                self.channel.close()
+        finally:
+            self.lock.release()
 
     @functools.cached_property
     def traffic(self) -> dict:

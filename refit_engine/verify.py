@@ -80,6 +80,14 @@ def transformed_exact(fmt, carrier_bits: np.ndarray, tensor, scale) -> bool:
 
 # -- verification mode: checksums of what was sent against what landed ----------------------
 
+def _torch_region(tensor, offset: int, pitch: int, rows: int, row_bytes: int):
+    """A pitched byte region of a torch tensor, `offset` bytes from its first element."""
+    flat = tensor.detach().reshape(-1).view(torch.uint8)
+    # NOTE: as_strided's offset counts from the storage's start: a bound tensor is often a
+    # view into a larger buffer (megatron's parameter buffer), so add the view's own.
+    return flat.as_strided((rows, row_bytes), (pitch, 1), flat.storage_offset() + offset)
+
+
 def segment_checksum(tensor, offset: int, pitch: int, rows: int, row_bytes: int) -> int:
     """Position-weighted sum of a pitched byte region (wrapping int64: any order, same result).
 
@@ -89,8 +97,7 @@ def segment_checksum(tensor, offset: int, pitch: int, rows: int, row_bytes: int)
     three), so ranks holding different kinds compare.
     """
     if arrays.kind_of(tensor) == "torch":
-        flat = tensor.detach().reshape(-1).view(torch.uint8)
-        region = flat.as_strided((rows, row_bytes), (pitch, 1), offset).reshape(-1)
+        region = _torch_region(tensor, offset, pitch, rows, row_bytes).reshape(-1)
         region = region.to(torch.int64)
         weights = torch.arange(1, region.numel() + 1, dtype=torch.int64, device=region.device)
         return int((region * weights).sum().item())
@@ -160,8 +167,7 @@ def _region(tensor, offset: int, pitch: int, rows: int, row_bytes: int) -> np.nd
     if rows == 0 or row_bytes == 0:
         return np.zeros((rows, row_bytes), dtype=np.uint8)
     if arrays.kind_of(tensor) == "torch":
-        flat = tensor.detach().reshape(-1).view(torch.uint8)
-        return flat.as_strided((rows, row_bytes), (pitch, 1), offset).cpu().numpy()
+        return _torch_region(tensor, offset, pitch, rows, row_bytes).cpu().numpy()
     if isinstance(tensor, np.ndarray):
         flat = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)
         return np.lib.stride_tricks.as_strided(flat[offset:], (rows, row_bytes),
@@ -343,7 +349,8 @@ def verify_checksums(plan) -> None:
         tensors = sorted({name for name, _, _ in bad} | {key for key, _ in wrong})
         parts = []
         if bad:
-            parts.append("bytes that landed differ from bytes sent (sender->receiver: "
+            parts.append("what landed differs from what was sent (a transformed destination: "
+                         "from the sender's transform of it; sender->receiver: "
                          + ", ".join(f"{s}->{r}" for _, s, r in bad[:8]) + ")")
         if wrong:
             parts.append("an assembled destination differs from the transform of what landed "

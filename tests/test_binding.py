@@ -542,3 +542,18 @@ def test_tensors_on_several_devices_are_named():
                                          r"on cuda:0") as info:
         device_of({"cpu": "source 'w'", "cuda:0": "destination 'router.expert_bias'"}, 3)
     assert info.value.ranks == [3] and info.value.tensor == "w"
+
+
+def test_checksums_of_a_view_read_the_view():
+    """A bound tensor is often a view into a larger buffer: its checksum and region are its own
+    bytes, not the buffer's from its start."""
+    from refit_engine.verify import _region, segment_checksum
+    buffer = torch.arange(4096, dtype=torch.int32)
+    view = buffer[1000:1600].view(20, 30)
+    copy = view.clone()
+    assert view.storage_offset() == 1000
+    for offset, pitch, rows, row_bytes in ((0, 120, 20, 120), (8, 120, 5, 40), (100, 1, 1, 9)):
+        assert segment_checksum(view, offset, pitch, rows, row_bytes) == \
+            segment_checksum(copy, offset, pitch, rows, row_bytes)
+        assert np.array_equal(_region(view, offset, pitch, rows, row_bytes),
+                              _region(copy, offset, pitch, rows, row_bytes))

@@ -155,6 +155,43 @@ def _two_threads(rank, world):
     return refused, first, outcomes
 
 
+def _close_during_refit(rank, world):
+    """Rank 0 closes its plan from another thread while a (slowed) refit runs on it: close
+    waits for the refit, which ends bit-exact; the plan is then closed."""
+    import threading
+    import time
+    src, dst = _models(rank)
+    plan = refit_engine.plan(src, dst, timeout_s=30)
+    real, events = plan.executor.run, []
+
+    def slow_run(*args, **kwargs):
+        started.set()
+        time.sleep(1.0)
+        real(*args, **kwargs)
+        events.append("refit ended")
+    started = threading.Event()
+    plan.executor.run = slow_run
+    closer = None
+    if rank == 0:
+        def close():
+            started.wait(30)
+            plan.close()
+            events.append("closed")
+        closer = threading.Thread(target=close)
+        closer.start()
+    refit_engine.execute(plan)
+    if closer is not None:
+        closer.join(60)
+    full = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    return events, torch.equal(dst.tensors["w"], full), plan.broken
+
+
+def test_close_waits_for_a_refit_running_in_another_thread():
+    (events, exact, broken), (_, exact1, _) = run_world(_close_during_refit, 2)
+    assert events == ["refit ended", "closed"], events
+    assert exact and exact1 and broken == "closed"
+
+
 def test_two_threads_on_one_plan():
     (refused, first, outcomes), (_, first1, _) = run_world(_two_threads, 2)
     assert refused and "another thread" in refused

@@ -105,13 +105,20 @@ void CudaExecutor::exchange(size_t b) {
         // order does not matter, and a transport without groups then has every receive posted
         // before a send could wait for it.
         x.transport->begin_exchange();
-        for (const DeviceMessage& m : x.recvs) {
-            x.transport->post_recv(m.peer, reinterpret_cast<void*>(m.address), size_t(m.bytes),
-                                   comm_stream_);
-        }
-        for (const DeviceMessage& m : x.sends) {
-            x.transport->post_send(m.peer, reinterpret_cast<const void*>(m.address),
-                                   size_t(m.bytes), comm_stream_);
+        try {
+            for (const DeviceMessage& m : x.recvs) {
+                x.transport->post_recv(m.peer, reinterpret_cast<void*>(m.address),
+                                       size_t(m.bytes), comm_stream_);
+            }
+            for (const DeviceMessage& m : x.sends) {
+                x.transport->post_send(m.peer, reinterpret_cast<const void*>(m.address),
+                                       size_t(m.bytes), comm_stream_);
+            }
+        } catch (...) {
+            // A half-posted bracket left open would nest every later one (NCCL's group depth
+            // is per thread): close it, and the transport with it.
+            x.transport->cancel_exchange();
+            throw;
         }
         x.transport->end_exchange();
     }
@@ -134,6 +141,7 @@ void CudaExecutor::run(cudaStream_t stream) {
         if (!failed.empty()) throw std::runtime_error(failed);
         ordering_->enter(stream);
     }
+    for (Transport* t : transports_.distinct()) t->begin_run();
     REFIT_CUDA_CHECK(cudaEventRecord(start_, stream));
     for (cudaStream_t s : {pack_stream_, comm_stream_, unpack_stream_}) {
         REFIT_CUDA_CHECK(cudaStreamWaitEvent(s, start_, 0));

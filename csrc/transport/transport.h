@@ -8,7 +8,9 @@
 //    after the work enqueued there before it, and work enqueued there after end_exchange()
 //    starts only once every message posted since begin_exchange() has fully arrived (recv) or
 //    been read (send): the executor reuses staging buffers on that promise. The host never
-//    waits for the peer inside these calls (a rendezvous may be set up, not awaited).
+//    waits for the peer's data inside these calls; end_exchange() may wait for the
+//    transport's own setup (NCCL connects a pair of peers on its first use), bounded by the
+//    transport's deadline, which begin_run() restarts for each refit.
 //  - Graph capture. When `stream` is capturing a CUDA graph, the posted work is captured
 //    (replayed later with the same addresses and sizes) instead of run; nothing may be done on
 //    the host at capture time that replay would need to repeat.
@@ -39,9 +41,14 @@ class Transport {
     // What the transport is, for errors: "<name> aborted" ("NCCL communicator aborted").
     virtual std::string name() const = 0;
 
+    // A refit starts: waits inside its exchanges share one deadline from now.
+    virtual void begin_run() {}
     // Brackets one bucket's messages over this transport; posts happen only inside a bracket.
     virtual void begin_exchange() = 0;
     virtual void end_exchange() = 0;
+    // Closes a bracket whose posting failed part-way: what it posted must never run, so the
+    // transport ends the bracket and aborts itself. Never throws.
+    virtual void cancel_exchange() noexcept = 0;
     // `bytes` from `peer` into device memory at `dst` / from `src` to `peer`, on `stream`.
     // `peer` is the peer's rank in the transport's group (what the plan's messages carry).
     virtual void post_recv(int64_t peer, void* dst, size_t bytes, cudaStream_t stream) = 0;

@@ -246,20 +246,26 @@ def nccl_communicator(channel: Channel, device: int):
     # NOTE: NCCL gets half the timeout to create the communicator (it waits for every rank to
     # join, non-blocking, then aborts): a rank that failed at once waits in the gather below
     # for those still inside NCCL, and must hear from them before its own deadline.
-    comm, problem, deadline_s = None, None, channel.timeout_s / 2
+    comm, problem, nccl_timeout_s = None, None, channel.timeout_s / 2
     started = time.monotonic()
     try:
-        comm = _core.NcclCommunicator(uid, len(channel.ranks), channel.index, device, deadline_s)
+        comm = _core.NcclCommunicator(uid, len(channel.ranks), channel.index, device,
+                                      nccl_timeout_s)
     except Exception as exc:
         problem = f"{type(exc).__name__}: {exc}"
-    reports = channel.gather((problem, time.monotonic() - started), "NCCL communicator")
+    try:
+        reports = channel.gather((problem, time.monotonic() - started), "NCCL communicator")
+    except BaseException:
+        if comm is not None:  # a peer is gone: destroying the communicator could wait on it
+            comm.abort()
+        raise
     failed = {r: (p, t) for r, (p, t) in zip(channel.ranks, reports) if p}
     if failed:
         if comm is not None:
             comm.abort()
         # The causes: ranks that failed before NCCL's deadline (the others then waited for
         # them until it passed).
-        causes = {r: p for r, (p, t) in failed.items() if t < 0.9 * deadline_s}
+        causes = {r: p for r, (p, t) in failed.items() if t < 0.9 * nccl_timeout_s}
         causes = causes or {r: p for r, (p, _) in failed.items()}
         detail = "; ".join(f"rank {r}: {p}" for r, p in causes.items())
         raise RefitError(f"creating the NCCL communicator of ranks {channel.ranks} failed on "

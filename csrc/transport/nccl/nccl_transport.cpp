@@ -38,18 +38,25 @@ NcclTransport::NcclTransport(const std::string& id, int nranks, int rank, int de
         REFIT_NCCL_CHECK(started);
     }
     wait_ready("creating the communicator (rank " + std::to_string(rank) + " of " +
-               std::to_string(nranks) + ")");
+                   std::to_string(nranks) + ")",
+               std::chrono::steady_clock::now(), "a peer never joined or stopped responding");
 }
 
-void NcclTransport::wait_ready(const std::string& what) {
-    const auto start = std::chrono::steady_clock::now();
+void NcclTransport::wait_ready(const std::string& what,
+                               std::chrono::steady_clock::time_point since,
+                               const std::string& if_late) {
+    // Poll fast at first (a group end is usually ready within microseconds), then gently: a
+    // slow creation or connection takes seconds and must not keep a core busy.
+    constexpr auto kFirstPolls = std::chrono::microseconds(20);
+    constexpr auto kLaterPolls = std::chrono::milliseconds(1);
+    constexpr double kFastPhaseS = 0.01;
     while (true) {
         ncclResult_t state = ncclSuccess;
         const ncclResult_t asked = nccl().comm_get_async_error(comm_, &state);
         if (asked != ncclSuccess) state = asked;
         if (state == ncclSuccess) return;
         const double waited =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
         if (state != ncclInProgress) {
             const std::string reason = nccl().error_string(state);
             abort();
@@ -61,15 +68,27 @@ void NcclTransport::wait_ready(const std::string& what) {
             std::ostringstream seconds;
             seconds << timeout_s_;
             throw std::runtime_error("NCCL did not finish " + what + " within " + seconds.str() +
-                                     " s: a peer never joined or stopped responding; NCCL "
-                                     "communicator aborted");
+                                     " s: " + if_late + "; NCCL communicator aborted");
         }
-        std::this_thread::sleep_for(std::chrono::microseconds(waited < 0.01 ? 20 : 1000));
+        if (waited < kFastPhaseS) {
+            std::this_thread::sleep_for(kFirstPolls);
+        } else {
+            std::this_thread::sleep_for(kLaterPolls);
+        }
     }
 }
 
 NcclTransport::~NcclTransport() {
-    if (comm_) nccl().comm_destroy(comm_);  // NOTE: errors in a destructor can only be dropped
+    if (!comm_) return;
+    // NOTE: errors in a destructor can only be dropped. A communicator in error (or with work
+    // still in progress) must be aborted: ncclCommDestroy would flush work that can no longer
+    // finish.
+    ncclResult_t state = ncclSuccess;
+    if (nccl().comm_get_async_error(comm_, &state) != ncclSuccess || state != ncclSuccess) {
+        abort();
+    } else {
+        nccl().comm_destroy(comm_);
+    }
 }
 
 ncclResult_t NcclTransport::async_result() const {
@@ -90,15 +109,27 @@ void NcclTransport::begin_exchange() {
     REFIT_NCCL_CHECK(nccl().group_start());
 }
 
+void NcclTransport::begin_run() { run_started_ = std::chrono::steady_clock::now(); }
+
 void NcclTransport::end_exchange() {
-    // A non-blocking communicator's group ends in progress while NCCL connects peers (first
-    // use of a pair) on its own thread; the operations are enqueued once it is ready.
+    // A non-blocking communicator's group may end in progress: NCCL launches it (connecting
+    // a pair of peers on its first use) on its own thread. The stream holds the operations
+    // once the communicator is ready again; every group of one refit shares one deadline.
     const ncclResult_t ended = nccl().group_end();
     if (ended == ncclInProgress) {
-        wait_ready("a send/recv group (connecting peers)");
+        wait_ready("launching a send/recv group", run_started_,
+                   "a peer did not post its side of the bucket, or stopped responding");
         return;
     }
-    REFIT_NCCL_CHECK(ended);
+    if (ended != ncclSuccess) {
+        abort();  // the group's operations are in an unknown state
+        REFIT_NCCL_CHECK(ended);
+    }
+}
+
+void NcclTransport::cancel_exchange() noexcept {
+    nccl().group_end();  // NOTE: not checked: it closes the bracket; its work is aborted next
+    abort();
 }
 
 void NcclTransport::post_recv(int64_t peer, void* dst, size_t bytes, cudaStream_t stream) {

@@ -2,15 +2,18 @@
 // torch.distributed group), through the dlopen'ed NCCL of nccl_api.h. One bucket's messages
 // are one NCCL group of send/recv, so their order within the bucket cannot deadlock.
 //
-// The communicator is non-blocking (ncclConfig_t::blocking = 0) so that no host wait inside
-// NCCL is unbounded: its creation and each group's end (where NCCL connects peers on first
-// use) return at once and are polled here up to `timeout_s`; past it the communicator is
-// aborted and the call throws. A blocking communicator would leave a rank whose peer never
-// joins (it failed before ncclCommInitRank, or hangs) inside NCCL for ever.
+// The communicator is non-blocking (ncclConfig_t::blocking = 0) so that the host waits on it
+// run to a deadline: its creation and each group's end (NCCL launches the group, connecting a
+// pair of peers on its first use, on its own thread) return at once and are polled here, up
+// to `timeout_s` for the creation and for all groups of one refit together; past it the
+// communicator is aborted and the call throws. A blocking communicator would leave a rank
+// whose peer never joins (it failed before ncclCommInitRank, or hangs) inside NCCL for ever.
+// (ncclCommAbort itself is not bounded by us: NCCL joins its own threads there.)
 #pragma once
 
 #include <nccl.h>
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -37,8 +40,10 @@ class NcclTransport final : public Transport {
     ncclResult_t async_result() const;
 
     std::string name() const override { return "NCCL communicator"; }
+    void begin_run() override;
     void begin_exchange() override;
     void end_exchange() override;
+    void cancel_exchange() noexcept override;
     void post_recv(int64_t peer, void* dst, size_t bytes, cudaStream_t stream) override;
     void post_send(int64_t peer, const void* src, size_t bytes, cudaStream_t stream) override;
     std::string async_error() const override;
@@ -47,13 +52,15 @@ class NcclTransport final : public Transport {
 
    private:
     // Polls the communicator until NCCL's work in progress (`what`) ends: returns on success,
-    // aborts and throws on an error or after timeout_s.
-    void wait_ready(const std::string& what);
+    // aborts and throws on an error, or when timeout_s has passed `since` (saying `if_late`).
+    void wait_ready(const std::string& what, std::chrono::steady_clock::time_point since,
+                    const std::string& if_late);
 
     ncclComm_t comm_ = nullptr;
     int rank_;
     int nranks_;
     double timeout_s_;
+    std::chrono::steady_clock::time_point run_started_ = std::chrono::steady_clock::now();
 };
 
 }  // namespace refit
