@@ -87,20 +87,26 @@ class Plan:
     # One refit at a time: two threads running one plan would interleave its messages.
     lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
 
+    # Set by close() while a refit runs: that refit's execute closes the plan as it ends.
+    close_pending: bool = field(repr=False, default=False)
+
     def close(self) -> None:
-        """Releases the plan's channel and communicators now (also done when it is dropped).
-        Waits for a refit another thread is running on it (its waits are bounded)."""
-        # NOTE: closing unmaps peers' memory and frees staging: never under a running refit,
-        # whose copies would then read freed memory.
-        if not self.lock.acquire(timeout=2 * self.timeout_s + 10):
-            raise RefitError("cannot close the plan: another thread's refit on it has not "
-                             f"ended within {2 * self.timeout_s + 10:g} s", ranks=[self.rank])
+        """Releases the plan's channel and communicators (also done when it is dropped). The
+        plan is unusable from now on; if a refit is running on it (another thread, or this
+        one from a signal handler), the release happens when that refit ends. Never waits."""
+        # NOTE: releasing unmaps peers' memory and frees staging: never under a running
+        # refit, whose copies would then read freed memory.
+        self.broken = self.broken or "closed"
+        self.close_pending = True
+        if not self.lock.acquire(blocking=False):
+            return  # execute() sees close_pending once it has released the lock
         try:
-            self.broken = self.broken or "closed"
-            if self.executor is not None:
-                self.executor.close()
-            if self.channel is not None:
-                self.channel.close()
+            if self.close_pending:
+                self.close_pending = False
+                if self.executor is not None:
+                    self.executor.close()
+                if self.channel is not None:
+                    self.channel.close()
         finally:
             self.lock.release()
 
@@ -444,6 +450,8 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
         return _execute_locked(plan, graph, stream, sync, verify, check)
     finally:
         plan.lock.release()
+        if plan.close_pending:  # close() was called during the refit: release now
+            plan.close()
 
 
 def _end(plan: Plan, why: str) -> None:
