@@ -177,8 +177,16 @@ def clear_plan_cache() -> None:
     every rank of its group plan again."""
     plans = [cached.plan for bucket in _PLANS.values() for cached in bucket]
     _PLANS.clear()
-    for plan in plans:
-        plan.close()
+    failures = []
+    for plan in plans:  # every plan is closed, even after one failed to
+        try:
+            plan.close()
+        except Exception as exc:  # noqa: BLE001 - reported below, after the others
+            failures.append(f"{type(exc).__name__}: {exc}")
+    if failures:
+        raise RefitError(f"clearing the plan cache: {len(failures)} plan(s) failed to close: "
+                         + "; ".join(failures[:4]),
+                         ranks=[dist.get_rank()] if dist.is_initialized() else [])
 
 
 def clear_service_cache() -> None:

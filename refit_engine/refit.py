@@ -15,6 +15,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,10 +104,12 @@ class Plan:
         try:
             if self.close_pending:
                 self.close_pending = False
-                if self.executor is not None:
-                    self.executor.close()
-                if self.channel is not None:
-                    self.channel.close()
+                try:
+                    if self.executor is not None:
+                        self.executor.close()
+                finally:  # the group is released even when the executor's release failed
+                    if self.channel is not None:
+                        self.channel.close()
         finally:
             self.lock.release()
 
@@ -451,7 +454,11 @@ def execute(plan: Plan, graph: bool = False, stream=None, sync: bool = True,
     finally:
         plan.lock.release()
         if plan.close_pending:  # close() was called during the refit: release now
-            plan.close()
+            try:
+                plan.close()
+            except Exception as exc:  # noqa: BLE001 - the refit's own outcome is the answer
+                warnings.warn(f"refit_engine: releasing a plan closed during its refit failed: "
+                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def _end(plan: Plan, why: str) -> None:

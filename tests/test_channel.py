@@ -380,3 +380,21 @@ def test_named_plans_built_in_crossed_order_never_pair():
     (first0, second0), (first1, second1) = ([o == "planned" for o in r] for r in ranks)
     assert not (first0 and first1), ranks
     assert first0 == second1 and first1 == second0, ranks  # "rollout", "reference" pairs
+
+
+def test_close_releases_the_group_when_the_executor_fails_to_release():
+    import threading
+    import types
+
+    from refit_engine.refit import Plan
+
+    released = []
+
+    def failing():
+        raise RuntimeError("the executor cannot be released")
+    fake = types.SimpleNamespace(lock=threading.Lock(), broken=None, close_pending=False,
+                                 executor=types.SimpleNamespace(close=failing),
+                                 channel=types.SimpleNamespace(close=lambda: released.append(1)))
+    with pytest.raises(RuntimeError, match="cannot be released"):
+        Plan.close(fake)
+    assert released == [1] and fake.broken == "closed" and not fake.lock.locked()

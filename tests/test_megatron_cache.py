@@ -110,3 +110,29 @@ def test_swap_model_weights_ranks_holding_neither_model_agree():
             if name != "plans":
                 assert wrong == [], (rank, name, wrong[:5])
         assert out["plans"] == 2, (rank, out)  # one plan per pair, reused on every rank
+
+
+def test_clear_plan_cache_closes_every_plan_even_when_one_fails():
+    import types
+
+    from refit_engine import RefitError, megatron
+
+    closed = []
+
+    def plan(name, fails=False):
+        def close():
+            closed.append(name)
+            if fails:
+                raise RuntimeError(f"{name} cannot be released")
+        return types.SimpleNamespace(plan=types.SimpleNamespace(close=close))
+
+    saved = dict(megatron._PLANS)
+    megatron._PLANS.clear()
+    megatron._PLANS.update({"a": [plan("first"), plan("bad", fails=True)], "b": [plan("last")]})
+    try:
+        with pytest.raises(RefitError, match="1 plan.s. failed to close: RuntimeError: bad"):
+            megatron.clear_plan_cache()
+    finally:
+        megatron._PLANS.clear()
+        megatron._PLANS.update(saved)
+    assert closed == ["first", "bad", "last"] and not megatron._PLANS.get("a")
