@@ -186,39 +186,50 @@ def _scale_region(t: transforms.Target, b: int, r0: int, c0: int, rows: int, col
     return offset, pitch, -(-rows // br), -(-cols // bc) * ssize
 
 
-def _landed_sums(t: transforms.Target, seg, tensor, scale) -> tuple[int, int]:
-    """Position-weighted sums of the destination (and scale) bytes one segment filled."""
+def _sums(t: transforms.Target, seg, read) -> tuple[int, int]:
+    """Position-weighted sums of what one segment puts in a fused destination and its scales,
+    rectangle by rectangle; read(source offset, source pitch, rectangle, its first byte in
+    the destination, its scale region or None) -> (its destination bytes, its scale bytes or
+    None)."""
     mr, mc = t.matrix
     data = scales = 0
-    for _, _, (b, r0, c0, rows, cols) in transforms.rectangles(seg, t.matrix, t.in_size):
+    for offset, pitch, rect in transforms.rectangles(seg, t.matrix, t.in_size):
+        b, r0, c0, rows, cols = rect
         base = ((b * mr + r0) * mc + c0) * t.out_size
-        data += _weighted(_region(tensor, base, mc * t.out_size, rows, cols * t.out_size), base,
-                          mc * t.out_size)
-        if t.fmt.quantized:
-            offset, pitch, srows, sbytes = _scale_region(t, b, r0, c0, rows, cols)
-            scales += _weighted(_region(scale, offset, pitch, srows, sbytes), offset, pitch)
+        region = _scale_region(t, b, r0, c0, rows, cols) if t.fmt.quantized else None
+        q, s = read(offset, pitch, rect, base, region)
+        data += _weighted(q, base, mc * t.out_size)
+        if region is not None:
+            scales += _weighted(s, region[0], region[1])
     return data % _WRAP, scales % _WRAP
+
+
+def _landed_sums(t: transforms.Target, seg, tensor, scale) -> tuple[int, int]:
+    """`_sums` of the destination (and scale) bytes one segment filled."""
+    _, mc = t.matrix
+
+    def read(_offset, _pitch, rect, base, region):
+        rows, cols = rect[3], rect[4]
+        q = _region(tensor, base, mc * t.out_size, rows, cols * t.out_size)
+        return q, (_region(scale, *region) if region is not None else None)
+    return _sums(t, seg, read)
 
 
 def _sent_sums(t: transforms.Target, seg, source) -> tuple[int, int]:
     """What `_landed_sums` must find for a segment whose source side is this rank's (`seg`:
     the sender's source fields, the receiver's destination fields), from the source bytes
     transformed here."""
-    mr, mc = t.matrix
     src_bits = dtypes.numpy_bits_dtype(transforms.dtype_of(t.fmt.src))
-    data = scales = 0
-    for offset, pitch, (b, r0, c0, rows, cols) in transforms.rectangles(seg, t.matrix,
-                                                                       t.in_size):
+
+    def read(offset, pitch, rect, _base, region):
+        rows, cols = rect[3], rect[4]
         raw = _region(source, int(seg[SEG["src_offset"]]) + offset, pitch, rows, cols * t.in_size)
         q, s = quantize.transform(np.ascontiguousarray(raw).view(src_bits), t.fmt.src, t.fmt.dst)
         q = np.ascontiguousarray(q).view(np.uint8).reshape(rows, cols * t.out_size)
-        base = ((b * mr + r0) * mc + c0) * t.out_size
-        data += _weighted(q, base, mc * t.out_size)
-        if t.fmt.quantized:
-            offset_s, pitch_s, srows, sbytes = _scale_region(t, b, r0, c0, rows, cols)
-            s = np.ascontiguousarray(s).view(np.uint8).reshape(srows, sbytes)
-            scales += _weighted(s, offset_s, pitch_s)
-    return data % _WRAP, scales % _WRAP
+        if region is None:
+            return q, None
+        return q, np.ascontiguousarray(s).view(np.uint8).reshape(region[2], region[3])
+    return _sums(t, seg, read)
 
 
 def fused_geometry(plan) -> tuple[dict, dict]:
@@ -226,7 +237,7 @@ def fused_geometry(plan) -> tuple[dict, dict]:
     (its fused Targets by buffer, {(sender, tensor index): [(dst offset, dst pitch, dst
     buffer) of each segment of that tensor from that sender, in plan order]})."""
     rt = plan.transforms
-    targets = {b: t for b, t in rt.targets.items() if b in rt.fused} if rt else {}
+    targets = {b: t for b, t in rt.targets.items() if t.carrier is None} if rt else {}
     tensors = {int(s[SEG["tensor"]]) for s in plan.rank_plan.recv
                if int(s[SEG["dst_buffer"]]) in targets}
     fields = {}

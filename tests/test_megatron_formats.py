@@ -259,16 +259,22 @@ def _worker(rank, world, device="cpu"):
     return out
 
 
+def _check_steps(rank, out, steps):
+    """Every step's FP8 outputs and plain parameters right, names and tensors kept, the whole
+    refit exact, and prepare's one plan."""
+    for step in steps:
+        wrong, quantized, plain = out[step]
+        assert wrong == [], (rank, step, wrong[:5])
+        assert quantized and plain, (rank, step)
+    assert out["names"] and out["same tensors"], rank
+    assert out["check_exact"] == [], (rank, out["check_exact"][:5])
+    assert out["plans first"] == 1 and out["plans exact"] == 1, out  # prepare's plan
+
+
 def test_formats_through_the_drop_in():
     per_rank = run_world(_worker, 2, timeout=300)
     for rank, out in enumerate(per_rank):
-        for step in ("first", "second", "mxfp8", "replaced", "cast"):
-            wrong, quantized, plain = out[step]
-            assert wrong == [], (rank, step, wrong[:5])
-            assert quantized and plain, (rank, step)
-        assert out["names"] and out["same tensors"], rank
-        assert out["check_exact"] == [], (rank, out["check_exact"][:5])
-        assert out["plans first"] == 1 and out["plans exact"] == 1, out  # prepare's plan
+        _check_steps(rank, out, ("first", "second", "mxfp8", "replaced", "cast"))
         assert out["plans second"] == 1, out  # reused
         assert out["plans mxfp8"] == 2, out  # formats key the cache
         assert out["mxfp8 scales"] == ["torch.float32", "torch.uint8"], out
@@ -297,14 +303,8 @@ def test_formats_through_the_drop_in_on_one_gpu():
     every FP8 output bit-exact against refit_engine.quantize, the rest the source's bits."""
     per_rank = run_world(_worker, 2, "cuda:0", timeout=300)
     for rank, out in enumerate(per_rank):
-        for step in ("first", "second", "graph", "graph replay", "mxfp8"):
-            wrong, quantized, plain = out[step]
-            assert wrong == [], (rank, step, wrong[:5])
-            assert quantized and plain, (rank, step)
-        assert out["names"] and out["same tensors"], rank
-        assert out["check_exact"] == [], (rank, out["check_exact"][:5])
+        _check_steps(rank, out, ("first", "second", "graph", "graph replay", "mxfp8"))
         assert set(out["transports"]) <= {"ipc"}, (rank, out["transports"])
-        assert out["plans first"] == 1 and out["plans exact"] == 1, out  # prepare's plan
         assert out["plans second"] == 1 and out["plans graph"] == 1, out  # reused
         assert out["plans mxfp8"] == 2, out  # formats key the cache
         assert out["mxfp8 scales"] == ["torch.float32", "torch.uint8"], out
