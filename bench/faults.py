@@ -571,6 +571,36 @@ def _swap_neither(rank, world, case):
 
 # -- concurrency, destroyed groups ------------------------------------------------------------
 
+def _close_during_refit(rank, world, case):
+    """Rank 0 closes its plan from another thread while a (slowed) refit runs on it: the refit
+    must end exact, the plan closed, and nothing freed under it."""
+    import time
+
+    import refit_engine
+    src, dst, want = _pair(rank, world)
+    plan = refit_engine.plan(src, dst, timeout_s=TIMEOUT_S)
+    closer = None
+    if rank == 0:
+        real, running = plan.executor.run, threading.Event()
+
+        def slow_run(*args, **kwargs):
+            running.set()
+            time.sleep(0.5)
+            return real(*args, **kwargs)
+        plan.executor.run = slow_run
+        closer = threading.Thread(target=lambda: running.wait(TIMEOUT_S) and plan.close())
+        closer.start()
+    _, err = attempt("execute", refit_engine.execute, plan)
+    if closer is not None:
+        closer.join(timeout=TIMEOUT_S)
+        if closer.is_alive():
+            return {"problems": ["close() is still waiting"], "exact": False}
+    if err:
+        return {**err, "untouched": None}
+    closed = rank != 0 or plan.broken == "closed"
+    return {"exact": exact(dst, want) and closed}
+
+
 def _two_threads(rank, world, case):
     import refit_engine
     src, dst, want = _pair(rank, world)
@@ -1247,6 +1277,8 @@ def cases() -> list[Case]:
           words="disagree", ranks=[0, 1], deadline=15),
         C("two threads execute one plan at once", _two_threads, expect="either",
           same_error=False, deadline=15),
+        C("close() from another thread during a refit", _close_during_refit, expect="ok",
+          deadline=15),
         # A plan owns its channel (refit_engine/channel.py): the caller's group may go.
         C("execute after its subgroup was destroyed", _destroyed_group("subgroup"),
           expect="ok", deadline=15),
